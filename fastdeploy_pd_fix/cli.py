@@ -1,0 +1,111 @@
+"""Command line: ``fastdeploy-pd-fix status | demo | verify`` (also ``python -m fastdeploy_pd_fix``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from fastdeploy_pd_fix import __version__
+
+
+def status(args) -> int:
+    """Print what the plugin does in this environment: FastDeploy, bootstrap, switches, target, manifest."""
+    from fastdeploy_pd_fix import _bootstrap
+    from fastdeploy_pd_fix.patching import (
+        ENV_SWITCH,
+        MANIFEST,
+        RECORDS,
+        analyse_class,
+        fastdeploy_version,
+        selected_mode,
+    )
+
+    mode, mode_warning = selected_mode()
+    print(f"fastdeploy-pd-fix {__version__}")
+    print(f"FastDeploy:  {fastdeploy_version()}")
+    enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
+    print(f"switch:      {ENV_SWITCH}={os.environ.get(ENV_SWITCH, '1')} ({'enabled' if enabled else 'disabled'})")
+    print(f"mode:        {mode}" + (f" ({mode_warning})" if mode_warning else ""))
+    if _bootstrap.state["installed"]:
+        hooks = "import hook" if _bootstrap.state["import_hook"] else "no import hook (fastdeploy not importable)"
+        print(
+            f"bootstrap:   active in this interpreter (fastdeploy_pd_fix.pth ran; {hooks}; script hook in the "
+            "cache messager process)"
+        )
+    else:
+        print(
+            "bootstrap:   NOT active: fastdeploy_pd_fix.pth did not run here (is the plugin pip-installed into "
+            "this interpreter's environment?)"
+        )
+
+    try:
+        from fastdeploy.cache_manager import cache_messager
+    except Exception as error:  # FastDeploy absent, or its import needs a GPU build
+        print(f"target:      fastdeploy.cache_manager.cache_messager not importable: {error!r}")
+        return 0
+    cls = getattr(cache_messager, "CacheMessagerV1", None)
+    print(f"target:      {getattr(cache_messager, '__file__', '?')}")
+    if cls is None:
+        print("             no CacheMessagerV1: nothing to patch (stands aside)")
+        return 0
+    analysis = analyse_class(cls)
+    verdict = "would patch" if analysis.recognised else f"would stand aside: {analysis.reason}"
+    print(f"             {verdict}; {analysis.features()}")
+    for record in RECORDS:
+        print(f"this process: {record.describe()}")
+    print("manifest:")
+    for patch in MANIFEST:
+        print(f"  {patch.target}: {patch.how}; upstream {patch.upstream}; remove when {patch.remove_when}")
+    return 0
+
+
+def demo(args) -> int:
+    from fastdeploy_pd_fix.demo import run_demo
+
+    return run_demo(json_output=args.json, deadline_s=args.deadline)
+
+
+def verify(argv: List[str]) -> int:
+    from fastdeploy_pd_fix.explorer import main as explorer_main
+
+    return explorer_main(argv)
+
+
+def diagnose(args) -> int:
+    from fastdeploy_pd_fix.diagnostics import diagnose as diagnose_logs
+
+    code, report = diagnose_logs(args.log_dir)
+    print(report)
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="fastdeploy-pd-fix", description="Rank-invariant layer-0 release for FastDeploy's PD cache messager."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("status", help="what is patched, in which mode, against which FastDeploy")
+    demo_parser = commands.add_parser(
+        "demo", help="run the race scenarios on the stand-in: no plugin/upstream/ordered"
+    )
+    demo_parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    demo_parser.add_argument("--deadline", type=float, default=3.0, help="seconds after start-up before a hang")
+    diagnose_parser = commands.add_parser("diagnose", help="first divergence of the ranks' batch sequences in logs")
+    diagnose_parser.add_argument("log_dir", help="directory holding cache_messager_rank*.log (searched recursively)")
+    commands.add_parser("verify", help="exhaustive interleaving explorer (--help for its options)", add_help=False)
+
+    if argv[:1] == ["verify"]:
+        return verify(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        return status(args)
+    if args.command == "demo":
+        return demo(args)
+    if args.command == "diagnose":
+        return diagnose(args)
+    parser.print_help()
+    return 2

@@ -1,0 +1,191 @@
+"""Scripted kv-signal and registration streams of one stand-in rank, and the progress file the harness reads.
+
+The scenario (JSON file named by ``FD_STANDIN_SCENARIO``) holds the two rank-invariant streams and the order in
+which each rank sees them:
+
+* ``signals``: layer-0 kv signals, each a list of ``[slot, chunk_token_offset, current_chunk_len]``;
+* ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``
+  (every request is delivered as its two cache-info halves, prefill side and decode side, in the same read);
+* ``schedules``: per rank, e.g. ``["reg0", "sig0", "reg1"]`` (ranks beyond the list repeat the last schedule).
+
+Event k of a rank's schedule is delivered only after event k-1 was acknowledged: a signal by the next
+``get_output_kv_signal`` call (the consume loop has finished with it), a registration read by the next
+``get_cache_info`` call (processed and through its barriers). This forces one interleaving of the two threads
+without any sleep. Nothing is delivered before :func:`activate`: the engine sends no request before the
+messager has reported its cache ready.
+"""
+
+import copy
+import json
+import logging
+import os
+import re
+import threading
+
+SIGNAL = "sig"
+REGISTRATION = "reg"
+#: How long a non-blocking read waits for its event before reporting "nothing" (keeps polling loops cool).
+NON_BLOCKING_WAIT_S = 0.005
+_EVENT_TOKEN = re.compile(r"^(sig|reg)(\d+)$")
+
+# The cache messager's logger; its main() re-targets it to cache_messager_rank{R}.log.
+logger = logging.getLogger("cache_messager")
+
+
+def parse_event(token):
+    """``"sig3"`` -> ``("sig", 3)``."""
+    match = _EVENT_TOKEN.match(str(token))
+    if match is None:
+        raise ValueError(f"bad schedule event {token!r}: expected sig<N> or reg<N>")
+    return match.group(1), int(match.group(2))
+
+
+def schedule_of_rank(scenario, rank):
+    schedules = scenario["schedules"]
+    return [parse_event(token) for token in schedules[min(rank, len(schedules) - 1)]]
+
+
+def cache_info_parts(request, block_size):
+    """The two halves of one request's cache info: the prefill side's, then the decode side's."""
+    num_blocks = max(1, -(-int(request["need_prefill_tokens"]) // block_size))
+    prefill_part = {
+        "request_id": request["request_id"],
+        "src_block_ids": list(range(num_blocks)),
+        "current_id": int(request["slot"]),
+        "need_prefill_tokens": int(request["need_prefill_tokens"]),
+    }
+    decode_part = {
+        "request_id": request["request_id"],
+        "dest_block_ids": list(range(num_blocks)),
+        "decode_cached_tokens": 0,
+    }
+    return [prefill_part, decode_part]
+
+
+class ScriptedStreams:
+    """Delivers one rank's events in its schedule order, each after the previous one was acknowledged."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._active = False
+        self._events = []
+        self._signals = []
+        self._reads = []
+        self._next_event = 0
+        self._unacknowledged = None  # kind of the event delivered and not yet acknowledged
+
+    def activate(self, events, signals, reads):
+        with self._condition:
+            self._events, self._signals, self._reads = list(events), signals, reads
+            self._active = True
+            self._condition.notify_all()
+
+    def next_kv_signal(self, block):
+        """The next signal's ``[slot, offset, length]`` triples, or None when none is due (non-blocking read)."""
+        return self._next(SIGNAL, timeout=None if block else NON_BLOCKING_WAIT_S)
+
+    def next_cache_infos(self):
+        """The next registration read's cache-info parts, or ``[]`` when none is due."""
+        infos = self._next(REGISTRATION, timeout=NON_BLOCKING_WAIT_S)
+        return [] if infos is None else infos
+
+    def _next(self, kind, timeout):
+        with self._condition:
+            if self._unacknowledged == kind:
+                # The reader came back for more, so it has finished with the event it got last time.
+                self._unacknowledged = None
+                self._next_event += 1
+                self._condition.notify_all()
+            if not self._condition.wait_for(lambda: self._is_due(kind), timeout=timeout):
+                return None
+            self._unacknowledged = kind
+            position = self._next_event
+            _, index = self._events[position]
+            logger.info(f"standin: delivering {kind}{index} (event {position} of this rank's schedule)")
+            return copy.deepcopy((self._signals if kind == SIGNAL else self._reads)[index])
+
+    def _is_due(self, kind):
+        return (
+            self._active
+            and self._unacknowledged is None
+            and self._next_event < len(self._events)
+            and self._events[self._next_event][0] == kind
+        )
+
+
+class ProgressFile:
+    """JSON lines ``{"event": ...}`` flushed one by one, so that a killed rank still leaves its history."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._file = None
+        self._request_ids = set()
+        self._finished = set()
+
+    def open(self, path, request_ids):
+        with self._lock:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+            self._request_ids = set(request_ids)
+
+    def write(self, event, **fields):
+        with self._lock:
+            if event == "finished":
+                self._finished.add(fields["request_id"])
+            if self._file is not None:
+                self._file.write(json.dumps({"event": event, **fields}) + "\n")
+                self._file.flush()
+
+    def all_requests_finished(self):
+        with self._lock:
+            return bool(self._request_ids) and self._request_ids <= self._finished
+
+
+_streams = ScriptedStreams()
+_progress = ProgressFile()
+
+
+def activate(rank, block_size):
+    """Load this rank's scenario, report "ready" and start delivering events. Returns False without a scenario."""
+    scenario_path = os.getenv("FD_STANDIN_SCENARIO")
+    if not scenario_path:
+        logger.info("standin: FD_STANDIN_SCENARIO not set, no kv signal or cache info will arrive")
+        return False
+    with open(scenario_path, encoding="utf-8") as scenario_file:
+        scenario = json.load(scenario_file)
+    request_ids = [request["request_id"] for read in scenario["registrations"] for request in read]
+    reads = [
+        [part for request in read for part in cache_info_parts(request, block_size)]
+        for read in scenario["registrations"]
+    ]
+    _progress.open(os.path.join(os.getenv("FD_STANDIN_OUT", "."), f"rank{rank}.jsonl"), request_ids)
+    _progress.write("ready", rank=rank, pid=os.getpid())
+    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads)
+    return True
+
+
+def next_kv_signal(block):
+    return _streams.next_kv_signal(block)
+
+
+def next_cache_infos():
+    return _streams.next_cache_infos()
+
+
+def record_batch(batch):
+    _progress.write("batch", batch=[[int(slot), int(token_num)] for slot, token_num in batch])
+
+
+def record_finished(request_id):
+    _progress.write("finished", request_id=request_id)
+
+
+def all_requests_finished():
+    return _progress.all_requests_finished()
+
+
+def exit_process():
+    """Leave with code 0 right away: the other threads are parked in proxy calls that would never return."""
+    _progress.write("done")
+    logging.shutdown()
+    os._exit(0)

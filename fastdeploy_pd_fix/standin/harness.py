@@ -1,0 +1,352 @@
+"""Run a scenario against the stand-in: one engine process (manager with the barriers), one process per rank.
+
+Each rank runs ``python <standin>/fastdeploy/cache_manager/cache_messager.py --rank R --mp_num N ...`` exactly as
+FastDeploy launches its cache messager, in its own session, with ``PYTHONPATH`` pointing at the stand-in. A run
+ends "finished" when every rank exits 0 after finishing all requests, "hang" when that has not happened
+``deadline_s`` after every rank reported ready (slow imports do not count), and "error" when a rank exits
+non-zero or never gets ready. Every process is killed at the end, whatever happened.
+
+    python -m fastdeploy_pd_fix.standin.harness            # outcome table, every scenario x variant
+    python -m fastdeploy_pd_fix.standin.harness s1 --release 8034 --with-7724 --op-args 4 -v
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario
+
+STANDIN_ROOT = Path(__file__).resolve().parent
+CACHE_MESSAGER_SCRIPT = STANDIN_ROOT / "fastdeploy" / "cache_manager" / "cache_messager.py"
+ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
+OUTCOMES = ("finished", "hang", "error")
+POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)
+
+
+@dataclass
+class ScenarioResult:
+    """What one run did. ``batches[rank]`` is the sequence of batches the rank's send loop took, each a list of
+    ``[slot, prefilled_token_num]``; ``finished[rank]`` the request ids it finished, in order."""
+
+    outcome: str  # "finished" | "hang" | "error"
+    batches: Dict[int, List[List[List[int]]]]
+    finished: Dict[int, List[str]]
+    logs: Dict[int, str]
+    elapsed_s: float  # from "every rank ready" to the end of the run (0 when they never got ready)
+    returncodes: Dict[int, Optional[int]]  # None: did not exit by itself (killed by the harness)
+    scenario: str = ""
+    variant: Dict[str, object] = field(default_factory=dict)
+    error: str = ""  # why the outcome is "error"
+    startup_s: float = 0.0  # from the first launch to "every rank ready"
+    engine_log: str = ""  # the engine process's own output and the ranks' reports it recorded
+    workdir: Optional[str] = None  # kept only when the caller gave a workdir
+
+    def same_batches_on_all_ranks(self) -> bool:
+        sequences = list(self.batches.values())
+        return all(sequence == sequences[0] for sequence in sequences)
+
+    def summary(self) -> str:
+        return (
+            f"{self.scenario} {self.variant}: {self.outcome} in {self.elapsed_s:.2f}s "
+            f"batches={self.batches} finished={self.finished} returncodes={self.returncodes}"
+            + (f" error={self.error}" if self.error else "")
+        )
+
+
+def _read_progress(path: Path) -> List[dict]:
+    """Events of a rank's progress file; a half-written last line is ignored."""
+    events = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return events
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _kill_group(process: Optional[subprocess.Popen]) -> None:
+    if process is None:
+        return
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the process leads its own session (start_new_session)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def _rank_environment(env: Optional[dict], variant_env: dict, log_dir: Path, out_dir: Path, scenario_path: Path):
+    """os.environ, then the caller's ``env`` (not interpreted here), then what the harness itself owns."""
+    run_env = dict(os.environ)
+    run_env.setdefault("OMP_NUM_THREADS", "1")  # paddle's thread pools are of no use to the stand-in
+    run_env.update(env or {})
+    python_path = run_env.get("PYTHONPATH", "")
+    run_env["PYTHONPATH"] = os.pathsep.join(part for part in (str(STANDIN_ROOT), python_path) if part)
+    run_env.update(variant_env)
+    run_env["FD_LOG_DIR"] = str(log_dir)
+    run_env["FD_STANDIN_OUT"] = str(out_dir)
+    run_env["FD_STANDIN_SCENARIO"] = str(scenario_path)
+    return run_env
+
+
+def _start_engine(python: str, nranks: int, run_env: dict, log_dir: Path, record_path: Path, timeout_s: float):
+    """Start the engine process and return it with the port it listens on."""
+    engine_log = open(log_dir / "engine_server.log", "wb")
+    try:
+        engine = subprocess.Popen(
+            [python, str(ENGINE_SERVER_SCRIPT), "--nranks", str(nranks), "--record", str(record_path)],
+            stdout=subprocess.PIPE,
+            stderr=engine_log,
+            env=run_env,
+            start_new_session=True,
+        )
+    finally:
+        engine_log.close()
+    ready, _, _ = select.select([engine.stdout], [], [], timeout_s)
+    line = engine.stdout.readline().decode(errors="replace").strip() if ready else ""
+    if not line.startswith("port "):
+        _kill_group(engine)
+        raise RuntimeError(f"engine server did not start: {line!r}; {_read_text(log_dir / 'engine_server.log')}")
+    return engine, int(line.split()[1])
+
+
+def _wait_until_ready(ranks: Dict[int, subprocess.Popen], out_dir: Path, timeout_s: float) -> str:
+    """Wait for a "ready" line from every rank; return an error text, or "" when all are ready."""
+    deadline = time.monotonic() + timeout_s
+    waiting = set(ranks)
+    while waiting:
+        for rank in sorted(waiting):
+            if any(event.get("event") == "ready" for event in _read_progress(out_dir / f"rank{rank}.jsonl")):
+                waiting.discard(rank)
+            elif ranks[rank].poll() is not None:
+                return f"rank {rank} exited with {ranks[rank].returncode} before it was ready"
+        if waiting and time.monotonic() > deadline:
+            return f"ranks {sorted(waiting)} not ready after {timeout_s}s"
+        if waiting:
+            time.sleep(POLL_S)
+    return ""
+
+
+def _wait_for_ranks(ranks: Dict[int, subprocess.Popen], deadline_s: float):
+    """Outcome once every rank exited, one failed, or the deadline passed; plus an error text."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        returncodes = {rank: process.poll() for rank, process in ranks.items()}
+        failed = {rank: code for rank, code in returncodes.items() if code not in (None, 0)}
+        if failed:
+            return "error", f"ranks exited non-zero: {failed}"
+        if all(code == 0 for code in returncodes.values()):
+            return "finished", ""
+        if time.monotonic() > deadline:
+            return "hang", ""
+        time.sleep(POLL_S)
+
+
+def run_scenario(
+    scenario,
+    *,
+    release: str = "7872",
+    with_7724: bool = False,
+    op_args: int = 3,
+    env: Optional[dict] = None,
+    nranks: int = 2,
+    deadline_s: float = 3.0,
+    workdir=None,
+    python: str = sys.executable,
+    startup_timeout_s: float = 120.0,
+) -> ScenarioResult:
+    """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
+    stand-in release variant. ``env`` is added to each rank's environment as is (e.g. ``{"FD_PD_FIX": "0"}``).
+    ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise."""
+    scenario = resolve_scenario(scenario)
+    if release not in RELEASES:
+        raise ValueError(f"release {release!r}: expected one of {', '.join(RELEASES)}")
+    if op_args not in (3, 4):
+        raise ValueError(f"op_args {op_args!r}: expected 3 or 4")
+    if nranks < 1:
+        raise ValueError("nranks must be >= 1")
+    variant = {"release": release, "with_7724": bool(with_7724), "op_args": op_args, "nranks": nranks}
+    variant_env = {
+        "FD_STANDIN_RELEASE": release,
+        "FD_STANDIN_7724": "1" if with_7724 else "0",
+        "FD_STANDIN_OP_ARGS": str(op_args),
+    }
+    if workdir is None:
+        run_dir, keep = Path(tempfile.mkdtemp(prefix="fd-standin-")), False
+    else:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario['name']}-{release}-", dir=workdir))
+        keep = True
+    log_dir, out_dir = run_dir / "log", run_dir / "out"
+    log_dir.mkdir()
+    out_dir.mkdir()
+    scenario_path = run_dir / "scenario.json"
+    scenario_path.write_text(json.dumps(scenario, indent=1), encoding="utf-8")
+    engine_record = out_dir / "engine.jsonl"
+    run_env = _rank_environment(env, variant_env, log_dir, out_dir, scenario_path)
+
+    engine = None
+    ranks: Dict[int, subprocess.Popen] = {}
+    outcome, error, startup_s, elapsed_s = "error", "", 0.0, 0.0
+    started = time.monotonic()
+    try:
+        engine, port = _start_engine(python, nranks, run_env, log_dir, engine_record, startup_timeout_s)
+        num_layers = int(scenario.get("num_layers", 1))
+        for rank in range(nranks):
+            command = [
+                python,
+                str(CACHE_MESSAGER_SCRIPT),
+                *("--splitwise_role", "prefill", "--rank", str(rank), "--device_id", str(rank)),
+                *("--mp_num", str(nranks), "--num_layers", str(num_layers)),
+                *("--pod_ip", "127.0.0.1", "--engine_worker_queue_port", str(port), "--protocol", "ipc"),
+            ]
+            with open(log_dir / f"launch_cache_messager_{rank}.log", "wb") as launch_log:
+                ranks[rank] = subprocess.Popen(
+                    command,
+                    stdout=launch_log,
+                    stderr=subprocess.STDOUT,
+                    env=run_env,
+                    cwd=str(run_dir),
+                    start_new_session=True,
+                )
+        error = _wait_until_ready(ranks, out_dir, startup_timeout_s)
+        ready_at = time.monotonic()
+        startup_s = ready_at - started
+        if not error:
+            outcome, error = _wait_for_ranks(ranks, deadline_s)
+            elapsed_s = time.monotonic() - ready_at
+    except Exception as exception:  # report, never a false "finished"
+        outcome, error = "error", f"harness: {exception!r}"
+    finally:
+        returncodes = {rank: process.poll() for rank, process in ranks.items()}
+        for process in ranks.values():
+            _kill_group(process)
+        _kill_group(engine)
+        if engine is not None and engine.stdout is not None:
+            engine.stdout.close()
+
+    progress = {rank: _read_progress(out_dir / f"rank{rank}.jsonl") for rank in range(nranks)}
+    batches = {
+        rank: [event["batch"] for event in events if event["event"] == "batch"] for rank, events in progress.items()
+    }
+    finished = {
+        rank: [event["request_id"] for event in events if event["event"] == "finished"]
+        for rank, events in progress.items()
+    }
+    if outcome == "finished":
+        not_done = [rank for rank, events in progress.items() if not any(e["event"] == "done" for e in events)]
+        if not_done:
+            outcome, error = "error", f"ranks {not_done} exited 0 without finishing every request"
+    logs = {
+        rank: _read_text(log_dir / f"cache_messager_rank{rank}.log")
+        + f"\n----- stdout/stderr of rank {rank} -----\n"
+        + _read_text(log_dir / f"launch_cache_messager_{rank}.log")
+        for rank in range(nranks)
+    }
+    engine_log = _read_text(log_dir / "engine_server.log") + _read_text(engine_record)
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return ScenarioResult(
+        outcome=outcome,
+        batches=batches,
+        finished=finished,
+        logs=logs,
+        elapsed_s=elapsed_s,
+        returncodes=returncodes,
+        scenario=scenario["name"],
+        variant=variant,
+        error=error,
+        startup_s=startup_s,
+        engine_log=engine_log,
+        workdir=str(run_dir) if keep else None,
+    )
+
+
+def run_many(list_of_kwargs: List[dict], parallel: int = 4) -> List[ScenarioResult]:
+    """Run several scenarios concurrently (each a dict of :func:`run_scenario` arguments); results in order."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = [pool.submit(run_scenario, **kwargs) for kwargs in list_of_kwargs]
+        return [future.result() for future in futures]
+
+
+def all_variants():
+    """Every (release, with_7724, op_args) the stand-in imitates."""
+    return [
+        {"release": release, "with_7724": with_7724, "op_args": op_args}
+        for release in RELEASES
+        for with_7724 in (False, True)
+        for op_args in (3, 4)
+    ]
+
+
+def _print_table(results: List[ScenarioResult]) -> None:
+    print(f"{'scenario':<9}{'release':<9}{'7724':<6}{'op':<4}{'outcome':<10}{'expected':<10}batches per rank")
+    for result in results:
+        expected = SCENARIOS.get(result.scenario, {}).get("expected_without_fix", {}).get(result.variant["release"])
+        print(
+            f"{result.scenario:<9}{result.variant['release']:<9}{int(result.variant['with_7724']):<6}"
+            f"{result.variant['op_args']:<4}{result.outcome:<10}{str(expected):<10}{result.batches}"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdeploy_pd_fix.standin.harness", description=__doc__)
+    parser.add_argument("scenarios", nargs="*", help=f"scenario names (default: all of {', '.join(SCENARIOS)})")
+    parser.add_argument("--release", choices=RELEASES, help="one release variant (default: all)")
+    parser.add_argument("--with-7724", action="store_true", help="with --release: the #7724 variant")
+    parser.add_argument("--op-args", type=int, choices=(3, 4), default=3, help="with --release: op signature")
+    parser.add_argument("--nranks", type=int, default=2)
+    parser.add_argument("--deadline", type=float, default=3.0, help="seconds after ready before calling a hang")
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra rank environment")
+    parser.add_argument("--workdir", help="keep every run's files under this directory")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each rank's logs")
+    args = parser.parse_args(argv)
+    env = dict(item.split("=", 1) for item in args.env)
+    if args.release:
+        variants = [{"release": args.release, "with_7724": args.with_7724, "op_args": args.op_args}]
+    else:
+        variants = all_variants()
+    runs = [
+        dict(scenario=name, env=env, nranks=args.nranks, deadline_s=args.deadline, workdir=args.workdir, **variant)
+        for name in (args.scenarios or list(SCENARIOS))
+        for variant in variants
+    ]
+    started = time.monotonic()
+    results = run_many(runs, parallel=args.parallel)
+    _print_table(results)
+    print(f"{len(results)} runs in {time.monotonic() - started:.1f}s")
+    for result in results:
+        if args.verbose or result.outcome == "error":
+            print(f"\n===== {result.summary()}")
+            for rank, text in result.logs.items():
+                print(f"--- rank {rank} ---\n{text}")
+    return 1 if any(result.outcome == "error" for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Scenarios for the stand-in: two rank-invariant streams and the order in which each rank's threads see them.
+
+A scenario is a plain dict (written to JSON for the rank processes):
+
+* ``signals``: layer-0 kv signals, each a list of ``[slot, chunk_token_offset, current_chunk_len]``;
+* ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``;
+* ``schedules``: per rank, the order of ``sig<i>`` / ``reg<j>`` events (ranks beyond the list repeat the last one);
+* ``expected_without_fix``: outcome per release variant when no plugin is active (the same for every #7724 and
+  kv-signal op variant), with the reason in ``why``.
+
+Every rank must see every event once and each stream in its own order; :func:`validate_scenario` checks that.
+"""
+
+import copy
+import re
+
+RELEASES = ("pre7872", "7872", "8034")
+_EVENT_TOKEN = re.compile(r"^(sig|reg)(\d+)$")
+
+
+def _request(request_id, slot, need_prefill_tokens):
+    return {"request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
+
+
+SCENARIOS = {
+    "s0": {
+        "description": "no race: both requests register before their signal on every rank",
+        "signals": [[[0, 0, 4], [1, 0, 4]]],
+        "registrations": [[_request("A", 0, 4)], [_request("B", 1, 4)]],
+        "schedules": [["reg0", "reg1", "sig0"], ["reg0", "reg1", "sig0"]],
+        "expected_without_fix": {"pre7872": "finished", "7872": "finished", "8034": "finished"},
+        "why": "every rank sees the same registered set when the signal arrives, so batches are identical",
+    },
+    "s1": {
+        "description": "the seed (#8034): one signal [A final, B final]; B registers after it on rank 1 only",
+        "signals": [[[0, 0, 4], [1, 0, 4]]],
+        "registrations": [[_request("A", 0, 4)], [_request("B", 1, 4)]],
+        "schedules": [["reg0", "reg1", "sig0"], ["reg0", "sig0", "reg1"]],
+        "expected_without_fix": {"pre7872": "hang", "7872": "hang", "8034": "finished"},
+        "why": (
+            "pre7872: rank 0 [(A),(B)], rank 1 [(A)] and B dropped; 7872: rank 0 [(A),(B)], rank 1 [(A)] then "
+            "[(B)] (begin,finish,finish vs begin,finish,begin,finish); 8034: [(A)],[(B)] on both"
+        ),
+    },
+    "s2": {
+        "description": "chunked prefill, early signals: A (need 8) in two chunks; rank 1 sees both before A registers",
+        "signals": [[[0, 0, 4]], [[0, 4, 4]]],
+        "registrations": [[_request("A", 0, 8)]],
+        "schedules": [["reg0", "sig0", "sig1"], ["sig0", "sig1", "reg0"]],
+        "expected_without_fix": {"pre7872": "hang", "7872": "hang", "8034": "hang"},
+        "why": (
+            "rank 0 [(A,4)],[(A,8)] (begin,begin,finish); rank 1 keeps only the latest pending signal: [(A,8)] "
+            "(begin,finish) on 7872/8034, nothing at all on pre7872"
+        ),
+    },
+    "s3": {
+        "description": "order across requests: A (need 8, two chunks) and B (need 4); B registers first",
+        "signals": [[[0, 0, 4], [1, 0, 4]], [[0, 4, 4]]],
+        "registrations": [[_request("B", 1, 4)], [_request("A", 0, 8)]],
+        "schedules": [["reg0", "sig0", "reg1", "sig1"], ["reg0", "reg1", "sig0", "sig1"]],
+        "expected_without_fix": {"pre7872": "finished", "7872": "hang", "8034": "hang"},
+        "why": (
+            "7872: rank 0 [(B,4)],[(A,4)],[(A,8)] vs rank 1 [(A,4),(B,4)],[(A,8)]; 8034: rank 0 [(B,4)],[(A,4)],"
+            "[(A,8)] vs rank 1 [(A,4)],[(B,4)],[(A,8)]. pre7872 does NOT hang: rank 0 drops A's first chunk and "
+            "sends [(B,4)],[(A,8)], rank 1 [(A,4),(B,4)],[(A,8)]; both wait begin,finish,begin,finish. The batch "
+            "sequences still differ (invariant 1 is broken), only the barrier counts happen to match"
+        ),
+    },
+}
+
+
+def parse_event(token):
+    """``"sig3"`` -> ``("sig", 3)``."""
+    match = _EVENT_TOKEN.match(str(token))
+    if match is None:
+        raise ValueError(f"bad schedule event {token!r}: expected sig<N> or reg<N>")
+    return match.group(1), int(match.group(2))
+
+
+def validate_scenario(scenario):
+    """Raise ValueError unless every rank's schedule shows every event once, each stream in its own order."""
+    for key in ("signals", "registrations", "schedules"):
+        if not isinstance(scenario.get(key), list) or not scenario[key]:
+            raise ValueError(f"scenario needs a non-empty list {key!r}")
+    for signal in scenario["signals"]:
+        for task in signal:
+            if len(task) != 3 or not all(isinstance(value, int) and value >= 0 for value in task):
+                raise ValueError(f"bad signal task {task!r}: expected [slot, offset, length] of ints >= 0")
+    for read in scenario["registrations"]:
+        for request in read:
+            if set(request) != {"request_id", "slot", "need_prefill_tokens"}:
+                raise ValueError(f"bad registration {request!r}")
+    expected = {
+        "sig": [("sig", index) for index in range(len(scenario["signals"]))],
+        "reg": [("reg", index) for index in range(len(scenario["registrations"]))],
+    }
+    for rank, schedule in enumerate(scenario["schedules"]):
+        events = [parse_event(token) for token in schedule]
+        for kind, in_order in expected.items():
+            if [event for event in events if event[0] == kind] != in_order:
+                raise ValueError(f"schedule of rank {rank} {schedule!r}: every {kind} once, in stream order")
+
+
+def resolve_scenario(scenario):
+    """A scenario given by name (key of :data:`SCENARIOS`) or as a dict, as a validated deep copy."""
+    if isinstance(scenario, str):
+        if scenario not in SCENARIOS:
+            raise KeyError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+        resolved = copy.deepcopy(SCENARIOS[scenario])
+        resolved.setdefault("name", scenario)
+    else:
+        resolved = copy.deepcopy(dict(scenario))
+        resolved.setdefault("name", "custom")
+    validate_scenario(resolved)
+    return resolved
