@@ -7,6 +7,7 @@ the two streams per rank. The plugin is the installed one: its ``.pth`` hook pat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from typing import Dict, List
@@ -44,15 +45,27 @@ def _format_batches(batches: List) -> str:
     return " ".join("[" + ",".join(f"{slot}:{n}" for slot, n in batch) + "]" for batch in batches) or "-"
 
 
+def _problems(table) -> List[str]:
+    problems = []
+    for mode, results in table.items():
+        for name, result in results.items():
+            if result.outcome == "error":
+                problems.append(f"{mode}/{name}: a rank failed: {result.error}\n{result.summary()}")
+            elif mode != "no plugin" and not _patched(result):
+                problems.append(f"{mode}/{name}: the plugin did not patch the stand-in (is it installed here?)")
+    return problems
+
+
 def run_demo(json_output: bool = False, deadline_s: float = 3.0) -> int:
+    if importlib.util.find_spec("paddle") is None:
+        print(
+            "the demo's stand-in runs real paddle tensors: pip install 'fastdeploy-pd-fix[demo]' (CPU build), "
+            "or run it where paddlepaddle-gpu is installed",
+            file=sys.stderr,
+        )
+        return 2
     table = run_all(deadline_s)
-    problems = [
-        f"{mode}/{name}: the plugin did not patch the stand-in (is it pip-installed in {sys.executable}?)"
-        for mode, results in table.items()
-        if mode != "no plugin"
-        for name, result in results.items()
-        if not _patched(result)
-    ]
+    problems = _problems(table)
     if json_output:
         print(
             json.dumps(
