@@ -50,11 +50,10 @@ def parse_kv_signal(values: np.ndarray, num_slots: int = MAX_TASKS) -> ParsedSig
     triples = values[2 : 2 + 3 * tasks_count].astype(np.int64).reshape(tasks_count, 3)
     slots, offsets, lengths = triples[:, 0], triples[:, 1], triples[:, 2]
     valid = (slots >= 0) & (slots < num_slots) & (offsets >= 0) & (lengths > 0)
-    problems = [
+    problems = [  # only the invalid tasks are visited, so a clean signal costs no Python loop
         f"layer {layer} task {index} dropped: slot {slot} (valid 0..{num_slots - 1}), "
         f"offset {offset} (>= 0), length {length} (> 0)"
-        for index, (slot, offset, length) in enumerate(triples.tolist())
-        if not valid[index]
+        for index, (slot, offset, length) in zip(np.flatnonzero(~valid).tolist(), triples[~valid].tolist())
     ]
     prefilled = (offsets + lengths)[valid]
     tasks = tuple(zip(slots[valid].tolist(), prefilled.tolist()))

@@ -104,68 +104,14 @@ class CacheMessagerV1:
 
     if RELEASE == "pre7872":
 
-        def __init__(
-            self,
-            splitwise_role,
-            transfer_protocol,
-            pod_ip,
-            engine_worker_queue_port,
-            local_data_parallel_id,
-            gpu_cache_kvs,
-            rank,
-            nranks,
-            num_layers,
-            gpu_id=0,
-            block_size=64,
-            rdma_port=None,
-        ):
-            self._init_transfer_state(
-                splitwise_role,
-                transfer_protocol,
-                pod_ip,
-                engine_worker_queue_port,
-                local_data_parallel_id,
-                gpu_cache_kvs,
-                rank,
-                nranks,
-                num_layers,
-                gpu_id,
-                block_size,
-                rdma_port,
-            )
+        def __init__(self, *args, **kwargs):
+            self._init_transfer_state(*args, **kwargs)
             self._start_prefill_threads()
 
     else:
 
-        def __init__(
-            self,
-            splitwise_role,
-            transfer_protocol,
-            pod_ip,
-            engine_worker_queue_port,
-            local_data_parallel_id,
-            gpu_cache_kvs,
-            rank,
-            nranks,
-            num_layers,
-            gpu_id=0,
-            block_size=64,
-            rdma_port=None,
-        ):
-            self._init_transfer_state(
-                splitwise_role,
-                transfer_protocol,
-                pod_ip,
-                engine_worker_queue_port,
-                local_data_parallel_id,
-                gpu_cache_kvs,
-                rank,
-                nranks,
-                num_layers,
-                gpu_id,
-                block_size,
-                rdma_port,
-            )
+        def __init__(self, *args, **kwargs):
+            self._init_transfer_state(*args, **kwargs)
             # #7872: a layer-0 signal that beats its task's registration waits here (engine slot -> token num,
             # latest signal kept) until the registration thread recovers it.
             self.pending_layer0_signals = {}

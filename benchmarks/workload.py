@@ -1,0 +1,213 @@
+"""A prefill workload as the two rank-invariant streams a cache messager sees, and the release policies driven by it.
+
+Time is virtual, in milliseconds. The engine runs one prefill step every ``step_ms``. Layer 0 of a step is done
+``signal_offset_ms`` into it and produces one layer-0 kv signal holding every task of the step, in batch order. A
+request is scheduled into the lowest free engine slot, prefilled in one or more chunks (one chunk per step), and
+registered (``_add_cache_task_thread`` completes its transfer task) ``registration_delay_ms`` after it was scheduled.
+A slot goes to the next request only once its request has run its final chunk and has been registered: the engine
+keeps a slot until its transfer is done, and the transfer needs the registration. Registrations of one slot
+therefore arrive in scheduling order, as they do in FastDeploy.
+
+:func:`drive_release` feeds the merged, time-ordered streams to the real release policies of
+:mod:`fastdeploy_pd_fix.release`, exactly as one rank's two threads would, and records what each event released.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
+
+from fastdeploy_pd_fix.release import Batch, Registration, Task, make_release
+
+SIGNAL = "sig"
+REGISTRATION = "reg"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prefill request: its slot, when it was scheduled, its chunks, and how late it registers."""
+
+    request_id: str
+    slot: int
+    scheduled_ms: float
+    chunk_ends: Tuple[int, ...]  # prefilled_token_num after each chunk; the last one is need_prefill_tokens
+    registration_delay_ms: float
+
+    @property
+    def need_prefill_tokens(self) -> int:
+        return self.chunk_ends[-1]
+
+    @property
+    def registered_ms(self) -> float:
+        return self.scheduled_ms + self.registration_delay_ms
+
+    def registration(self) -> Registration:
+        return Registration(self.slot, self.request_id, self.need_prefill_tokens)
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One layer-0 kv signal: its arrival time, its tasks in engine order, and the request of each task."""
+
+    index: int
+    time_ms: float
+    tasks: Tuple[Task, ...]
+    owners: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    time_ms: float
+    kind: str  # SIGNAL or REGISTRATION
+    signal: Optional[Signal] = None
+    request: Optional[Request] = None
+
+
+@dataclass
+class Workload:
+    """The two streams: requests (whose registrations form one stream) and layer-0 signals (the other)."""
+
+    requests: List[Request]
+    signals: List[Signal]
+
+    def events(self) -> List[Event]:
+        """Both streams merged by time; at equal times a registration comes first, then stream order."""
+        keyed = [
+            ((request.registered_ms, 0, index), Event(request.registered_ms, REGISTRATION, request=request))
+            for index, request in enumerate(self.requests)
+        ]
+        keyed += [
+            ((signal.time_ms, 1, signal.index), Event(signal.time_ms, SIGNAL, signal=signal))
+            for signal in self.signals
+        ]
+        return [event for _, event in sorted(keyed, key=lambda item: item[0])]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Parameters of a generated workload (defaults: a busy prefill instance with moderately late registrations)."""
+
+    requests_per_step: int = 16
+    steps: int = 40  # steps that schedule new requests; the workload then runs until every request is prefilled
+    seed: int = 0
+    step_ms: float = 40.0
+    signal_offset_ms: float = 2.0
+    delay_median_ms: float = 10.0  # registration delay: lognormal with this median ...
+    delay_sigma: float = 1.0  # ... and this sigma of its logarithm
+    chunk_tokens: int = 2048
+    chunk_weights: Tuple[float, ...] = (0.6, 0.25, 0.1, 0.05)  # P(1 chunk), P(2 chunks), ...
+    num_slots: int = 512
+
+
+def make_workload(spec: WorkloadSpec) -> Workload:
+    """A seeded workload: up to ``requests_per_step`` tasks per signal, chunked requests, late registrations."""
+    rng = random.Random(spec.seed)
+    requests: List[Request] = []
+    signals: List[Signal] = []
+    free_from: Dict[int, float] = {}  # used slot -> time from which it may be scheduled again
+    active: List[List] = []  # [request, index of its next chunk], in batch order
+    step = 0
+    while step < spec.steps or active:
+        start_ms = step * spec.step_ms
+        if step < spec.steps:
+            busy = {request.slot for request, _ in active}
+            while len(active) < spec.requests_per_step:
+                slot = _lowest_free_slot(free_from, busy, start_ms, spec.num_slots)
+                if slot is None:
+                    break
+                request = _new_request(rng, spec, f"r{len(requests)}", slot, start_ms)
+                requests.append(request)
+                active.append([request, 0])
+                busy.add(slot)
+        if active:
+            time_ms = start_ms + spec.signal_offset_ms
+            tasks = tuple((request.slot, request.chunk_ends[chunk]) for request, chunk in active)
+            owners = tuple(request.request_id for request, _ in active)
+            signals.append(Signal(len(signals), time_ms, tasks, owners))
+            for entry in active:
+                entry[1] += 1
+            for request, chunk in active:
+                if chunk == len(request.chunk_ends):
+                    free_from[request.slot] = max(time_ms, request.registered_ms)
+            active = [entry for entry in active if entry[1] < len(entry[0].chunk_ends)]
+        step += 1
+    return Workload(requests, signals)
+
+
+def _lowest_free_slot(free_from: Dict[int, float], busy, start_ms: float, num_slots: int) -> Optional[int]:
+    """The lowest slot free at ``start_ms``; slots are first used in increasing order, so unused ones come last."""
+    reusable = [slot for slot, since in free_from.items() if since <= start_ms and slot not in busy]
+    if reusable:
+        return min(reusable)
+    next_unused = len(set(free_from) | busy)
+    return next_unused if next_unused < num_slots else None
+
+
+def _new_request(rng: random.Random, spec: WorkloadSpec, request_id: str, slot: int, scheduled_ms: float) -> Request:
+    num_chunks = rng.choices(range(1, len(spec.chunk_weights) + 1), weights=spec.chunk_weights)[0]
+    last_chunk = rng.randint(64, spec.chunk_tokens)
+    chunk_ends = tuple(spec.chunk_tokens * index for index in range(1, num_chunks)) + (
+        spec.chunk_tokens * (num_chunks - 1) + last_chunk,
+    )
+    delay_ms = rng.lognormvariate(math.log(spec.delay_median_ms), spec.delay_sigma)
+    return Request(request_id, slot, scheduled_ms, chunk_ends, delay_ms)
+
+
+class SlotOwners:
+    """Which request a released task belongs to: per slot, requests in scheduling order, the oldest unfinished."""
+
+    def __init__(self, requests: List[Request]):
+        self._queues: Dict[int, Deque[Request]] = {}
+        for request in sorted(requests, key=lambda r: r.scheduled_ms):
+            self._queues.setdefault(request.slot, deque()).append(request)
+
+    def take(self, task: Task) -> Tuple[Request, bool]:
+        """The owner of ``task`` and whether the task is its final chunk (then the slot moves on)."""
+        slot, prefilled_token_num = task
+        owner = self._queues[slot][0]
+        if prefilled_token_num > owner.need_prefill_tokens:
+            raise ValueError(f"task {task} exceeds need_prefill_tokens of {owner.request_id}")
+        final = prefilled_token_num == owner.need_prefill_tokens
+        if final:
+            self._queues[slot].popleft()
+        return owner, final
+
+
+@dataclass(frozen=True)
+class ReleasedBatch:
+    """A batch as put into ``cache_prefilled_engine_ids_queue``: when, what, and which event released it."""
+
+    time_ms: float
+    batch: Batch
+    trigger: Event
+
+
+@dataclass
+class ReleaseTrace:
+    mode: str
+    batches: List[ReleasedBatch]
+    drops: list
+
+
+def drive_release(mode: str, workload: Workload) -> ReleaseTrace:
+    """Feed the time-ordered streams to a fresh release policy, as one rank's two threads would."""
+    policy = make_release(mode)
+    registered: Dict[int, int] = {}  # idx_cache_task_dict as slot -> need_prefill_tokens (what upstream reads)
+    batches: List[ReleasedBatch] = []
+    drops: list = []
+    for event in workload.events():
+        if event.kind == REGISTRATION:
+            registered[event.request.slot] = event.request.need_prefill_tokens
+            released = policy.add_registration(event.request.registration(), registered)
+        else:
+            released = policy.add_signal(event.signal.tasks, registered)
+        for batch in released.batches:
+            batches.append(ReleasedBatch(event.time_ms, batch, event))
+            for slot, prefilled_token_num in batch:
+                if registered.get(slot) == prefilled_token_num:
+                    del registered[slot]  # the send thread cleans a finished task up
+        drops.extend(released.drops)
+    return ReleaseTrace(mode, batches, drops)

@@ -1,0 +1,664 @@
+"""Start, watch and stop the servers of an end-to-end run; standard library only.
+
+A :class:`Deployment` is a list of :class:`ServerSpec` started in order, each as a subprocess in its own session
+(process group), then a readiness check (router registration or ``/health``). :meth:`Deployment.run_workload` sends
+concurrent requests under one deadline; a hang or a failed request raises a :class:`WorkloadFailure` whose message
+carries the cache messager logs of every rank and the verdict of ``fastdeploy-pd-fix diagnose``, with all logs
+copied to the deployment's artifacts directory. :meth:`Deployment.teardown` always stops everything: SIGTERM to each
+process group and to every descendant seen (FastDeploy starts its cache messagers in sessions of their own, out of
+reach of ``killpg``), SIGKILL after a grace period, then a check that every port is free again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+LOOPBACK = "127.0.0.1"
+ROLES = ("mixed", "prefill", "decode")
+CACHE_MESSAGER_LOG_PATTERNS = ("cache_messager_rank*.log", "launch_cache_messager_*.log", "cache_messager.log")
+KILL_WAIT_S = 10.0
+POLL_S = 0.02
+LOG_TAIL_LINES = 40
+HTTP_ERRORS = (OSError, ValueError, http.client.HTTPException)
+
+# Requests go to loopback servers only: never through a proxy from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ServerStartError(RuntimeError):
+    """A server exited during start-up, or did not announce itself in time."""
+
+
+class ReadinessTimeout(ServerStartError):
+    """The bounded readiness polls ran out."""
+
+
+class PortsBusy(RuntimeError):
+    """A port that must be free is in use."""
+
+
+class TeardownError(RuntimeError):
+    """A process survived SIGKILL, or a port stayed busy after the teardown."""
+
+
+class WorkloadFailure(AssertionError):
+    """The workload missed its pass criteria."""
+
+
+class RequestsHung(WorkloadFailure):
+    """Requests did not complete within the deadline."""
+
+
+class RequestsFailed(WorkloadFailure):
+    """Requests completed with an error or an unusable answer."""
+
+
+class OutputMismatch(WorkloadFailure):
+    """Outputs differ from the reference outputs."""
+
+
+# --- ports -----------------------------------------------------------------------------------------------------
+
+
+def find_free_port(host: str = LOOPBACK) -> int:
+    """A port that is free now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """True when no socket holds ``port``: a bind with SO_REUSEADDR succeeds (connections in TIME_WAIT do not count,
+    a listener on 0.0.0.0 does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def busy_ports(ports: Sequence[int], host: str = LOOPBACK) -> List[int]:
+    return [port for port in ports if not port_is_free(port, host)]
+
+
+def wait_until_ports_free(ports: Sequence[int], host: str, timeout_s: float) -> List[int]:
+    """Poll until every port is free; returns the ports still busy at the timeout (empty: all free)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = busy_ports(ports, host)
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(POLL_S)
+
+
+# --- processes (Linux /proc) -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A pid plus its start time (clock ticks after boot), so that a reused pid is never mistaken for it."""
+
+    pid: int
+    start_time: int
+
+
+def _stat_fields(pid: int) -> Optional[List[str]]:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, pgrp, ...), or None when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may itself contain spaces or parentheses.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def identify(pid: int) -> Optional[ProcessIdentity]:
+    fields = _stat_fields(pid)
+    return ProcessIdentity(pid, int(fields[19])) if fields else None
+
+
+def is_running(process: ProcessIdentity) -> bool:
+    """Alive and not a zombie, and still the same process."""
+    fields = _stat_fields(process.pid)
+    return bool(fields) and fields[0] not in ("Z", "X") and int(fields[19]) == process.start_time
+
+
+def process_group_of(process: ProcessIdentity) -> Optional[int]:
+    fields = _stat_fields(process.pid)
+    return int(fields[2]) if fields and int(fields[19]) == process.start_time else None
+
+
+def descendants(root_pid: int) -> List[ProcessIdentity]:
+    """Every live descendant of ``root_pid``, whatever session it started for itself ([] without /proc)."""
+    children: Dict[int, List[ProcessIdentity]] = {}
+    try:
+        entries = [entry.name for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        fields = _stat_fields(int(name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(ProcessIdentity(int(name), int(fields[19])))
+    found, frontier = [], [root_pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child.pid)
+    return found
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server. ``ports[0]``, when present, is its HTTP port.
+
+    ``port_file``: start-up handshake for servers that bind port 0; the server writes its port there and
+    :meth:`ServerProcess.start` waits for it, then appends the port to ``ports``. ``startup_check`` (e.g.
+    :class:`WaitForHealth`): :meth:`Deployment.start` waits for it before starting the next server (a router must
+    answer before the servers that register with it start).
+    """
+
+    name: str
+    argv: List[str]
+    env: Dict[str, str]
+    log_path: Path
+    ports: List[int] = field(default_factory=list)
+    log_dirs: List[Path] = field(default_factory=list)
+    cwd: Optional[Path] = None
+    port_file: Optional[Path] = None
+    announce_timeout_s: float = 10.0
+    startup_check: Optional["WaitForHealth"] = None
+    stop_grace_s: float = 10.0
+
+
+class ServerProcess:
+    """One started server: its process group, the descendants seen so far, its output log."""
+
+    def __init__(self, spec: ServerSpec):
+        self.spec = spec
+        self.popen: Optional[subprocess.Popen] = None
+        self.known_descendants: set = set()
+        self.stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def start(self) -> None:
+        spec = self.spec
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for directory in spec.log_dirs + ([spec.cwd] if spec.cwd else []):
+            directory.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killpg reaches it and its children
+            )
+        if spec.port_file is not None:
+            spec.ports.append(int(self.wait_for_file(spec.port_file, spec.announce_timeout_s)))
+
+    def exit_code(self) -> Optional[int]:
+        return self.popen.poll() if self.popen else None
+
+    def remember_descendants(self) -> None:
+        """Record the process tree now, so that children reparented later (their parent died) are still stopped."""
+        if self.popen is not None:
+            self.known_descendants.update(descendants(self.popen.pid))
+
+    def wait_for_file(self, path: Path, timeout_s: float) -> str:
+        """The content of ``path`` once it exists (written atomically by the server); fails if the server exits."""
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            code = self.exit_code()
+            if code is not None:
+                raise ServerStartError(f"{self.name} exited with code {code} during start-up\n{self.log_tail()}")
+            if time.monotonic() >= deadline:
+                raise ServerStartError(f"{self.name} did not write {path} within {timeout_s} s\n{self.log_tail()}")
+            time.sleep(POLL_S)
+        return path.read_text().strip()
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return f"--- {self.spec.log_path} (last {lines} lines) ---\n{tail(self.spec.log_path, lines)}"
+
+    def stop(self) -> List[str]:
+        """Stop the server and every descendant; returns problems (empty when all is gone)."""
+        if self.popen is None or self.stopped:
+            return []
+        self.stopped = True
+        self.remember_descendants()
+        for sig, wait_s in ((signal.SIGTERM, self.spec.stop_grace_s), (signal.SIGKILL, KILL_WAIT_S)):
+            if self._everything_exited():
+                break
+            self._send(sig)
+            self._wait_for_exit(wait_s)
+        problems = [f"{self.name}: descendant pid {process.pid} survived SIGKILL" for process in self._survivors()]
+        if self.popen.poll() is None:
+            problems.append(f"{self.name}: pid {self.popen.pid} survived SIGKILL")
+        return problems
+
+    def _survivors(self) -> List[ProcessIdentity]:
+        return [process for process in self.known_descendants if is_running(process)]
+
+    def _everything_exited(self) -> bool:
+        return self.popen.poll() is not None and not self._survivors()
+
+    def _send(self, sig: int) -> None:
+        survivors = self._survivors()
+        groups = {self.popen.pid} | {process_group_of(process) for process in survivors}
+        for group in groups - {None, 0, 1, os.getpgrp()}:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for process in survivors:
+            if is_running(process):
+                try:
+                    os.kill(process.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _wait_for_exit(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._everything_exited() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+
+
+class Cluster:
+    """Servers of one run: started in order, stopped in reverse order, all of them, whatever happens."""
+
+    def __init__(self, name: str, host: str = LOOPBACK, port_free_timeout_s: float = 30.0):
+        self.name = name
+        self.host = host
+        self.port_free_timeout_s = port_free_timeout_s
+        self.servers: List[ServerProcess] = []
+        self.torn_down = False
+
+    def start(self, spec: ServerSpec) -> ServerProcess:
+        busy = busy_ports(spec.ports, self.host)
+        if busy:
+            raise PortsBusy(
+                f"{spec.name}: port(s) {busy} already in use on {self.host}; stop what holds them or choose other "
+                "ports (FD_E2E_PORT_BASE, FD_E2E_ROUTER_PORT)"
+            )
+        server = ServerProcess(spec)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def server(self, name: str) -> ServerProcess:
+        return next(server for server in self.servers if server.name == name)
+
+    def raise_if_exited(self) -> None:
+        """Fail fast when a server died (and note the process trees while they are intact)."""
+        for server in self.servers:
+            server.remember_descendants()
+            code = server.exit_code()
+            if code is not None:
+                raise ServerStartError(f"{server.name} exited with code {code}\n{server.log_tail()}")
+
+    def ports(self) -> List[int]:
+        return [port for server in self.servers for port in server.spec.ports]
+
+    def teardown(self) -> None:
+        """Stop every server (last started first), then check that all their ports are free again."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        problems: List[str] = []
+        for server in reversed(self.servers):
+            problems += server.stop()
+        still_busy = wait_until_ports_free(self.ports(), self.host, self.port_free_timeout_s)
+        if still_busy:
+            problems.append(f"port(s) {still_busy} still in use {self.port_free_timeout_s} s after the teardown")
+        if problems:
+            raise TeardownError(f"teardown of {self.name}: " + "; ".join(problems))
+
+    def collect_logs(self, destination: Path) -> List[str]:
+        """Copy each server's output log and log directories to ``destination/<server>/``; returns problems."""
+        problems = []
+        for server in self.servers:
+            target = destination / server.name
+            target.mkdir(parents=True, exist_ok=True)
+            sources = [server.spec.log_path] + server.spec.log_dirs
+            for source in sources:
+                try:
+                    if source.is_dir():
+                        shutil.copytree(source, target / source.name, dirs_exist_ok=True)
+                    elif source.exists():
+                        shutil.copy2(source, target / source.name)
+                except (OSError, shutil.Error) as error:
+                    problems.append(f"copying {source}: {error}")
+        return problems
+
+
+# --- HTTP ------------------------------------------------------------------------------------------------------
+
+
+def _decode(raw: bytes):
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def http_request(url: str, payload: Optional[dict] = None, timeout_s: float = 10.0) -> Tuple[int, object]:
+    """GET (no payload) or POST JSON; returns the status and the decoded JSON body (or text). Raises on no answer."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            return response.status, _decode(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, _decode(error.read())
+
+
+def registered_number(router_url: str, timeout_s: float = 5.0) -> Dict[str, int]:
+    """The router's ``/registered_number`` per role; zeros while the router does not answer."""
+    try:
+        status, body = http_request(f"{router_url}/registered_number", timeout_s=timeout_s)
+    except HTTP_ERRORS:
+        return dict.fromkeys(ROLES, 0)
+    if status != 200 or not isinstance(body, dict):
+        return dict.fromkeys(ROLES, 0)
+    return {role: int(body.get(role) or 0) for role in ROLES}
+
+
+@dataclass(frozen=True)
+class WaitForRegistration:
+    """Ready when the router at the entry server counts at least ``required[role]`` instances of each role."""
+
+    required: Mapping[str, int]
+    attempts: int
+    interval_s: float
+
+    def wait(self, base_url: str, cluster: Optional[Cluster] = None) -> int:
+        """Polls used; raises :class:`ReadinessTimeout` after ``attempts`` polls, or at once if a server exits."""
+        counts: Dict[str, int] = {}
+        for attempt in range(1, self.attempts + 1):
+            if cluster is not None:
+                cluster.raise_if_exited()
+            counts = registered_number(base_url)
+            if all(counts.get(role, 0) >= number for role, number in self.required.items()):
+                return attempt
+            if attempt < self.attempts:
+                time.sleep(self.interval_s)
+        raise ReadinessTimeout(
+            f"router {base_url} still counts {counts} after {self.attempts} polls {self.interval_s} s apart "
+            f"(needs {dict(self.required)})" + _tails(cluster)
+        )
+
+
+@dataclass(frozen=True)
+class WaitForHealth:
+    """Ready when ``GET {base_url}{path}`` answers 200."""
+
+    attempts: int
+    interval_s: float
+    path: str = "/health"
+
+    def wait(self, base_url: str, cluster: Optional[Cluster] = None) -> int:
+        last = "no answer"
+        for attempt in range(1, self.attempts + 1):
+            if cluster is not None:
+                cluster.raise_if_exited()
+            try:
+                status, _ = http_request(f"{base_url}{self.path}", timeout_s=5.0)
+                if status == 200:
+                    return attempt
+                last = f"HTTP {status}"
+            except HTTP_ERRORS as error:
+                last = repr(error)
+            if attempt < self.attempts:
+                time.sleep(self.interval_s)
+        raise ReadinessTimeout(
+            f"{base_url}{self.path}: {last} after {self.attempts} polls {self.interval_s} s apart" + _tails(cluster)
+        )
+
+
+def _tails(cluster: Optional[Cluster]) -> str:
+    return "".join(f"\n{server.log_tail()}" for server in cluster.servers) if cluster else ""
+
+
+# --- workload --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestOutcome:
+    """What became of one request; ``finished`` is False for a request still waiting at the deadline."""
+
+    index: int
+    finished: bool = False
+    status: Optional[int] = None
+    text: Optional[str] = None
+    error: Optional[str] = None
+    seconds: Optional[float] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and self.status == 200 and self.text is not None
+
+    def describe(self) -> str:
+        if not self.finished:
+            return f"request {self.index}: no answer"
+        if self.ok:
+            return f"request {self.index}: ok in {self.seconds:.1f} s"
+        return f"request {self.index}: {self.error} after {self.seconds:.1f} s"
+
+
+def completion_text(body) -> str:
+    """The generated text of an OpenAI-compatible completion or chat completion answer."""
+    choice = body["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    if not isinstance(text, str):
+        raise ValueError(f"no text in {choice!r}")
+    return text
+
+
+def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> List[RequestOutcome]:
+    """POST every payload at once, one thread each, and wait until all answered or ``deadline_s`` passed."""
+    outcomes = [RequestOutcome(index) for index in range(len(payloads))]
+    lock = threading.Lock()
+    start_together = threading.Barrier(len(payloads) + 1)
+
+    def send(index: int, payload: dict) -> None:
+        start_together.wait()
+        began = time.monotonic()
+        status, text, error = None, None, None
+        try:
+            status, body = http_request(url, payload, timeout_s=deadline_s)
+        except Exception as problem:  # any way of not getting an answer is this request's outcome
+            error = repr(problem)
+        else:
+            if status != 200:
+                error = f"HTTP {status}: {str(body)[:300]}"
+            else:
+                try:
+                    text = completion_text(body)
+                except Exception as problem:
+                    error = f"unusable answer {str(body)[:300]} ({problem!r})"
+        with lock:
+            outcomes[index] = RequestOutcome(index, True, status, text, error, time.monotonic() - began)
+
+    threads = [
+        threading.Thread(target=send, args=(index, payload), name=f"e2e-request-{index}", daemon=True)
+        for index, payload in enumerate(payloads)
+    ]
+    for thread in threads:
+        thread.start()
+    start_together.wait()
+    deadline = time.monotonic() + deadline_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        return [dataclasses.replace(outcome) for outcome in outcomes]
+
+
+def check_completed(outcomes: Sequence[RequestOutcome], deadline_s: float) -> None:
+    """Raise :class:`RequestsHung` if any request is unanswered, :class:`RequestsFailed` if any failed."""
+    hung = [outcome for outcome in outcomes if not outcome.finished]
+    failed = [outcome for outcome in outcomes if outcome.finished and not outcome.ok]
+    summary = "\n".join(f"  {outcome.describe()}" for outcome in outcomes)
+    if hung:
+        raise RequestsHung(
+            f"{len(hung)} of {len(outcomes)} requests did not complete within {deadline_s} s:\n{summary}"
+        )
+    if failed:
+        raise RequestsFailed(f"{len(failed)} of {len(outcomes)} requests failed:\n{summary}")
+
+
+def check_outputs_equal(actual: Sequence[str], expected: Sequence[str], max_mismatches: int = 0) -> None:
+    """Raise :class:`OutputMismatch` when more than ``max_mismatches`` outputs differ from the reference."""
+    if len(actual) != len(expected):
+        raise OutputMismatch(f"{len(actual)} outputs, {len(expected)} reference outputs")
+    differing = [index for index, (got, want) in enumerate(zip(actual, expected)) if got != want]
+    if len(differing) <= max_mismatches:
+        return
+    lines = [f"{len(differing)} of {len(actual)} outputs differ from the reference (allowed: {max_mismatches}):"]
+    for index in differing[:5]:
+        common = len(os.path.commonprefix([actual[index], expected[index]]))
+        lines.append(f"  prompt {index}: equal for {common} characters")
+        lines.append(f"    got:       {actual[index]!r}")
+        lines.append(f"    reference: {expected[index]!r}")
+    raise OutputMismatch("\n".join(lines))
+
+
+# --- logs and failure reports ----------------------------------------------------------------------------------
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - max_bytes))
+            data = handle.read()
+    except OSError as error:
+        return f"(unreadable: {error})"
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+
+
+def cache_messager_logs(root: Path) -> List[Path]:
+    found = {path for pattern in CACHE_MESSAGER_LOG_PATTERNS for path in root.rglob(pattern)}
+    return sorted(found)
+
+
+def run_diagnose(log_dir: Path, timeout_s: float = 120.0) -> Tuple[Optional[int], str]:
+    """``fastdeploy-pd-fix diagnose log_dir`` with this interpreter: exit code (None if it did not run), output."""
+    argv = [sys.executable, "-m", "fastdeploy_pd_fix", "diagnose", str(log_dir)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, repr(error)
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+class Deployment:
+    """Servers started in order, a readiness check on the entry server, a workload, and a teardown that always runs.
+
+    ``entry`` names the server that takes the requests (its ``ports[0]``); ``diagnose_server`` the one whose cache
+    messager logs ``fastdeploy-pd-fix diagnose`` reads (the prefill server: decode servers have messagers too, with
+    the same log names).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        specs: Sequence[ServerSpec],
+        entry: str,
+        readiness,
+        artifacts_dir: Path,
+        diagnose_server: Optional[str] = None,
+        host: str = LOOPBACK,
+        port_free_timeout_s: float = 30.0,
+    ):
+        self.label = label
+        self.specs = list(specs)
+        self.entry = entry
+        self.readiness = readiness
+        self.artifacts_dir = artifacts_dir
+        self.diagnose_server = diagnose_server
+        self.host = host
+        self.cluster = Cluster(label, host, port_free_timeout_s)
+        self.readiness_polls: Optional[int] = None
+        self.torn_down = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.cluster.server(self.entry).spec.ports[0]}"
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self.cluster.start(spec)
+            if spec.startup_check is not None:
+                spec.startup_check.wait(f"http://{self.host}:{spec.ports[0]}", self.cluster)
+        self.readiness_polls = self.readiness.wait(self.base_url, self.cluster)
+
+    def run_workload(self, payloads: Sequence[dict], deadline_s: float, path: str = "/v1/completions") -> List[str]:
+        """The texts of all answers; on a hang or a failure raises with the full report."""
+        for server in self.cluster.servers:
+            server.remember_descendants()  # the engines' full process trees, for the teardown
+        outcomes = send_concurrently(f"{self.base_url}{path}", payloads, deadline_s)
+        try:
+            check_completed(outcomes, deadline_s)
+        except WorkloadFailure as failure:
+            raise type(failure)(f"{self.label}: {failure}\n\n{self.failure_report()}") from None
+        return [outcome.text for outcome in outcomes]
+
+    def collect_logs(self) -> List[str]:
+        return self.cluster.collect_logs(self.artifacts_dir)
+
+    def diagnose(self) -> Tuple[Optional[int], str]:
+        """Copy the logs now and run ``fastdeploy-pd-fix diagnose`` on the copy of the ``diagnose_server``'s logs."""
+        self.collect_logs()
+        return run_diagnose(self.artifacts_dir / (self.diagnose_server or ""))
+
+    def failure_report(self) -> str:
+        """Logs copied to the artifacts directory, diagnose's verdict, and the tail of every cache messager log."""
+        problems = self.collect_logs()
+        lines = [f"logs of every server copied to {self.artifacts_dir}"] + [f"  ({problem})" for problem in problems]
+        if self.diagnose_server is not None:
+            code, output = run_diagnose(self.artifacts_dir / self.diagnose_server)
+            lines += [f"fastdeploy-pd-fix diagnose {self.artifacts_dir / self.diagnose_server}: exit code {code}"]
+            lines += [f"  {line}" for line in output.splitlines()]
+        messager_logs = cache_messager_logs(self.artifacts_dir)
+        if not messager_logs:
+            lines.append("no cache messager log found (did the prefill server get as far as starting them?)")
+        for path in messager_logs:
+            lines.append(f"--- {path.relative_to(self.artifacts_dir)} (last {LOG_TAIL_LINES} lines) ---")
+            lines.append(tail(path))
+        return "\n".join(lines)
+
+    def teardown(self) -> None:
+        """Stop everything and check the ports (:class:`TeardownError` on a problem), then copy the final logs."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        try:
+            self.cluster.teardown()
+        finally:
+            self.collect_logs()

@@ -1,0 +1,87 @@
+"""Stub of FastDeploy's router for the harness tests (stdlib only, 127.0.0.1, any free port).
+
+Endpoints: ``POST /register`` ({"role", "host_ip", "port"}), ``GET /registered_number``, ``GET /health``,
+``POST /v1/completions`` and ``/v1/chat/completions`` (sent to the first prefill, then the first decode instance;
+the decode answer is returned, as the real router does in splitwise mode). Test handshake: ``GET
+/wait_polls?count=N`` answers once ``/registered_number`` has been answered N times.
+
+Start-up handshake: with ``--port 0`` the port is written to ``--port-file`` once the server listens.
+"""
+
+import argparse
+import threading
+import urllib.parse
+
+from stub_common import JsonHandler, announce_port, http_json, make_server
+
+ROLES = ("mixed", "prefill", "decode")
+
+
+class RouterState:
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.instances = {role: [] for role in ROLES}
+        self.polls = 0
+
+
+STATE = RouterState()
+
+
+class RouterHandler(JsonHandler):
+    def do_GET(self):
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/health":
+            self.reply(200, {})
+        elif url.path == "/registered_number":
+            with STATE.changed:
+                counts = {role: len(STATE.instances[role]) for role in ROLES}
+                STATE.polls += 1
+                STATE.changed.notify_all()
+            self.reply(200, counts)
+        elif url.path == "/wait_polls":
+            count = int(urllib.parse.parse_qs(url.query)["count"][0])
+            with STATE.changed:
+                STATE.changed.wait_for(lambda: STATE.polls >= count, timeout=60)
+                polls = STATE.polls
+            self.reply(200, {"polls": polls})
+        else:
+            self.reply(404, {"error": self.path})
+
+    def do_POST(self):
+        if self.path == "/register":
+            instance = self.read_json()
+            if instance.get("role") not in ROLES:
+                self.reply(400, {"error": f"invalid role {instance.get('role')!r}"})
+                return
+            with STATE.changed:
+                STATE.instances[instance["role"]].append(instance)
+                STATE.changed.notify_all()
+            self.reply(200, {"status": "success"})
+        elif self.path in ("/v1/completions", "/v1/chat/completions"):
+            self.forward(self.read_json())
+        else:
+            self.reply(404, {"error": self.path})
+
+    def forward(self, request):
+        with STATE.changed:
+            prefill, decode = STATE.instances["prefill"][:1], STATE.instances["decode"][:1]
+        if not (prefill and decode):
+            self.reply(503, {"error": "no prefill or no decode instance registered"})
+            return
+        for instance in prefill + decode:
+            status, body = http_json(f"http://{instance['host_ip']}:{instance['port']}{self.path}", request)
+        self.reply(status, body)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port, announced in --port-file")
+    parser.add_argument("--port-file")
+    args = parser.parse_args()
+    server = make_server(RouterHandler, args.port)
+    announce_port(server, args.port_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
