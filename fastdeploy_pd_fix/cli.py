@@ -73,6 +73,12 @@ def verify(argv: List[str]) -> int:
     return explorer_main(argv)
 
 
+def make_patch(argv: List[str]) -> int:
+    from fastdeploy_pd_fix.make_patch import main as make_patch_main
+
+    return make_patch_main(argv)
+
+
 def diagnose(args) -> int:
     from fastdeploy_pd_fix.diagnostics import diagnose as diagnose_logs
 
@@ -97,9 +103,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     diagnose_parser = commands.add_parser("diagnose", help="first divergence of the ranks' batch sequences in logs")
     diagnose_parser.add_argument("log_dir", help="directory holding cache_messager_rank*.log (searched recursively)")
     commands.add_parser("verify", help="exhaustive interleaving explorer (--help for its options)", add_help=False)
+    commands.add_parser(
+        "make-patch", help="apply the fix to a FastDeploy checkout (--help for its options)", add_help=False
+    )
 
+    # These two own their argument parsing: hand them the rest of the command line untouched.
     if argv[:1] == ["verify"]:
         return verify(argv[1:])
+    if argv[:1] == ["make-patch"]:
+        return make_patch(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "status":
         return status(args)

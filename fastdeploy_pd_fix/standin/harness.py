@@ -99,13 +99,20 @@ def _kill_group(process: Optional[subprocess.Popen]) -> None:
     process.wait()
 
 
-def _rank_environment(env: Optional[dict], variant_env: dict, log_dir: Path, out_dir: Path, scenario_path: Path):
+def _rank_environment(
+    env: Optional[dict],
+    variant_env: dict,
+    log_dir: Path,
+    out_dir: Path,
+    scenario_path: Path,
+    standin_root: Path = STANDIN_ROOT,
+):
     """os.environ, then the caller's ``env`` (not interpreted here), then what the harness itself owns."""
     run_env = dict(os.environ)
     run_env.setdefault("OMP_NUM_THREADS", "1")  # paddle's thread pools are of no use to the stand-in
     run_env.update(env or {})
     python_path = run_env.get("PYTHONPATH", "")
-    run_env["PYTHONPATH"] = os.pathsep.join(part for part in (str(STANDIN_ROOT), python_path) if part)
+    run_env["PYTHONPATH"] = os.pathsep.join(part for part in (str(standin_root), python_path) if part)
     run_env.update(variant_env)
     run_env["FD_LOG_DIR"] = str(log_dir)
     run_env["FD_STANDIN_OUT"] = str(out_dir)
@@ -178,10 +185,14 @@ def run_scenario(
     workdir=None,
     python: str = sys.executable,
     startup_timeout_s: float = 120.0,
+    standin_root=None,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
     stand-in release variant. ``env`` is added to each rank's environment as is (e.g. ``{"FD_PD_FIX": "0"}``).
-    ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise."""
+    ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise.
+    ``standin_root``: the directory holding the ``fastdeploy`` package the ranks run (put first on ``PYTHONPATH``,
+    its ``fastdeploy/cache_manager/cache_messager.py`` launched), e.g. a patched checkout; default the built-in
+    stand-in. The engine process always runs the built-in one."""
     scenario = resolve_scenario(scenario)
     if release not in RELEASES:
         raise ValueError(f"release {release!r}: expected one of {', '.join(RELEASES)}")
@@ -207,7 +218,9 @@ def run_scenario(
     scenario_path = run_dir / "scenario.json"
     scenario_path.write_text(json.dumps(scenario, indent=1), encoding="utf-8")
     engine_record = out_dir / "engine.jsonl"
-    run_env = _rank_environment(env, variant_env, log_dir, out_dir, scenario_path)
+    standin_root = STANDIN_ROOT if standin_root is None else Path(standin_root).resolve()
+    cache_messager_script = standin_root / CACHE_MESSAGER_SCRIPT.relative_to(STANDIN_ROOT)
+    run_env = _rank_environment(env, variant_env, log_dir, out_dir, scenario_path, standin_root)
 
     engine = None
     ranks: Dict[int, subprocess.Popen] = {}
@@ -219,7 +232,7 @@ def run_scenario(
         for rank in range(nranks):
             command = [
                 python,
-                str(CACHE_MESSAGER_SCRIPT),
+                str(cache_messager_script),
                 *("--splitwise_role", "prefill", "--rank", str(rank), "--device_id", str(rank)),
                 *("--mp_num", str(nranks), "--num_layers", str(num_layers)),
                 *("--pod_ip", "127.0.0.1", "--engine_worker_queue_port", str(port), "--protocol", "ipc"),
