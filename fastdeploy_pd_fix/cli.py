@@ -10,8 +10,20 @@ from typing import List, Optional
 from fastdeploy_pd_fix import __version__
 
 
+def _bootstrap_line(state) -> str:
+    if not state["installed"]:
+        return (
+            "NOT active: fastdeploy_pd_fix.pth did not run in this interpreter (is the plugin pip-installed into "
+            "this environment?)"
+        )
+    if state["disabled"]:
+        return "installed, switched off by FD_PD_FIX=0: nothing is patched"
+    hooks = "import hook on" if state["import_hook"] else "no import hook (fastdeploy not importable at start-up)"
+    return f"active ({hooks}; the cache messager script is patched as its class is built)"
+
+
 def status(args) -> int:
-    """Print what the plugin does in this environment: FastDeploy, bootstrap, switches, target, manifest."""
+    """Print what the plugin does in this environment: bootstrap, switches, FastDeploy, target, manifest."""
     from fastdeploy_pd_fix import _bootstrap
     from fastdeploy_pd_fix.patching import (
         ENV_SWITCH,
@@ -24,38 +36,28 @@ def status(args) -> int:
 
     mode, mode_warning = selected_mode()
     print(f"fastdeploy-pd-fix {__version__}")
-    print(f"FastDeploy:  {fastdeploy_version()}")
-    enabled = os.environ.get(ENV_SWITCH, "1").strip() != "0"
-    print(f"switch:      {ENV_SWITCH}={os.environ.get(ENV_SWITCH, '1')} ({'enabled' if enabled else 'disabled'})")
+    print(f"bootstrap:   {_bootstrap_line(_bootstrap.state)}")
+    print(f"switch:      {ENV_SWITCH}={os.environ.get(ENV_SWITCH, '1')}")
     print(f"mode:        {mode}" + (f" ({mode_warning})" if mode_warning else ""))
-    if _bootstrap.state["installed"]:
-        hooks = "import hook" if _bootstrap.state["import_hook"] else "no import hook (fastdeploy not importable)"
-        print(
-            f"bootstrap:   active in this interpreter (fastdeploy_pd_fix.pth ran; {hooks}; script hook in the "
-            "cache messager process)"
-        )
-    else:
-        print(
-            "bootstrap:   NOT active: fastdeploy_pd_fix.pth did not run here (is the plugin pip-installed into "
-            "this interpreter's environment?)"
-        )
-
     try:
         from fastdeploy.cache_manager import cache_messager
     except Exception as error:  # FastDeploy absent, or its import needs a GPU build
-        print(f"target:      fastdeploy.cache_manager.cache_messager not importable: {error!r}")
-        return 0
-    cls = getattr(cache_messager, "CacheMessagerV1", None)
-    print(f"target:      {getattr(cache_messager, '__file__', '?')}")
-    if cls is None:
-        print("             no CacheMessagerV1: nothing to patch (stands aside)")
-        return 0
-    analysis = analyse_class(cls)
-    verdict = "would patch" if analysis.recognised else f"would stand aside: {analysis.reason}"
-    print(f"             {verdict}; {analysis.features()}")
-    for record in RECORDS:
-        print(f"this process: {record.describe()}")
-    print("manifest:")
+        cache_messager = None
+        print(
+            f"FastDeploy:  {fastdeploy_version()}; fastdeploy.cache_manager.cache_messager not importable: {error!r}"
+        )
+    if cache_messager is not None:
+        print(f"FastDeploy:  {fastdeploy_version()} ({getattr(cache_messager, '__file__', '?')})")
+        cls = getattr(cache_messager, "CacheMessagerV1", None)
+        if cls is None:
+            print("target:      no CacheMessagerV1: nothing to patch (the plugin stands aside)")
+        else:
+            analysis = analyse_class(cls)
+            verdict = "recognised" if analysis.recognised else f"not recognised, stands aside: {analysis.reason}"
+            print(f"target:      CacheMessagerV1 {verdict}; {analysis.features()}")
+        for record in RECORDS:
+            print(f"this process: {record.describe()}")
+    print("manifest (details: fastdeploy_pd_fix/patching.py):")
     for patch in MANIFEST:
         print(f"  {patch.target}: {patch.how}; upstream {patch.upstream}; remove when {patch.remove_when}")
     return 0

@@ -83,8 +83,8 @@ MANIFEST = (
     PatchInfo(
         f"{TARGET_CLASS}._add_cache_task_thread",
         "wrapped: original loop unchanged, registrations observed through idx_cache_task_dict",
-        "#7724 changed its engine-facing calls; all variants kept as they are",
-        "same as above",
+        "#7724 changed its engine-facing calls; every variant's calls are kept as they are",
+        "the running FastDeploy carries the rank-invariant release (make-patch)",
     ),
 )
 
