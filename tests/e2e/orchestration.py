@@ -480,6 +480,9 @@ def completion_text(body) -> str:
     return text
 
 
+UNANSWERED_GRACE_S = 30.0
+
+
 def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> List[RequestOutcome]:
     """POST every payload at once, one thread each, and wait until all answered or ``deadline_s`` passed."""
     outcomes = [RequestOutcome(index) for index in range(len(payloads))]
@@ -491,8 +494,12 @@ def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> 
         began = time.monotonic()
         status, text, error = None, None, None
         try:
-            status, body = http_request(url, payload, timeout_s=deadline_s)
-        except Exception as problem:  # any way of not getting an answer is this request's outcome
+            # The socket may wait longer than the deadline: a request unanswered at the deadline is a hang, never
+            # an error, whichever of the two clocks would have fired first.
+            status, body = http_request(url, payload, timeout_s=deadline_s + UNANSWERED_GRACE_S)
+        except socket.timeout:
+            return  # unanswered: stays unfinished, reported by check_completed as hung
+        except Exception as problem:  # any other way of not getting an answer is this request's outcome
             error = repr(problem)
         else:
             if status != 200:
