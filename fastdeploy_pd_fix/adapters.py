@@ -207,10 +207,8 @@ def activate(messager):
             op_arguments = eval(f"lambda self: ({', '.join(analysis.op_arguments)},)")(messager)
             op = _resolve_op(cls._fd_pd_fix_originals["consume_signals"], analysis)
             runtime = ReleaseRuntime(messager, cls._fd_pd_fix_mode, op, op_arguments)
-            logger.info(
-                f"fastdeploy_pd_fix: active on rank_id={getattr(messager, 'rank_id', '?')} "
-                f"mode={runtime.mode}; {analysis.features()}"
-            )
+            # The decision line again, now into the messager's own log (the first one went to its stderr).
+            logger.info(f"{cls._fd_pd_fix_record.describe()}; active on rank_id={getattr(messager, 'rank_id', '?')}")
         except Exception as error:
             logger.warning(f"fastdeploy_pd_fix: stood aside for this messager, original methods run: {error!r}")
         messager._fd_pd_fix_runtime = runtime

@@ -279,6 +279,7 @@ def patch_class(cls, mode: Optional[str] = None) -> PatchRecord:
             reason = "observing only, upstream release kept" if mode == OBSERVE else "layer-0 release replaced"
             reason += f" ({mode_warning})" if mode_warning else ""
             record = PatchRecord(target, "patched", reason, mode, version, analysis.features())
+            cls._fd_pd_fix_record = record
         RECORDS.append(record)
     log = logger.warning if record.decision == "stood aside" or mode_warning else logger.info
     log(record.describe())
@@ -293,7 +294,7 @@ def unpatch_class(cls) -> None:
             return
         for name, method in originals.items():
             setattr(cls, name, method)
-        for attribute in ("_fd_pd_fix_originals", "_fd_pd_fix_mode", "_fd_pd_fix_analysis"):
+        for attribute in ("_fd_pd_fix_originals", "_fd_pd_fix_mode", "_fd_pd_fix_analysis", "_fd_pd_fix_record"):
             delattr(cls, attribute)
 
 

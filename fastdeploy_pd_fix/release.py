@@ -101,7 +101,10 @@ def _check_non_negative_int(name: str, value) -> None:
 def _check_tasks(tasks: Sequence[Task]) -> Tuple[Task, ...]:
     checked = []
     for task in tasks:
-        slot, prefilled_token_num = task
+        try:
+            slot, prefilled_token_num = task
+        except (TypeError, ValueError):
+            raise ValueError(f"a task must be a (slot, prefilled_token_num) pair, got {task!r}") from None
         _check_non_negative_int("slot", slot)
         _check_non_negative_int("prefilled_token_num", prefilled_token_num)
         checked.append((slot, prefilled_token_num))
@@ -138,8 +141,11 @@ class OrderedRelease:
         return self._release_ready_batches()
 
     def waiting_signals(self) -> List[Batch]:
-        """Signals not yet released, oldest first (the head lists only its still unbound tasks)."""
-        return [tuple(tasks) for tasks in self._waiting_signals]
+        """Signals not yet released, oldest first, each with all its tasks (bound or not) in engine order."""
+        waiting = [tuple(tasks) for tasks in self._waiting_signals]
+        if waiting:
+            waiting[0] = tuple(self._bound_head) + waiting[0]
+        return waiting
 
     def open_registrations(self) -> Dict[int, List[str]]:
         """Request ids registered per slot whose final chunk has not been released yet."""

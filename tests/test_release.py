@@ -121,7 +121,14 @@ def test_signal_keeps_its_valid_tasks_when_one_is_dropped():
     assert batches == [((1, 4),)] and [d.slot for d in drops] == [0]
 
 
-@pytest.mark.parametrize("tasks", [[(-1, 4)], [(0, -4)], [(0, "4")], [(True, 4)]])
+def test_waiting_signals_show_the_whole_head_signal():
+    policy = OrderedRelease()
+    policy.add_registration(Registration(0, "A", 4))
+    policy.add_signal([(0, 4), (1, 4)])  # A is bound, B waits: the head signal still holds both
+    assert policy.waiting_signals() == [((0, 4), (1, 4))]
+
+
+@pytest.mark.parametrize("tasks", [[(-1, 4)], [(0, -4)], [(0, "4")], [(True, 4)], [5], [(0, 1, 2)]])
 def test_malformed_tasks_raise_and_leave_state_untouched(tasks):
     policy = OrderedRelease()
     with pytest.raises(ValueError):
