@@ -44,6 +44,19 @@ def messager_logger(messager) -> logging.Logger:
     return module_logger if hasattr(module_logger, "warning") else _fallback_logger
 
 
+def _integral(value) -> int:
+    """``value`` as an int if it is an integral number (``3``, ``numpy.int64(3)``, ``3.0``), else an error.
+
+    ``int()`` alone would turn ``"3"`` into slot 3 although the engine stored the task under the key ``"3"``, and
+    ``4.5`` into 4 tokens."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{value!r} is not a number")
+    number = int(value)
+    if number != value:
+        raise ValueError(f"{value!r} is not an integral number")
+    return number
+
+
 class RegisteredNeeds(Mapping):
     """Read-only view of ``idx_cache_task_dict`` as slot -> need_prefill_tokens (what ``upstream`` mode asks)."""
 
@@ -93,6 +106,16 @@ class ReleaseRuntime:
         self.rank = getattr(messager, "rank", None)
         self._inject_registration_delay(injected_delay(self.injections, "registration", self.rank))
         self.signal_delay_s = injected_delay(self.injections, "signal", self.rank)
+        if self.signal_delay_s and self.policy is not None:
+            self.logger.warning(
+                f"fastdeploy_pd_fix: {ENV_INJECT}: layer-0 signal handling delayed by {self.signal_delay_s}s "
+                f"on rank {self.rank}"
+            )
+        elif self.signal_delay_s:
+            self.logger.warning(
+                f"fastdeploy_pd_fix: {ENV_INJECT}: signal delay not applied on rank {self.rank} in observe mode "
+                "(the running release's own consume_signals reads the signals)"
+            )
         deadline = watchdog_deadline()
         self.watchdog = Watchdog(deadline, self.journal, self.describe_state, self.logger.error) if deadline else None
         if self.policy is not None:
@@ -128,6 +151,8 @@ class ReleaseRuntime:
 
     def publish(self, released, source: str) -> None:
         """Put released batches into the send queue (caller holds ``self.lock``) and log every drop."""
+        for reason in released.ignored:
+            self.logger.warning(f"fastdeploy_pd_fix: {reason}")
         for drop in released.drops:
             self.logger.warning(
                 f"fastdeploy_pd_fix: dropped layer-0 task slot={drop.slot} "
@@ -141,8 +166,10 @@ class ReleaseRuntime:
     def on_store(self, slot, task) -> None:
         """Registration hook, called in the registration thread right after ``idx_cache_task_dict[slot] = task``."""
         try:
-            registration = Registration(int(slot), str(task["request_id"]), int(task["need_prefill_tokens"]))
-        except (KeyError, TypeError, ValueError) as error:
+            registration = Registration(
+                _integral(slot), str(task["request_id"]), _integral(task["need_prefill_tokens"])
+            )
+        except Exception as error:  # whatever the task holds, the original registration loop must go on
             self.logger.error(f"fastdeploy_pd_fix: registration for slot {slot!r} ignored, malformed task: {error!r}")
             return
         try:

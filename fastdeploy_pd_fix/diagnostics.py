@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 ENV_WATCHDOG = "FD_PD_FIX_WATCHDOG_S"
 ENV_INJECT = "FD_PD_FIX_INJECT"
 RECENT_BATCHES = 32
+MAX_INJECTED_DELAY_MS = 3_600_000
 QUEUED_LINE = re.compile(r"queued batch #(?P<number>\d+) (?P<batch>\[.*?\]) seq_hash=(?P<hash>[0-9a-f]+)")
 RANK_LOG = re.compile(r"cache_messager_rank(?P<rank>\d+)\.log$")
 
@@ -172,7 +173,10 @@ def parse_injection(value: str) -> Tuple[List[Injection], List[str]]:
         try:
             if stage not in ("registration", "signal"):
                 raise ValueError(f"unknown stage {stage!r}")
-            injections.append(Injection(stage, int(options["rank"]), float(options["delay_ms"]) / 1000.0))
+            delay_ms = float(options["delay_ms"])
+            if not 0 <= delay_ms <= MAX_INJECTED_DELAY_MS:  # also false for nan; time.sleep would raise later
+                raise ValueError(f"delay_ms {options['delay_ms']!r} not in [0, {MAX_INJECTED_DELAY_MS}]")
+            injections.append(Injection(stage, int(options["rank"]), delay_ms / 1000.0))
         except (KeyError, ValueError) as error:
             problems.append(f"{ENV_INJECT} item {item!r} ignored: {error!r}")
     return injections, problems

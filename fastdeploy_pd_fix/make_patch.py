@@ -460,6 +460,8 @@ def _layer0_release_on_registration(self, engine_idx):
 
 def _layer0_release_put(self, released, source):
     """Put the released batches into cache_prefilled_engine_ids_queue, in order, and log dropped tasks."""
+    for reason in released.ignored:
+        logger.warning(f"layer0 release: {reason}")
     for drop in released.drops:
         logger.warning(
             f"layer0 release: dropped task engine_idx={drop.slot} prefilled_token_num={drop.prefilled_token_num} "

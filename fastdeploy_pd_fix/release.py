@@ -29,6 +29,11 @@ Two policies share one interface (``add_signal`` / ``add_registration``, both re
        the token number already released for that request (a duplicate or a stale signal). A signal whose
        tasks are all dropped releases no batch.
 
+    5. A registration of the request that is already its slot's latest registration is ignored (reported in
+       :attr:`Released.ignored`): a repeated cache-info part can complete the same task twice, on some ranks
+       only, depending on when the send loop cleans ``cache_info`` up; counting it would bind the slot's next
+       request to a stale registration.
+
     A task whose request never registers therefore waits until its slot is registered again (FastDeploy hands
     a freed slot to the next request) and is then judged by rule 4 against that registration. This is the same
     slot-based binding upstream uses; only the order is made deterministic.
@@ -87,10 +92,12 @@ class Released:
 
     batches: List[Batch] = field(default_factory=list)
     drops: List[Drop] = field(default_factory=list)
+    ignored: List[str] = field(default_factory=list)  # registrations not counted, and why
 
     def extend(self, other: "Released") -> None:
         self.batches.extend(other.batches)
         self.drops.extend(other.drops)
+        self.ignored.extend(other.ignored)
 
 
 def _check_non_negative_int(name: str, value) -> None:
@@ -129,6 +136,8 @@ class OrderedRelease:
         self._registrations: Dict[int, Deque[Registration]] = {}
         # Highest token number released for the current registration of each slot.
         self._released_tokens: Dict[int, int] = {}
+        # Request id of each slot's latest counted registration (rule 5).
+        self._latest_request: Dict[int, str] = {}
 
     def add_signal(self, tasks: Sequence[Task], registered: Optional[Mapping[int, int]] = None) -> Released:
         """Append one layer-0 signal (its tasks in engine order) and release whatever became ready."""
@@ -137,6 +146,13 @@ class OrderedRelease:
 
     def add_registration(self, registration: Registration, registered: Optional[Mapping[int, int]] = None) -> Released:
         """Record one completed registration and release whatever became ready."""
+        if self._latest_request.get(registration.slot) == registration.request_id:
+            reason = (
+                f"registration for slot {registration.slot} ignored: request {registration.request_id} is already "
+                "the slot's latest registration (a repeated cache-info part)"
+            )
+            return Released(ignored=[reason])
+        self._latest_request[registration.slot] = registration.request_id
         self._registrations.setdefault(registration.slot, deque()).append(registration)
         return self._release_ready_batches()
 

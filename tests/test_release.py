@@ -121,6 +121,16 @@ def test_signal_keeps_its_valid_tasks_when_one_is_dropped():
     assert batches == [((1, 4),)] and [d.slot for d in drops] == [0]
 
 
+def test_repeated_registration_of_the_latest_request_is_ignored():
+    policy = OrderedRelease()
+    assert policy.add_registration(Registration(0, "A", 4)).ignored == []
+    repeated = policy.add_registration(Registration(0, "A", 4))
+    assert len(repeated.ignored) == 1 and "repeated cache-info part" in repeated.ignored[0]
+    policy.add_registration(Registration(0, "B", 8))
+    batches, drops = run(policy, [("sig", [(0, 4)]), ("sig", [(0, 6)]), ("sig", [(0, 8)])])
+    assert batches == [((0, 4),), ((0, 6),), ((0, 8),)] and drops == []  # B is judged against B, not a stale A
+
+
 def test_waiting_signals_show_the_whole_head_signal():
     policy = OrderedRelease()
     policy.add_registration(Registration(0, "A", 4))

@@ -158,14 +158,17 @@ def _wait_until_ready(ranks: Dict[int, subprocess.Popen], out_dir: Path, timeout
     return ""
 
 
-def _wait_for_ranks(ranks: Dict[int, subprocess.Popen], deadline_s: float):
-    """Outcome once every rank exited, one failed, or the deadline passed; plus an error text."""
+def _wait_for_ranks(ranks: Dict[int, subprocess.Popen], deadline_s: float, watch_survivors: bool = False):
+    """Outcome once every rank exited, one failed, or the deadline passed; plus an error text.
+    ``watch_survivors``: after a failure, keep waiting until the other ranks exited too or the deadline passed."""
     deadline = time.monotonic() + deadline_s
     while True:
         returncodes = {rank: process.poll() for rank, process in ranks.items()}
         failed = {rank: code for rank, code in returncodes.items() if code not in (None, 0)}
-        if failed:
-            return "error", f"ranks exited non-zero: {failed}"
+        running = [rank for rank, code in returncodes.items() if code is None]
+        if failed and (not watch_survivors or not running or time.monotonic() > deadline):
+            still = f"; ranks {running} still running after {deadline_s}s" if running else ""
+            return "error", f"ranks exited non-zero: {failed}{still}"
         if all(code == 0 for code in returncodes.values()):
             return "finished", ""
         if time.monotonic() > deadline:
@@ -186,13 +189,16 @@ def run_scenario(
     python: str = sys.executable,
     startup_timeout_s: float = 120.0,
     standin_root=None,
+    watch_survivors: bool = False,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
     stand-in release variant. ``env`` is added to each rank's environment as is (e.g. ``{"FD_PD_FIX": "0"}``).
     ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise.
     ``standin_root``: the directory holding the ``fastdeploy`` package the ranks run (put first on ``PYTHONPATH``,
     its ``fastdeploy/cache_manager/cache_messager.py`` launched), e.g. a patched checkout; default the built-in
-    stand-in. The engine process always runs the built-in one."""
+    stand-in. The engine process always runs the built-in one. ``watch_survivors``: when a rank exits non-zero, keep
+    the others running until they exit or ``deadline_s`` passes (the outcome is "error" either way), to see what the
+    survivors of a dead rank do."""
     scenario = resolve_scenario(scenario)
     if release not in RELEASES:
         raise ValueError(f"release {release!r}: expected one of {', '.join(RELEASES)}")
@@ -250,7 +256,7 @@ def run_scenario(
         ready_at = time.monotonic()
         startup_s = ready_at - started
         if not error:
-            outcome, error = _wait_for_ranks(ranks, deadline_s)
+            outcome, error = _wait_for_ranks(ranks, deadline_s, watch_survivors)
             elapsed_s = time.monotonic() - ready_at
     except Exception as exception:  # report, never a false "finished"
         outcome, error = "error", f"harness: {exception!r}"

@@ -13,6 +13,9 @@ Event k of a rank's schedule is delivered only after event k-1 was acknowledged:
 ``get_cache_info`` call (processed and through its barriers). This forces one interleaving of the two threads
 without any sleep. Nothing is delivered before :func:`activate`: the engine sends no request before the
 messager has reported its cache ready.
+
+``FD_STANDIN_EXIT_AFTER_BATCHES=R:N`` (tests only, inert unless set) makes rank R die by SIGKILL right after its send
+loop took its N-th batch, before that batch's ``begin_send_cache_barrier``: a rank process lost mid-transfer.
 """
 
 import copy
@@ -20,10 +23,12 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 
 SIGNAL = "sig"
 REGISTRATION = "reg"
+EXIT_AFTER_BATCHES = "FD_STANDIN_EXIT_AFTER_BATCHES"
 #: How long a non-blocking read waits for its event before reporting "nothing" (keeps polling loops cool).
 NON_BLOCKING_WAIT_S = 0.005
 _EVENT_TOKEN = re.compile(r"^(sig|reg)(\d+)$")
@@ -143,6 +148,16 @@ class ProgressFile:
 
 _streams = ScriptedStreams()
 _progress = ProgressFile()
+_death = {"after_batches": None, "taken": 0}  # this rank's FD_STANDIN_EXIT_AFTER_BATCHES, and batches taken
+
+
+def batches_before_death(rank):
+    """N when ``FD_STANDIN_EXIT_AFTER_BATCHES=R:N`` names this rank, else None."""
+    value = os.getenv(EXIT_AFTER_BATCHES, "").strip()
+    if not value:
+        return None
+    dying_rank, after_batches = (int(part) for part in value.split(":"))
+    return after_batches if dying_rank == rank else None
 
 
 def activate(rank, block_size):
@@ -159,6 +174,7 @@ def activate(rank, block_size):
         for read in scenario["registrations"]
     ]
     _progress.open(os.path.join(os.getenv("FD_STANDIN_OUT", "."), f"rank{rank}.jsonl"), request_ids)
+    _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
     _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads)
     return True
@@ -173,7 +189,13 @@ def next_cache_infos():
 
 
 def record_batch(batch):
+    """Called by the send loop right after it took a batch from the queue (before the barrier)."""
     _progress.write("batch", batch=[[int(slot), int(token_num)] for slot, token_num in batch])
+    _death["taken"] += 1
+    if _death["taken"] == _death["after_batches"]:
+        _progress.write("dying", batches=_death["taken"])
+        logger.warning(f"standin: {EXIT_AFTER_BATCHES}: killing this rank after {_death['taken']} batches")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def record_finished(request_id):
