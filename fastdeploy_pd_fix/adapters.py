@@ -161,7 +161,8 @@ class ReleaseRuntime:
         for batch in released.batches:
             self.messager.cache_prefilled_engine_ids_queue.put(list(batch))  # the journal logs it with seq_hash
         if self.watchdog:
-            self.watchdog.note_head_waiting(bool(self.policy.waiting_signals()))
+            progressed = bool(released.batches or released.drops)
+            self.watchdog.note_release_step(progressed, bool(self.policy.waiting_signals()))
 
     def on_store(self, slot, task) -> None:
         """Registration hook, called in the registration thread right after ``idx_cache_task_dict[slot] = task``."""

@@ -96,11 +96,15 @@ class Watchdog:
         self.thread.start()
         return self
 
-    def note_head_waiting(self, waiting: bool) -> None:
-        """Called by the adapters after each release step: is the oldest layer-0 signal still waiting?"""
+    def note_release_step(self, progressed: bool, waiting: bool) -> None:
+        """Called by the adapters after each release step: did the oldest signal move, does one still wait?
+
+        The clock measures how long the *current* oldest signal has waited, so it restarts whenever something
+        was released or dropped: under steady load some signal is nearly always waiting, and that is no stall.
+        """
         if not waiting:
             self.head_waiting_since = None
-        elif self.head_waiting_since is None:
+        elif progressed or self.head_waiting_since is None:
             self.head_waiting_since = time.monotonic()
 
     def stall(self) -> Optional[str]:

@@ -73,6 +73,20 @@ def test_watchdog_thread_reports_head_of_line_wait_once():
     assert len(reports) == 1 and "oldest layer-0 signal has waited" in reports[0]
 
 
+def test_watchdog_head_clock_restarts_when_the_head_moves(monkeypatch):
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr("fastdeploy_pd_fix.diagnostics.time.monotonic", lambda: next(clock))
+    watchdog = Watchdog(1.0, BatchJournal(queue.Queue(), lambda line: None), lambda: "", lambda text: None)
+    watchdog.note_release_step(progressed=False, waiting=True)
+    assert watchdog.head_waiting_since == 10.0
+    watchdog.note_release_step(progressed=False, waiting=True)  # same head still waiting: the clock keeps running
+    assert watchdog.head_waiting_since == 10.0
+    watchdog.note_release_step(progressed=True, waiting=True)  # a release moved the head: a new wait starts
+    assert watchdog.head_waiting_since == 20.0
+    watchdog.note_release_step(progressed=True, waiting=False)
+    assert watchdog.head_waiting_since is None
+
+
 def test_watchdog_deadline_env(monkeypatch):
     monkeypatch.setenv("FD_PD_FIX_WATCHDOG_S", "2.5")
     assert watchdog_deadline() == 2.5
