@@ -14,7 +14,12 @@ import threading
 import pytest
 
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
-from fastdeploy_pd_fix.standin.fastdeploy._standin.script import REGISTRATION, SIGNAL, ScriptedStreams
+from fastdeploy_pd_fix.standin.fastdeploy._standin.script import (
+    REGISTRATION,
+    SIGNAL,
+    ScriptedStreams,
+    recycled_requests,
+)
 from fastdeploy_pd_fix.standin.harness import all_variants, run_many
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario, validate_scenario
 
@@ -135,6 +140,22 @@ def test_scenarios_are_valid_and_bad_schedules_are_rejected():
         validate_scenario(bad)
     with pytest.raises(ValueError, match="every sig once"):
         validate_scenario(dict(SCENARIOS["s1"], schedules=[["reg0", "reg1"]]))
+
+
+def test_a_recycled_slot_is_registered_only_after_its_previous_request_finished():
+    registrations = [
+        [{"request_id": "A", "slot": 0}, {"request_id": "B", "slot": 1}],
+        [{"request_id": "C", "slot": 0}],
+    ]
+    assert recycled_requests(registrations) == [[], ["A"]]
+    streams = ScriptedStreams()
+    streams.activate([(REGISTRATION, 0), (REGISTRATION, 1)], [], [["r0"], ["r1"]], recycled_requests(registrations))
+    assert streams.next_cache_infos() == ["r0"]
+    assert streams.next_cache_infos() == [], "slot 0 still belongs to A on this rank"
+    streams.note_finished("B")
+    assert streams.next_cache_infos() == []
+    streams.note_finished("A")
+    assert streams.next_cache_infos() == ["r1"]
 
 
 def test_gating_delivers_each_event_after_the_previous_one_is_acknowledged():

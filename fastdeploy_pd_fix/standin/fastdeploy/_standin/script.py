@@ -14,6 +14,10 @@ Event k of a rank's schedule is delivered only after event k-1 was acknowledged:
 without any sleep. Nothing is delivered before :func:`activate`: the engine sends no request before the
 messager has reported its cache ready.
 
+A registration read that gives a slot to a new request is due only once this rank has finished the slot's previous
+request, as the engine recycles a slot only after ``get_finished_req`` reported its request: the messager keys
+tasks by slot, and an earlier store would replace a task its send thread still needs.
+
 ``FD_STANDIN_EXIT_AFTER_BATCHES=R:N`` (tests only, inert unless set) makes rank R die by SIGKILL right after its send
 loop took its N-th batch, before that batch's ``begin_send_cache_barrier``: a rank process lost mid-transfer.
 """
@@ -78,11 +82,19 @@ class ScriptedStreams:
         self._reads = []
         self._next_event = 0
         self._unacknowledged = None  # kind of the event delivered and not yet acknowledged
+        self._recycled_requests = []  # per read: the requests whose slots it hands on (must be finished first)
+        self._finished = set()
 
-    def activate(self, events, signals, reads):
+    def activate(self, events, signals, reads, recycled_requests=None):
         with self._condition:
             self._events, self._signals, self._reads = list(events), signals, reads
+            self._recycled_requests = recycled_requests or [[] for _ in reads]
             self._active = True
+            self._condition.notify_all()
+
+    def note_finished(self, request_id):
+        with self._condition:
+            self._finished.add(request_id)
             self._condition.notify_all()
 
     def next_kv_signal(self, block):
@@ -110,12 +122,16 @@ class ScriptedStreams:
             return copy.deepcopy((self._signals if kind == SIGNAL else self._reads)[index])
 
     def _is_due(self, kind):
-        return (
+        if not (
             self._active
             and self._unacknowledged is None
             and self._next_event < len(self._events)
             and self._events[self._next_event][0] == kind
-        )
+        ):
+            return False
+        if kind == SIGNAL:
+            return True
+        return set(self._recycled_requests[self._events[self._next_event][1]]) <= self._finished
 
 
 class ProgressFile:
@@ -160,6 +176,15 @@ def batches_before_death(rank):
     return after_batches if dying_rank == rank else None
 
 
+def recycled_requests(registrations):
+    """Per registration read: the earlier requests whose slots it hands to a new request."""
+    last_request_of_slot, recycled = {}, []
+    for read in registrations:
+        recycled.append([last_request_of_slot[r["slot"]] for r in read if r["slot"] in last_request_of_slot])
+        last_request_of_slot.update({r["slot"]: r["request_id"] for r in read})
+    return recycled
+
+
 def activate(rank, block_size):
     """Load this rank's scenario, report "ready" and start delivering events. Returns False without a scenario."""
     scenario_path = os.getenv("FD_STANDIN_SCENARIO")
@@ -176,7 +201,8 @@ def activate(rank, block_size):
     _progress.open(os.path.join(os.getenv("FD_STANDIN_OUT", "."), f"rank{rank}.jsonl"), request_ids)
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
-    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads)
+    recycled = recycled_requests(scenario["registrations"])
+    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads, recycled)
     return True
 
 
@@ -200,6 +226,7 @@ def record_batch(batch):
 
 def record_finished(request_id):
     _progress.write("finished", request_id=request_id)
+    _streams.note_finished(request_id)
 
 
 def all_requests_finished():
