@@ -60,35 +60,8 @@ class CacheMessager:
     """The messager of the pre-v1 scheduler. It has neither ``consume_signals`` nor ``_add_cache_task_thread``;
     its transfer path is not modelled, so a scenario run with it never finishes."""
 
-    def __init__(
-        self,
-        splitwise_role,
-        transfer_protocol,
-        pod_ip,
-        engine_worker_queue_port,
-        local_data_parallel_id,
-        gpu_cache_kvs,
-        rank,
-        nranks,
-        num_layers,
-        gpu_id=0,
-        block_size=64,
-        rdma_port=None,
-    ):
+    def __init__(self, splitwise_role, **transfer_settings):
         self.splitwise_role = splitwise_role
-        self.rank = rank
-        self.nranks = nranks
-        self.rank_id = rank + local_data_parallel_id * nranks
-        self.num_layers = num_layers
-        self.gpu_id = gpu_id
-        self.block_size = block_size
-        self.engine_worker_queue = EngineWorkerQueue(
-            address=(pod_ip, engine_worker_queue_port),
-            is_server=False,
-            num_client=nranks,
-            client_id=rank,
-            local_data_parallel_id=local_data_parallel_id,
-        )
 
     def prefill_layerwise_send_cache_thread(self):
         logger.info("CacheMessager (pre-v1): transfer path not modelled by the stand-in, idling")
