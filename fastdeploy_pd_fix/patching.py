@@ -161,7 +161,11 @@ def fastdeploy_version() -> str:
 
 def _function_tree(function) -> ast.FunctionDef:
     source = textwrap.dedent(inspect.getsource(function))
-    return ast.parse(source).body[0]
+    tree = ast.parse(source).body[0]
+    # The source comes from the file on disk: if it changed since the module was compiled, it may not be this method.
+    if not isinstance(tree, ast.FunctionDef) or tree.name != function.__name__:
+        raise ValueError(f"the source on disk of {function.__qualname__} does not match the running code")
+    return tree
 
 
 def _is_self_expression(node: ast.AST) -> bool:
@@ -204,7 +208,7 @@ def analyse_class(cls) -> TargetAnalysis:
         consume_tree = _function_tree(cls.consume_signals)
         register_tree = _function_tree(cls._add_cache_task_thread)
         init_tree = _function_tree(cls.__init__)
-    except (OSError, TypeError, SyntaxError, IndexError) as error:
+    except (OSError, TypeError, SyntaxError, IndexError, ValueError) as error:
         return TargetAnalysis(False, f"source of the methods is not readable ({error})")
 
     names = {node.id for node in ast.walk(consume_tree) if isinstance(node, ast.Name)}

@@ -147,6 +147,13 @@ def test_unrecognised_target_is_left_alone_with_a_reason(cls, reason, caplog):
     assert f"stood aside {cls.__module__}.{cls.__qualname__}" in caplog.text
 
 
+def test_source_on_disk_that_no_longer_matches_the_method_is_not_trusted(monkeypatch):
+    # A file replaced on disk after the module was compiled (an upgrade under a running process) shifts lines.
+    monkeypatch.setattr("fastdeploy_pd_fix.patching.inspect.getsource", lambda function: "x = 1\n")
+    analysis = analyse_class(ThreeArgs)
+    assert not analysis.recognised and "does not match the running code" in analysis.reason
+
+
 def test_patch_is_idempotent_reversible_and_keeps_originals_reachable():
     original = ThreeArgs.consume_signals
     assert patch_class(ThreeArgs, "ordered").decision == "patched"
