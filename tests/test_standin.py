@@ -129,7 +129,9 @@ def test_a_failing_rank_is_an_error_not_a_finish(results):
     result = results["broken"]
     assert result.outcome == "error", describe(result)
     assert "before it was ready" in result.error
-    assert "not-a-number" in result.logs[0]
+    # Every rank has the broken setting; the first one to fail ends the run, and the harness kills the others,
+    # possibly before they print their traceback: the failing rank, whichever it was, shows the reason.
+    assert any("not-a-number" in log for log in result.logs.values()), result.logs
 
 
 def test_scenarios_are_valid_and_bad_schedules_are_rejected():
