@@ -20,6 +20,7 @@ import sys
 SCRIPT_SUFFIX = "fastdeploy/cache_manager/cache_messager.py"
 TARGET_MODULE = "fastdeploy.cache_manager.cache_messager"
 TARGET_CLASS = "CacheMessagerV1"
+ENV_SWITCH = "FD_PD_FIX"
 
 #: What this interpreter's bootstrap did, for ``fastdeploy-pd-fix status`` and the tests.
 state = {"installed": False, "script_hook": False, "import_hook": False, "disabled": False}
@@ -74,7 +75,7 @@ def install() -> None:
         return
     state["installed"] = True
     is_script = is_cache_messager_script(sys.argv)
-    if os.environ.get("FD_PD_FIX", "1").strip() == "0":
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
         state["disabled"] = True
         if is_script:
             print("fastdeploy_pd_fix: disabled by FD_PD_FIX=0; FastDeploy runs unpatched", file=sys.stderr)

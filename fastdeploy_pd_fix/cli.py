@@ -25,19 +25,12 @@ def _bootstrap_line(state) -> str:
 def status(args) -> int:
     """Print what the plugin does in this environment: bootstrap, switches, FastDeploy, target, manifest."""
     from fastdeploy_pd_fix import _bootstrap
-    from fastdeploy_pd_fix.patching import (
-        ENV_SWITCH,
-        MANIFEST,
-        RECORDS,
-        analyse_class,
-        fastdeploy_version,
-        selected_mode,
-    )
+    from fastdeploy_pd_fix.patching import MANIFEST, RECORDS, analyse_class, fastdeploy_version, selected_mode
 
     mode, mode_warning = selected_mode()
     print(f"fastdeploy-pd-fix {__version__}")
     print(f"bootstrap:   {_bootstrap_line(_bootstrap.state)}")
-    print(f"switch:      {ENV_SWITCH}={os.environ.get(ENV_SWITCH, '1')}")
+    print(f"switch:      {_bootstrap.ENV_SWITCH}={os.environ.get(_bootstrap.ENV_SWITCH, '1')}")
     print(f"mode:        {mode}" + (f" ({mode_warning})" if mode_warning else ""))
     try:
         from fastdeploy.cache_manager import cache_messager

@@ -685,10 +685,6 @@ class BarrierRun:
     blocked: List[dict] = field(default_factory=list)  # per rank, where it blocks forever
     mismatched_round: Optional[int] = None  # first finish round whose request ids differ across ranks
 
-    @property
-    def ok(self) -> bool:
-        return not self.deadlocked and self.mismatched_round is None
-
     def to_json(self) -> dict:
         return {
             "deadlocked": self.deadlocked,

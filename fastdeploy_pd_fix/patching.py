@@ -47,16 +47,14 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 from fastdeploy_pd_fix import __version__
+from fastdeploy_pd_fix._bootstrap import TARGET_CLASS
 from fastdeploy_pd_fix.release import MODES, ORDERED
 
 logger = logging.getLogger("fastdeploy_pd_fix")
 
-ENV_SWITCH = "FD_PD_FIX"
 ENV_MODE = "FD_PD_FIX_MODE"
 OBSERVE = "observe"
 PATCH_MODES = MODES + (OBSERVE,)
-TARGET_CLASS = "CacheMessagerV1"
-TARGET_MODULES = ("__main__", "fastdeploy.cache_manager.cache_messager")
 PATCHED_METHODS = ("consume_signals", "_add_cache_task_thread")
 KV_SIGNAL_OP = "get_output_kv_signal"
 #: Name of the module that ``make-patch`` adds to FastDeploy; a release that uses it is already fixed.

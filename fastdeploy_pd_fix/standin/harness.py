@@ -32,7 +32,6 @@ from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_sce
 STANDIN_ROOT = Path(__file__).resolve().parent
 CACHE_MESSAGER_SCRIPT = STANDIN_ROOT / "fastdeploy" / "cache_manager" / "cache_messager.py"
 ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
-OUTCOMES = ("finished", "hang", "error")
 POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)
 
 
