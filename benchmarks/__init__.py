@@ -1,1 +1,1 @@
-"""Benchmarks of the messager hot path and of the send-path barrier cost (``python benchmarks/run.py``)."""
+"""Benchmarks of the messager hot path and of the send-path barrier cost (``python -m benchmarks.run``)."""

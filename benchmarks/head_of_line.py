@@ -1,9 +1,9 @@
 """Head-of-line cost of ordering, in virtual time: how much later ``ordered`` releases a task than ``upstream``.
 
 A discrete event simulation, no sleeps: the workload's timestamped signals and registrations (seeded lognormal
-registration delays) drive :class:`~fastdeploy_pd_fix.release.OrderedRelease` and
-:class:`~fastdeploy_pd_fix.release.UpstreamRelease` event by event, and every released batch is stamped with the time
-of the event that released it.
+registration delays) drive :class:`~fastdeploy_pd_fix.core.release.OrderedRelease` and
+:class:`~fastdeploy_pd_fix.core.release.UpstreamRelease` event by event, and every released batch is stamped with the
+time of the event that released it.
 
 - Wait of a batch: its release time minus its signal's arrival (upstream: the signal of its task).
 - Extra wait of a task: the release time of its signal in ``ordered`` minus the release time of the task in
@@ -25,8 +25,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Sequence, Tuple
 
-from benchmarks.workload import REGISTRATION, SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
-from fastdeploy_pd_fix.release import ORDERED, UPSTREAM
+from benchmarks.workload import SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
+from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
+from fastdeploy_pd_fix.verify.workloads import REGISTRATION_EVENT
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def simulate(workload: Workload) -> Dict:
     for signal, batch in zip(workload.signals, ordered.batches):
         ordered_waits.append(batch.time_ms - signal.time_ms)
         trigger = batch.trigger
-        blocker = trigger.request if trigger.kind == REGISTRATION else None
+        blocker = trigger.request if trigger.kind == REGISTRATION_EVENT else None
         for (_, prefilled_token_num), owner in zip(signal.tasks, signal.owners):
             extra.append(batch.time_ms - upstream_released[(owner, prefilled_token_num)])
             blocking.append(blocker.registration_delay_ms if blocker else 0.0)

@@ -1,4 +1,4 @@
-"""Run every benchmark side by side: ``python benchmarks/run.py [--quick]``.
+"""Run every benchmark side by side: ``python -m benchmarks.run [--quick]`` from the repository root.
 
 Prints one table per benchmark, writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (when matplotlib is
 installed), and prints a one-line JSON summary as the last line of stdout. ``--quick`` runs in seconds (the CI
@@ -22,13 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # Rank processes re-import this script as their main module: keep its imports light (no numpy, no paddle here).
-from benchmarks.barrier_rounds import BarrierConfig  # noqa: E402
-from benchmarks.head_of_line import HolConfig  # noqa: E402
-from benchmarks.workload import WorkloadSpec  # noqa: E402
+from benchmarks.barrier_rounds import BarrierConfig
+from benchmarks.head_of_line import HolConfig
+from benchmarks.workload import WorkloadSpec
 
 HERE = Path(__file__).resolve().parent
 PARSE_GOAL_SPEEDUP_64 = 50.0

@@ -9,7 +9,9 @@ keeps a slot until its transfer is done, and the transfer needs the registration
 therefore arrive in scheduling order, as they do in FastDeploy.
 
 :func:`drive_release` feeds the merged, time-ordered streams to the real release policies of
-:mod:`fastdeploy_pd_fix.release`, exactly as one rank's two threads would, and records what each event released.
+:mod:`fastdeploy_pd_fix.core.release` through the one-rank driver the explorer uses
+(:func:`fastdeploy_pd_fix.verify.workloads.drive`, ``idx_cache_task_dict`` as FastDeploy's plain dict), exactly as
+one rank's two threads would, and records what each event released.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.release import Batch, Registration, Task, make_release
-
-SIGNAL = "sig"
-REGISTRATION = "reg"
+from fastdeploy_pd_fix.core.release import Batch, Registration, Task, make_release
+from fastdeploy_pd_fix.verify import workloads as verify_workloads
+from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, RequestSpec, drive
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,11 @@ class Request:
     def registered_ms(self) -> float:
         return self.scheduled_ms + self.registration_delay_ms
 
+    def spec(self) -> RequestSpec:
+        return RequestSpec(self.request_id, self.slot, self.chunk_ends)
+
     def registration(self) -> Registration:
-        return Registration(self.slot, self.request_id, self.need_prefill_tokens)
+        return self.spec().registration()
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class Signal:
 @dataclass(frozen=True)
 class Event:
     time_ms: float
-    kind: str  # SIGNAL or REGISTRATION
+    kind: str  # SIGNAL_EVENT or REGISTRATION_EVENT
     signal: Optional[Signal] = None
     request: Optional[Request] = None
 
@@ -76,14 +80,23 @@ class Workload:
     def events(self) -> List[Event]:
         """Both streams merged by time; at equal times a registration comes first, then stream order."""
         keyed = [
-            ((request.registered_ms, 0, index), Event(request.registered_ms, REGISTRATION, request=request))
+            ((request.registered_ms, 0, index), Event(request.registered_ms, REGISTRATION_EVENT, request=request))
             for index, request in enumerate(self.requests)
         ]
         keyed += [
-            ((signal.time_ms, 1, signal.index), Event(signal.time_ms, SIGNAL, signal=signal))
+            ((signal.time_ms, 1, signal.index), Event(signal.time_ms, SIGNAL_EVENT, signal=signal))
             for signal in self.signals
         ]
         return [event for _, event in sorted(keyed, key=lambda item: item[0])]
+
+    def streams(self, events: List[Event]) -> verify_workloads.Workload:
+        """The two streams as the explorer's workloads hold them, registrations in the order of ``events``."""
+        return verify_workloads.Workload(
+            requests=tuple(request.spec() for request in self.requests),
+            signals=tuple(signal.tasks for signal in self.signals),
+            origins=tuple(signal.owners for signal in self.signals),
+            registrations=tuple(event.request.registration() for event in events if event.kind == REGISTRATION_EVENT),
+        )
 
 
 @dataclass(frozen=True)
@@ -194,20 +207,11 @@ class ReleaseTrace:
 
 def drive_release(mode: str, workload: Workload) -> ReleaseTrace:
     """Feed the time-ordered streams to a fresh release policy, as one rank's two threads would."""
-    policy = make_release(mode)
-    registered: Dict[int, int] = {}  # idx_cache_task_dict as slot -> need_prefill_tokens (what upstream reads)
+    events = workload.events()
+    driven = drive(make_release(mode), workload.streams(events), [event.kind for event in events], slot_model=DICT)
     batches: List[ReleasedBatch] = []
     drops: list = []
-    for event in workload.events():
-        if event.kind == REGISTRATION:
-            registered[event.request.slot] = event.request.need_prefill_tokens
-            released = policy.add_registration(event.request.registration(), registered)
-        else:
-            released = policy.add_signal(event.signal.tasks, registered)
-        for batch in released.batches:
-            batches.append(ReleasedBatch(event.time_ms, batch, event))
-            for slot, prefilled_token_num in batch:
-                if registered.get(slot) == prefilled_token_num:
-                    del registered[slot]  # the send thread cleans a finished task up
-        drops.extend(released.drops)
+    for event, step in zip(events, driven):
+        batches.extend(ReleasedBatch(event.time_ms, batch, event) for batch in step.released.batches)
+        drops.extend(step.released.drops)
     return ReleaseTrace(mode, batches, drops)

@@ -1,7 +1,8 @@
 """Start-up hook run from ``fastdeploy_pd_fix.pth`` in every interpreter of the environment (as coverage.py does).
 
-It must be cheap and must never fail the interpreter: it only reads the environment and ``sys.argv`` and, where
-FastDeploy can be involved, installs one of two hooks:
+It must be cheap and must never fail the interpreter: at import it loads only :mod:`fastdeploy_pd_fix.config` and
+:mod:`fastdeploy_pd_fix.target` (the plugin itself is imported when there is something to patch), reads the
+environment and ``sys.argv`` and, where FastDeploy can be involved, installs one of two hooks:
 
 * FastDeploy runs the cache messager as a script (``python .../fastdeploy/cache_manager/cache_messager.py``), so
   its classes are built in ``__main__`` and no import hook ever sees them. In that process only, we wrap
@@ -17,10 +18,8 @@ import builtins
 import os
 import sys
 
-SCRIPT_SUFFIX = "fastdeploy/cache_manager/cache_messager.py"
-TARGET_MODULE = "fastdeploy.cache_manager.cache_messager"
-TARGET_CLASS = "CacheMessagerV1"
-ENV_SWITCH = "FD_PD_FIX"
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS, TARGET_MODULE
 
 #: What this interpreter's bootstrap did, for ``fastdeploy-pd-fix status`` and the tests.
 state = {"installed": False, "script_hook": False, "import_hook": False, "disabled": False}
@@ -28,7 +27,7 @@ _original_build_class = builtins.__build_class__
 
 
 def is_cache_messager_script(argv) -> bool:
-    return bool(argv) and str(argv[0]).replace(os.sep, "/").endswith(SCRIPT_SUFFIX)
+    return bool(argv) and str(argv[0]).replace(os.sep, "/").endswith(SCRIPT_PATH)
 
 
 def _build_class_and_patch(func, name, *bases, **kwargs):
@@ -38,7 +37,7 @@ def _build_class_and_patch(func, name, *bases, **kwargs):
         state["script_hook"] = False
         try:
             _configure_logging()
-            from fastdeploy_pd_fix.patching import patch_class
+            from fastdeploy_pd_fix.plugin.patching import patch_class
 
             patch_class(cls)
         except Exception as error:  # never break the cache messager because of the plugin
@@ -49,7 +48,7 @@ def _build_class_and_patch(func, name, *bases, **kwargs):
 def _patch_imported_module(module) -> None:
     try:
         _configure_logging()
-        from fastdeploy_pd_fix.patching import patch_module
+        from fastdeploy_pd_fix.plugin.patching import patch_module
 
         patch_module(module)
     except Exception as error:
@@ -75,7 +74,7 @@ def install() -> None:
         return
     state["installed"] = True
     is_script = is_cache_messager_script(sys.argv)
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if config.switched_off():
         state["disabled"] = True
         if is_script:
             print("fastdeploy_pd_fix: disabled by FD_PD_FIX=0; FastDeploy runs unpatched", file=sys.stderr)

@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.standin import STANDIN_ROOT
+from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario
+from fastdeploy_pd_fix.target import SCRIPT_PATH
 
-STANDIN_ROOT = Path(__file__).resolve().parent
-CACHE_MESSAGER_SCRIPT = STANDIN_ROOT / "fastdeploy" / "cache_manager" / "cache_messager.py"
 ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
 POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)
 
@@ -114,8 +116,8 @@ def _rank_environment(
     run_env["PYTHONPATH"] = os.pathsep.join(part for part in (str(standin_root), python_path) if part)
     run_env.update(variant_env)
     run_env["FD_LOG_DIR"] = str(log_dir)
-    run_env["FD_STANDIN_OUT"] = str(out_dir)
-    run_env["FD_STANDIN_SCENARIO"] = str(scenario_path)
+    run_env[contract.ENV_OUT] = str(out_dir)
+    run_env[contract.ENV_SCENARIO] = str(scenario_path)
     return run_env
 
 
@@ -181,6 +183,7 @@ def run_scenario(
     release: str = "7872",
     with_7724: bool = False,
     op_args: int = 3,
+    mode: Optional[str] = None,
     env: Optional[dict] = None,
     nranks: int = 2,
     deadline_s: float = 3.0,
@@ -191,7 +194,9 @@ def run_scenario(
     watch_survivors: bool = False,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
-    stand-in release variant. ``env`` is added to each rank's environment as is (e.g. ``{"FD_PD_FIX": "0"}``).
+    stand-in release variant. ``mode`` (one of :data:`config.RUN_MODES`, e.g. :data:`config.OFF`) sets the
+    plugin's switches in each rank's environment (default: as inherited); ``env`` is added to it as is (e.g.
+    ``{"FD_PD_FIX_WATCHDOG_S": "1"}``).
     ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise.
     ``standin_root``: the directory holding the ``fastdeploy`` package the ranks run (put first on ``PYTHONPATH``,
     its ``fastdeploy/cache_manager/cache_messager.py`` launched), e.g. a patched checkout; default the built-in
@@ -207,9 +212,9 @@ def run_scenario(
         raise ValueError("nranks must be >= 1")
     variant = {"release": release, "with_7724": bool(with_7724), "op_args": op_args, "nranks": nranks}
     variant_env = {
-        "FD_STANDIN_RELEASE": release,
-        "FD_STANDIN_7724": "1" if with_7724 else "0",
-        "FD_STANDIN_OP_ARGS": str(op_args),
+        contract.ENV_RELEASE: release,
+        contract.ENV_WITH_7724: "1" if with_7724 else "0",
+        contract.ENV_OP_ARGS: str(op_args),
     }
     if workdir is None:
         run_dir, keep = Path(tempfile.mkdtemp(prefix="fd-standin-")), False
@@ -224,8 +229,11 @@ def run_scenario(
     scenario_path.write_text(json.dumps(scenario, indent=1), encoding="utf-8")
     engine_record = out_dir / "engine.jsonl"
     standin_root = STANDIN_ROOT if standin_root is None else Path(standin_root).resolve()
-    cache_messager_script = standin_root / CACHE_MESSAGER_SCRIPT.relative_to(STANDIN_ROOT)
-    run_env = _rank_environment(env, variant_env, log_dir, out_dir, scenario_path, standin_root)
+    cache_messager_script = standin_root / SCRIPT_PATH
+    plugin_env = {} if mode is None else config.environment_for(mode)
+    run_env = _rank_environment(
+        {**plugin_env, **(env or {})}, variant_env, log_dir, out_dir, scenario_path, standin_root
+    )
 
     engine = None
     ranks: Dict[int, subprocess.Popen] = {}
@@ -340,6 +348,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nranks", type=int, default=2)
     parser.add_argument("--deadline", type=float, default=3.0, help="seconds after ready before calling a hang")
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--mode", choices=config.RUN_MODES, help="plugin mode of the ranks (default: as inherited)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra rank environment")
     parser.add_argument("--workdir", help="keep every run's files under this directory")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each rank's logs")
@@ -349,8 +358,9 @@ def main(argv=None) -> int:
         variants = [{"release": args.release, "with_7724": args.with_7724, "op_args": args.op_args}]
     else:
         variants = all_variants()
+    common = dict(mode=args.mode, env=env, nranks=args.nranks, deadline_s=args.deadline, workdir=args.workdir)
     runs = [
-        dict(scenario=name, env=env, nranks=args.nranks, deadline_s=args.deadline, workdir=args.workdir, **variant)
+        dict(scenario=name, **common, **variant)
         for name in (args.scenarios or list(SCENARIOS))
         for variant in variants
     ]

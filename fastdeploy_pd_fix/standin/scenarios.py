@@ -12,10 +12,10 @@ Every rank must see every event once and each stream in its own order; :func:`va
 """
 
 import copy
-import re
 
-RELEASES = ("pre7872", "7872", "8034")
-_EVENT_TOKEN = re.compile(r"^(sig|reg)(\d+)$")
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import RELEASES, parse_event
+
+__all__ = ["RELEASES", "SCENARIOS", "parse_event", "resolve_scenario", "validate_scenario"]
 
 
 def _request(request_id, slot, need_prefill_tokens):
@@ -67,14 +67,6 @@ SCENARIOS = {
         ),
     },
 }
-
-
-def parse_event(token):
-    """``"sig3"`` -> ``("sig", 3)``."""
-    match = _EVENT_TOKEN.match(str(token))
-    if match is None:
-        raise ValueError(f"bad schedule event {token!r}: expected sig<N> or reg<N>")
-    return match.group(1), int(match.group(2))
 
 
 def validate_scenario(scenario):

@@ -26,27 +26,16 @@ import copy
 import json
 import logging
 import os
-import re
 import signal
 import threading
 
-SIGNAL = "sig"
-REGISTRATION = "reg"
-EXIT_AFTER_BATCHES = "FD_STANDIN_EXIT_AFTER_BATCHES"
+from .contract import ENV_EXIT_AFTER_BATCHES, ENV_OUT, ENV_SCENARIO, REGISTRATION, SIGNAL, parse_event
+
 #: How long a non-blocking read waits for its event before reporting "nothing" (keeps polling loops cool).
 NON_BLOCKING_WAIT_S = 0.005
-_EVENT_TOKEN = re.compile(r"^(sig|reg)(\d+)$")
 
 # The cache messager's logger; its main() re-targets it to cache_messager_rank{R}.log.
 logger = logging.getLogger("cache_messager")
-
-
-def parse_event(token):
-    """``"sig3"`` -> ``("sig", 3)``."""
-    match = _EVENT_TOKEN.match(str(token))
-    if match is None:
-        raise ValueError(f"bad schedule event {token!r}: expected sig<N> or reg<N>")
-    return match.group(1), int(match.group(2))
 
 
 def schedule_of_rank(scenario, rank):
@@ -169,7 +158,7 @@ _death = {"after_batches": None, "taken": 0}  # this rank's FD_STANDIN_EXIT_AFTE
 
 def batches_before_death(rank):
     """N when ``FD_STANDIN_EXIT_AFTER_BATCHES=R:N`` names this rank, else None."""
-    value = os.getenv(EXIT_AFTER_BATCHES, "").strip()
+    value = os.getenv(ENV_EXIT_AFTER_BATCHES, "").strip()
     if not value:
         return None
     dying_rank, after_batches = (int(part) for part in value.split(":"))
@@ -187,9 +176,9 @@ def recycled_requests(registrations):
 
 def activate(rank, block_size):
     """Load this rank's scenario, report "ready" and start delivering events. Returns False without a scenario."""
-    scenario_path = os.getenv("FD_STANDIN_SCENARIO")
+    scenario_path = os.getenv(ENV_SCENARIO)
     if not scenario_path:
-        logger.info("standin: FD_STANDIN_SCENARIO not set, no kv signal or cache info will arrive")
+        logger.info(f"standin: {ENV_SCENARIO} not set, no kv signal or cache info will arrive")
         return False
     with open(scenario_path, encoding="utf-8") as scenario_file:
         scenario = json.load(scenario_file)
@@ -198,7 +187,7 @@ def activate(rank, block_size):
         [part for request in read for part in cache_info_parts(request, block_size)]
         for read in scenario["registrations"]
     ]
-    _progress.open(os.path.join(os.getenv("FD_STANDIN_OUT", "."), f"rank{rank}.jsonl"), request_ids)
+    _progress.open(os.path.join(os.getenv(ENV_OUT, "."), f"rank{rank}.jsonl"), request_ids)
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
     recycled = recycled_requests(scenario["registrations"])
@@ -220,7 +209,7 @@ def record_batch(batch):
     _death["taken"] += 1
     if _death["taken"] == _death["after_batches"]:
         _progress.write("dying", batches=_death["taken"])
-        logger.warning(f"standin: {EXIT_AFTER_BATCHES}: killing this rank after {_death['taken']} batches")
+        logger.warning(f"standin: {ENV_EXIT_AFTER_BATCHES}: killing this rank after {_death['taken']} batches")
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -8,7 +8,7 @@ with #7724 (no finish_add_cache_task report/barrier; the send loop waits for reg
 
 import os
 
-RELEASES = ("pre7872", "7872", "8034")
+from .contract import ENV_OP_ARGS, ENV_RELEASE, ENV_WITH_7724, RELEASES
 
 
 def _read_choice(name, default, choices):
@@ -18,6 +18,6 @@ def _read_choice(name, default, choices):
     return value
 
 
-RELEASE = _read_choice("FD_STANDIN_RELEASE", "7872", RELEASES)
-WITH_7724 = _read_choice("FD_STANDIN_7724", "0", ("0", "1")) == "1"
-KV_SIGNAL_OP_ARGS = int(_read_choice("FD_STANDIN_OP_ARGS", "3", ("3", "4")))
+RELEASE = _read_choice(ENV_RELEASE, "7872", RELEASES)
+WITH_7724 = _read_choice(ENV_WITH_7724, "0", ("0", "1")) == "1"
+KV_SIGNAL_OP_ARGS = int(_read_choice(ENV_OP_ARGS, "3", ("3", "4")))

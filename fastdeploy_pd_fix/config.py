@@ -1,0 +1,95 @@
+"""Every ``FD_PD_FIX*`` environment variable, read and validated here and nowhere else.
+
+Each reader takes the environment as an argument (``os.environ`` by default) and returns the value it understood
+and, where the variable held something it did not understand, the warning to log: a bad value never raises.
+
+The start-up hook imports this module in every interpreter, so it imports nothing the interpreter has not already
+loaded at start-up (``os``, ``collections``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+
+ENV_SWITCH = "FD_PD_FIX"
+ENV_MODE = "FD_PD_FIX_MODE"
+ENV_WATCHDOG = "FD_PD_FIX_WATCHDOG_S"
+ENV_INJECT = "FD_PD_FIX_INJECT"
+
+# Plugin modes: the two release policies of core/release.py, and observe (FastDeploy's own release, watched).
+ORDERED = "ordered"
+UPSTREAM = "upstream"
+OBSERVE = "observe"
+PLUGIN_MODES = (ORDERED, UPSTREAM, OBSERVE)
+DEFAULT_MODE = ORDERED
+
+INJECTION_STAGES = ("registration", "signal")
+MAX_INJECTED_DELAY_MS = 3_600_000
+
+#: Delay ``stage`` (one of :data:`INJECTION_STAGES`) on tensor-parallel rank ``rank`` by ``delay_s`` per event.
+Injection = namedtuple("Injection", "stage rank delay_s")
+
+
+def switched_off(environ=os.environ) -> bool:
+    """``FD_PD_FIX=0``: the plugin imports and patches nothing."""
+    return environ.get(ENV_SWITCH, "1").strip() == "0"
+
+
+def switch_value(environ=os.environ) -> str:
+    return environ.get(ENV_SWITCH, "1")
+
+
+def selected_mode(environ=os.environ):
+    """``(mode, warning)`` from ``FD_PD_FIX_MODE``; an unknown value falls back to the default with a warning."""
+    value = environ.get(ENV_MODE, DEFAULT_MODE).strip().lower() or DEFAULT_MODE
+    if value in PLUGIN_MODES:
+        return value, None
+    return DEFAULT_MODE, f"{ENV_MODE}={value!r} is not one of {', '.join(PLUGIN_MODES)}; using {DEFAULT_MODE}"
+
+
+def watchdog_deadline(environ=os.environ):
+    """``FD_PD_FIX_WATCHDOG_S`` as seconds, or None when unset or not a positive number."""
+    value = environ.get(ENV_WATCHDOG, "").strip()
+    try:
+        deadline = float(value) if value else None
+    except ValueError:
+        return None
+    return deadline if deadline and deadline > 0 else None
+
+
+def parse_injection(value: str):
+    """Parse ``registration:rank=1:delay_ms=500,signal:rank=0:delay_ms=20``: ``(injections, problems)``."""
+    injections, problems = [], []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        stage, *fields = item.split(":")
+        options = dict(field.split("=", 1) for field in fields if "=" in field)
+        try:
+            if stage not in INJECTION_STAGES:
+                raise ValueError(f"unknown stage {stage!r}")
+            delay_ms = float(options["delay_ms"])
+            if not 0 <= delay_ms <= MAX_INJECTED_DELAY_MS:  # also false for nan; time.sleep would raise later
+                raise ValueError(f"delay_ms {options['delay_ms']!r} not in [0, {MAX_INJECTED_DELAY_MS}]")
+            injections.append(Injection(stage, int(options["rank"]), delay_ms / 1000.0))
+        except (KeyError, ValueError) as error:
+            problems.append(f"{ENV_INJECT} item {item!r} ignored: {error!r}")
+    return injections, problems
+
+
+def injections(environ=os.environ):
+    """``FD_PD_FIX_INJECT`` parsed: ``(injections, problems)``."""
+    return parse_injection(environ.get(ENV_INJECT, ""))
+
+
+#: The plugin switched off (``FD_PD_FIX=0``): FastDeploy as released. Demo, stress and harness columns use it.
+OFF = "off"
+RUN_MODES = (OFF,) + PLUGIN_MODES
+
+
+def environment_for(mode: str) -> dict:
+    """The environment variables that run a cache messager in ``mode`` (one of :data:`RUN_MODES`)."""
+    if mode == OFF:
+        return {ENV_SWITCH: "0"}
+    if mode not in PLUGIN_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(RUN_MODES)}")
+    return {ENV_MODE: mode}

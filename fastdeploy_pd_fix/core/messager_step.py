@@ -1,0 +1,210 @@
+"""The engine-facing step of the prefill cache messager: kv signal in, progress recorded, batches out.
+
+One copy of every rule that touches FastDeploy's objects, shared by the plugin (which patches it into a running
+``CacheMessagerV1``) and by the fix carried into FastDeploy itself (``make-patch`` copies this package verbatim):
+
+* :meth:`MessagerStep.handle_buffer`: parse one kv signal buffer, record each task's progress in
+  ``engine_cache_tasks`` under ``engine_cache_task_thread_lock`` (as upstream does), hand layer-0 tasks to the
+  release policy and put what it releases into ``cache_prefilled_engine_ids_queue``.
+* :meth:`MessagerStep.handle_registration`: turn a task just stored in ``idx_cache_task_dict`` into a
+  :class:`~.release.Registration` and release what became ready.
+* :class:`BatchJournal`: every queued batch is logged as ``queued batch #N [...] seq_hash=H``, a rolling
+  fingerprint equal on every rank until their sequences diverge (``fastdeploy-pd-fix diagnose`` reads it).
+* :func:`consume_signals_forever`: the loop of the replacement ``consume_signals``; no input ends it.
+
+Standard library and numpy only: no paddle (the caller reads the op's buffer into numpy), no FastDeploy import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Callable, Optional
+
+from .kv_signal import parse_kv_signal
+from .release import Registration, Released, ReleasePolicy, make_release
+
+#: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
+NO_SIGNAL_BACKOFF_S = 0.001
+#: Pause after an unexpected error, so that a persistent fault does not flood the log.
+ERROR_BACKOFF_S = 0.01
+#: How many queued batches the journal keeps for reports.
+RECENT_BATCHES = 32
+#: The messager attribute :func:`step_for` keeps the messager's step in.
+STEP_ATTRIBUTE = "_layer0_release_step"
+#: One journal line; ``diagnose`` finds it after any prefix (logger format, ``fastdeploy_pd_fix:``).
+QUEUED_LINE = re.compile(r"queued batch #(?P<number>\d+) (?P<batch>\[.*?\]) seq_hash=(?P<hash>[0-9a-f]+)")
+
+
+def next_sequence_hash(previous: str, batch) -> str:
+    """Rolling fingerprint of a batch sequence (8 hex digits)."""
+    return hashlib.blake2b(f"{previous}{[tuple(task) for task in batch]}".encode(), digest_size=4).hexdigest()
+
+
+class BatchJournal:
+    """Numbers and fingerprints the batches one messager queues, and logs each as a :data:`QUEUED_LINE`."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str = ""):
+        self.log = log
+        self.prefix = prefix
+        self.lock = threading.Lock()
+        self.recent: deque = deque(maxlen=RECENT_BATCHES)
+        self.queued = 0
+        self.sequence_hash = ""
+
+    def record(self, batch) -> None:
+        with self.lock:
+            self.queued += 1
+            self.sequence_hash = next_sequence_hash(self.sequence_hash, batch)
+            self.recent.append((self.queued, list(batch), self.sequence_hash))
+            line = f"{self.prefix}queued batch #{self.queued} {list(batch)} seq_hash={self.sequence_hash}"
+        self.log(line)
+
+
+def integral(value) -> int:
+    """``value`` as an int if it is an integral number (``3``, ``numpy.int64(3)``, ``3.0``), else an error.
+
+    ``int()`` alone would turn ``"3"`` into slot 3 although the engine stored the task under the key ``"3"``, and
+    ``4.5`` into 4 tokens."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{value!r} is not a number")
+    number = int(value)
+    if number != value:
+        raise ValueError(f"{value!r} is not an integral number")
+    return number
+
+
+def registration_from_task(slot, task) -> Registration:
+    """The registration a task stored as ``idx_cache_task_dict[slot] = task`` stands for; ValueError/TypeError/
+    KeyError when the task is malformed."""
+    return Registration(integral(slot), str(task["request_id"]), integral(task["need_prefill_tokens"]))
+
+
+class RegisteredNeeds(Mapping):
+    """Live read-only view of a messager's ``idx_cache_task_dict`` as slot -> ``need_prefill_tokens``.
+
+    It reads the attribute on every access, so it stays right when the dict object is replaced."""
+
+    def __init__(self, messager):
+        self._messager = messager
+
+    def __getitem__(self, slot):
+        return int(self._messager.idx_cache_task_dict[slot]["need_prefill_tokens"])
+
+    def __contains__(self, slot):
+        return slot in self._messager.idx_cache_task_dict
+
+    def __iter__(self):
+        return iter(list(self._messager.idx_cache_task_dict))
+
+    def __len__(self):
+        return len(self._messager.idx_cache_task_dict)
+
+
+class MessagerStep:
+    """One messager's release state and what each of its two prefill threads does with a new input.
+
+    ``before_layer0`` runs before a layer-0 signal reaches the policy (fault injection), ``after_release`` after
+    every release step with what it released (the watchdog). Neither is needed in FastDeploy itself.
+    """
+
+    def __init__(
+        self,
+        messager,
+        policy: ReleasePolicy,
+        logger,
+        log_prefix: str,
+        before_layer0: Optional[Callable[[], None]] = None,
+        after_release: Optional[Callable[[Released], None]] = None,
+    ):
+        self.messager = messager
+        self.policy = policy
+        self.logger = logger
+        self.log_prefix = log_prefix
+        # Our own lock: the registration thread may already hold engine_cache_task_thread_lock when it stores a task.
+        self.lock = threading.Lock()
+        self.journal = BatchJournal(logger.info, log_prefix)
+        self.registered = RegisteredNeeds(messager)
+        self.before_layer0 = before_layer0
+        self.after_release = after_release
+
+    def handle_buffer(self, values) -> bool:
+        """Handle one kv signal buffer (as numpy); False when it held no signal and no problem (back off then)."""
+        engine_cache_tasks = self.messager.engine_cache_tasks
+        parsed = parse_kv_signal(values, num_slots=len(engine_cache_tasks))
+        for problem in parsed.problems:
+            self.logger.warning(f"{self.log_prefix}malformed kv signal: {problem}")
+        signal = parsed.signal
+        if signal is None:
+            return bool(parsed.problems)
+        with self.messager.engine_cache_task_thread_lock:
+            for slot, prefilled_token_num in signal.tasks:
+                engine_cache_tasks[slot]["prefilled_layer_idx"] = signal.layer
+                engine_cache_tasks[slot]["prefilled_token_num"] = prefilled_token_num
+        if signal.layer == 0 and signal.tasks:
+            if self.before_layer0 is not None:
+                self.before_layer0()
+            with self.lock:
+                self.publish(self.policy.add_signal(signal.tasks, self.registered), "kv signal")
+        return True
+
+    def handle_registration(self, slot, task) -> None:
+        """Called right after ``idx_cache_task_dict[slot] = task``; never raises (the registration loop goes on)."""
+        try:
+            registration = registration_from_task(slot, task)
+        except Exception as error:
+            self.logger.error(f"{self.log_prefix}registration for slot {slot!r} ignored, malformed task: {error!r}")
+            return
+        try:
+            with self.lock:
+                self.publish(self.policy.add_registration(registration, self.registered), "registration")
+        except Exception:
+            self.logger.exception(f"{self.log_prefix}failed to handle registration of slot {slot}")
+
+    def publish(self, released: Released, source: str) -> None:
+        """Log what was ignored or dropped, then journal and queue each batch in order (caller holds the lock)."""
+        for reason in released.ignored:
+            self.logger.warning(f"{self.log_prefix}{reason}")
+        for drop in released.drops:
+            self.logger.warning(
+                f"{self.log_prefix}dropped layer-0 task slot={drop.slot} "
+                f"prefilled_token_num={drop.prefilled_token_num} from {source}: {drop.reason}"
+            )
+        for batch in released.batches:
+            self.journal.record(batch)
+            self.messager.cache_prefilled_engine_ids_queue.put(list(batch))
+        if self.after_release is not None:
+            self.after_release(released)
+
+
+def make_step(messager, mode: str, logger, log_prefix: str, **hooks) -> MessagerStep:
+    """A :class:`MessagerStep` for ``messager`` with a fresh ``mode`` release policy."""
+    return MessagerStep(messager, make_release(mode), logger, log_prefix, **hooks)
+
+
+def step_for(messager, mode: str, logger, log_prefix: str = "layer0_release: ") -> MessagerStep:
+    """The messager's step, created on first use by whichever of its two threads comes first.
+
+    ``dict.setdefault`` is atomic: both threads get the same step, a racing thread's spare one is dropped."""
+    state = vars(messager).get(STEP_ATTRIBUTE)
+    if state is None:
+        state = vars(messager).setdefault(STEP_ATTRIBUTE, make_step(messager, mode, logger, log_prefix))
+    return state
+
+
+def consume_signals_forever(
+    step: MessagerStep, read_signal: Callable[[], object], sleep: Callable[[float], None] = time.sleep
+) -> None:
+    """Read one kv signal buffer after another (``read_signal`` calls the op and returns the buffer as numpy) and
+    hand each to ``step``. An error is logged and the loop goes on: a dead ``consume_signals`` hangs the engine."""
+    while True:
+        try:
+            if not step.handle_buffer(read_signal()):
+                sleep(NO_SIGNAL_BACKOFF_S)
+        except Exception:
+            step.logger.exception(f"{step.log_prefix}error in consume_signals; continuing")
+            sleep(ERROR_BACKOFF_S)

@@ -1,0 +1,170 @@
+"""The patched methods of ``CacheMessagerV1`` and the per-messager state they share.
+
+Thin adapters: every rule that touches FastDeploy's objects is in :mod:`fastdeploy_pd_fix.core.messager_step`
+(the same code a FastDeploy with the upstreamed fix runs). This module only
+
+* activates the plugin once per messager instance (:func:`activate`), or stands aside for that instance, with a
+  warning, when it lacks what the step needs;
+* connects the instance to a :class:`~fastdeploy_pd_fix.core.messager_step.MessagerStep`: the kv-signal op call of
+  the running release (its arguments from :class:`fastdeploy_pd_fix.analysis.OpArgument`, no ``eval``) and the
+  registrations stored into ``idx_cache_task_dict``;
+* adds queue observation, the watchdog and fault injection (:mod:`.observe`, :mod:`.inject`), also in observe
+  mode, where the running release's own methods run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import sys
+import threading
+import time
+
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH
+from fastdeploy_pd_fix.core.messager_step import BatchJournal, consume_signals_forever, make_step
+from fastdeploy_pd_fix.core.release import RELEASE_MODES
+from fastdeploy_pd_fix.plugin import LOG_PREFIX
+from fastdeploy_pd_fix.plugin.inject import apply_injections
+from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
+from fastdeploy_pd_fix.target import KV_SIGNAL_OP, USED_ATTRIBUTES
+
+#: The per-instance attribute holding the messager's :class:`MessagerRuntime` (None: stood aside).
+RUNTIME_ATTRIBUTE = "_fd_pd_fix_runtime"
+
+fallback_logger = logging.getLogger("fastdeploy_pd_fix")
+activation_lock = threading.Lock()
+
+
+def messager_logger(messager) -> logging.Logger:
+    """The cache messager's own logger (``cache_messager_rank{R}.log``) when its module has one."""
+    module_logger = getattr(sys.modules.get(type(messager).__module__), "logger", None)
+    return module_logger if hasattr(module_logger, "warning") else fallback_logger
+
+
+class RegistrationObservingDict(dict):
+    """``idx_cache_task_dict`` that reports every stored task, after storing it, to the messager step."""
+
+    def __init__(self, tasks: dict, on_store):
+        super().__init__(tasks)
+        self._on_store = on_store
+
+    def __setitem__(self, slot, task):
+        super().__setitem__(slot, task)
+        self._on_store(slot, task)
+
+
+class MessagerRuntime:
+    """One messager's patch state: its step (None in observe mode), queue observer, watchdog and op call."""
+
+    def __init__(self, messager, mode: str, op, op_arguments: tuple, logger):
+        self.messager = messager
+        self.mode = mode
+        self.op = op
+        self.op_arguments = op_arguments
+        self.logger = logger
+        self.rank = getattr(messager, "rank", None)
+        before_layer0 = apply_injections(messager, mode, self.rank, logger)
+        deadline = config.watchdog_deadline()
+        self.step = None
+        if mode in RELEASE_MODES:
+            after_release = self.note_release if deadline else None
+            self.step = make_step(
+                messager, mode, logger, LOG_PREFIX, before_layer0=before_layer0, after_release=after_release
+            )
+        journal = BatchJournal(logger.info, LOG_PREFIX) if self.step is None else self.step.journal
+        self.observer = QueueObserver(
+            messager.cache_prefilled_engine_ids_queue, journal, journal_puts=self.step is None
+        )
+        self.watchdog = Watchdog(deadline, self.observer, self.describe_state, logger.error) if deadline else None
+        if self.step is not None:
+            messager.idx_cache_task_dict = RegistrationObservingDict(
+                messager.idx_cache_task_dict, self.step.handle_registration
+            )
+        if self.watchdog:
+            self.watchdog.start()
+
+    def note_release(self, released) -> None:
+        """After every release step: tell the watchdog whether the oldest signal moved and whether one waits."""
+        self.watchdog.note_release_step(bool(released.batches or released.drops), self.step.policy.has_waiting())
+
+    def describe_state(self) -> str:
+        policy = self.step.policy if self.step else None
+        waiting = policy.waiting_signals() if policy else "n/a (observe mode)"
+        registrations = policy.open_registrations() if policy else "n/a (observe mode)"
+        return (
+            f"mode={self.mode} rank={self.rank}\nwaiting layer-0 signals: {waiting}\n"
+            f"open registrations per slot: {registrations}\n"
+            f"idx_cache_task_dict slots: {sorted(self.messager.idx_cache_task_dict)}"
+        )
+
+    def consume_signals(self) -> None:
+        """The replacement ``consume_signals``: the running release's op call, each buffer handed to the step."""
+        import paddle
+
+        paddle.device.set_device("cpu")
+        buffer = paddle.full([KV_SIGNAL_LENGTH], -1, dtype="int32")
+
+        def read_signal():
+            self.op(buffer, *self.op_arguments)
+            return buffer.numpy()
+
+        # time.sleep looked up now rather than bound at import, so that the injection tests can record the pauses.
+        consume_signals_forever(self.step, read_signal, sleep=time.sleep)
+
+
+def resolve_op(original_consume_signals, analysis):
+    """The kv-signal op as the original ``consume_signals`` reaches it: a local import, or its module's global."""
+    if analysis.op_import_module:
+        return getattr(importlib.import_module(analysis.op_import_module), KV_SIGNAL_OP)
+    return original_consume_signals.__globals__[KV_SIGNAL_OP]
+
+
+def activate(messager, state):
+    """Create the messager's :class:`MessagerRuntime` once, or return None to stand aside for this instance.
+
+    ``state`` is the class's :class:`fastdeploy_pd_fix.plugin.patching.PatchState` (handed over by the patch, not
+    imported: patching imports this module)."""
+    with activation_lock:
+        if RUNTIME_ATTRIBUTE in vars(messager):
+            return getattr(messager, RUNTIME_ATTRIBUTE)
+        logger = messager_logger(messager)
+        runtime = None
+        try:
+            missing = [name for name in USED_ATTRIBUTES if not hasattr(messager, name)]
+            if missing:
+                raise AttributeError(f"missing attributes {', '.join(missing)}")
+            if type(messager.idx_cache_task_dict) is not dict:
+                raise TypeError(f"idx_cache_task_dict is a {type(messager.idx_cache_task_dict).__name__}")
+            op_arguments = tuple(argument.evaluate(messager) for argument in state.analysis.op_arguments)
+            op = resolve_op(state.originals["consume_signals"], state.analysis)
+            runtime = MessagerRuntime(messager, state.mode, op, op_arguments, logger)
+            # The decision line again, now into the messager's own log (the first one went to its stderr).
+            logger.info(f"{state.record.describe()}; active on rank_id={getattr(messager, 'rank_id', '?')}")
+        except Exception as error:
+            logger.warning(f"{LOG_PREFIX}stood aside for this messager, original methods run: {error!r}")
+        setattr(messager, RUNTIME_ATTRIBUTE, runtime)
+        return runtime
+
+
+def make_consume_signals(original, state):
+    @functools.wraps(original)
+    def consume_signals(self):
+        runtime = activate(self, state)
+        if runtime is None or runtime.step is None:
+            return original(self)  # stood aside, or observe mode: the running release's own loop runs
+        runtime.consume_signals()
+
+    consume_signals.__fd_pd_fix__ = True
+    return consume_signals
+
+
+def make_add_cache_task_thread(original, state):
+    @functools.wraps(original)
+    def _add_cache_task_thread(self):
+        activate(self, state)  # installs the registration observer before the original loop stores anything
+        return original(self)
+
+    _add_cache_task_thread.__fd_pd_fix__ = True
+    return _add_cache_task_thread

@@ -1,0 +1,53 @@
+"""``fastdeploy-pd-fix status``: what the plugin does in this environment (bootstrap, switches, FastDeploy, target,
+manifest)."""
+
+from __future__ import annotations
+
+from fastdeploy_pd_fix import __version__, _bootstrap, config
+from fastdeploy_pd_fix.analysis import analyse_class
+from fastdeploy_pd_fix.plugin.patching import MANIFEST, RECORDS, fastdeploy_version
+from fastdeploy_pd_fix.target import TARGET_CLASS
+
+
+def bootstrap_line(state) -> str:
+    """One line on what the ``.pth`` start-up hook did in this interpreter."""
+    if not state["installed"]:
+        return (
+            "NOT active: fastdeploy_pd_fix.pth did not run in this interpreter (is the plugin pip-installed into "
+            "this environment?)"
+        )
+    if state["disabled"]:
+        return "installed, switched off by FD_PD_FIX=0: nothing is patched"
+    hooks = "import hook on" if state["import_hook"] else "no import hook (fastdeploy not importable at start-up)"
+    return f"active ({hooks}; the cache messager script is patched as its class is built)"
+
+
+def print_status() -> int:
+    """Print the status report; the exit code is always 0."""
+    mode, mode_warning = config.selected_mode()
+    print(f"fastdeploy-pd-fix {__version__}")
+    print(f"bootstrap:   {bootstrap_line(_bootstrap.state)}")
+    print(f"switch:      {config.ENV_SWITCH}={config.switch_value()}")
+    print(f"mode:        {mode}" + (f" ({mode_warning})" if mode_warning else ""))
+    try:
+        from fastdeploy.cache_manager import cache_messager
+    except Exception as error:  # FastDeploy absent, or its import needs a GPU build
+        cache_messager = None
+        print(
+            f"FastDeploy:  {fastdeploy_version()}; fastdeploy.cache_manager.cache_messager not importable: {error!r}"
+        )
+    if cache_messager is not None:
+        print(f"FastDeploy:  {fastdeploy_version()} ({getattr(cache_messager, '__file__', '?')})")
+        cls = getattr(cache_messager, TARGET_CLASS, None)
+        if cls is None:
+            print(f"target:      no {TARGET_CLASS}: nothing to patch (the plugin stands aside)")
+        else:
+            analysis = analyse_class(cls)
+            verdict = "recognised" if analysis.recognised else f"not recognised, stands aside: {analysis.reason}"
+            print(f"target:      {TARGET_CLASS} {verdict}; {analysis.features()}")
+        for record in RECORDS:
+            print(f"this process: {record.describe()}")
+    print("manifest (details: fastdeploy_pd_fix/plugin/patching.py):")
+    for patch in MANIFEST:
+        print(f"  {patch.target}: {patch.how}; upstream {patch.upstream}; remove when {patch.remove_when}")
+    return 0

@@ -1,0 +1,104 @@
+"""``fastdeploy-pd-fix demo``: the race scenarios on the FastDeploy stand-in, without and with the plugin.
+
+Each run starts real rank processes that execute the stand-in's ``fastdeploy/cache_manager/cache_messager.py`` as a
+script (as FastDeploy does), with barriers served by a ``multiprocessing`` manager, and forces one interleaving of
+the two streams per rank. The plugin is the installed one: its ``.pth`` hook patches the script's class.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from typing import Dict, List
+
+from fastdeploy_pd_fix import config
+
+#: The demo's columns, a mode of :data:`config.RUN_MODES` each -> what the column shows.
+COLUMNS = {
+    config.OFF: "FastDeploy as released (stand-in of a #7872 release, before #8034)",
+    config.UPSTREAM: "plugin reproducing upstream PR #8034",
+    config.ORDERED: "plugin, rank-invariant release (default)",
+}
+SCENARIO_NAMES = ("s0", "s1", "s2", "s3")
+PATCHED_MARK = "fastdeploy_pd_fix"
+
+
+def _patched(result) -> bool:
+    return all("patched" in log and PATCHED_MARK in log for log in result.logs.values())
+
+
+def run_all(deadline_s: float = 3.0) -> Dict[str, Dict[str, object]]:
+    """Run every scenario in every mode; return mode -> scenario -> ScenarioResult."""
+    from fastdeploy_pd_fix.standin.harness import run_many
+    from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
+
+    jobs = [(mode, name) for mode in COLUMNS for name in SCENARIO_NAMES]
+    results = run_many([dict(scenario=SCENARIOS[name], mode=mode, deadline_s=deadline_s) for mode, name in jobs])
+    table: Dict[str, Dict[str, object]] = {mode: {} for mode in COLUMNS}
+    for (mode, name), result in zip(jobs, results):
+        table[mode][name] = result
+    return table
+
+
+def _format_batches(batches: List) -> str:
+    return " ".join("[" + ",".join(f"{slot}:{n}" for slot, n in batch) + "]" for batch in batches) or "-"
+
+
+def _problems(table) -> List[str]:
+    problems = []
+    for mode, results in table.items():
+        for name, result in results.items():
+            if result.outcome == "error":
+                problems.append(f"{mode}/{name}: a rank failed: {result.error}\n{result.summary()}")
+            elif mode != config.OFF and not _patched(result):
+                problems.append(f"{mode}/{name}: the plugin did not patch the stand-in (is it installed here?)")
+    return problems
+
+
+def run_demo(json_output: bool = False, deadline_s: float = 3.0) -> int:
+    if importlib.util.find_spec("paddle") is None:
+        print(
+            "the demo's stand-in runs real paddle tensors: pip install 'fastdeploy-pd-fix[demo]' (CPU build), "
+            "or run it where paddlepaddle-gpu is installed",
+            file=sys.stderr,
+        )
+        return 2
+    table = run_all(deadline_s)
+    problems = _problems(table)
+    if json_output:
+        print(
+            json.dumps(
+                {
+                    mode: {
+                        name: {
+                            "outcome": result.outcome,
+                            "batches": {str(rank): batches for rank, batches in result.batches.items()},
+                            "elapsed_s": round(result.elapsed_s, 2),
+                        }
+                        for name, result in results.items()
+                    }
+                    for mode, results in table.items()
+                }
+            )
+        )
+    else:
+        width = 26
+        print("scenario | " + " | ".join(mode.ljust(width) for mode in COLUMNS))
+        print("-" * 9 + "+" + "+".join("-" * (width + 2) for _ in COLUMNS))
+        for name in SCENARIO_NAMES:
+            cells = [
+                f"{table[mode][name].outcome} ({table[mode][name].elapsed_s:.1f}s)".ljust(width) for mode in COLUMNS
+            ]
+            print(f"{name.ljust(8)} | " + " | ".join(cells))
+        print("\nbatch sequences per rank (slot:prefilled_token_num):")
+        for mode in COLUMNS:
+            print(f"  {mode}: {COLUMNS[mode]}")
+            for name in SCENARIO_NAMES:
+                result = table[mode][name]
+                ranks = "   ".join(f"rank{rank} {_format_batches(b)}" for rank, b in sorted(result.batches.items()))
+                print(f"    {name} {result.outcome:8} {ranks}")
+    for problem in problems:
+        print(f"ERROR: {problem}", file=sys.stderr)
+    ordered_ok = all(result.outcome == "finished" for result in table[config.ORDERED].values())
+    return 0 if ordered_ok and not problems else 1

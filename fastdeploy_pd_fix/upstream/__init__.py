@@ -1,0 +1,22 @@
+"""``fastdeploy-pd-fix make-patch``: the fix as a commit in a FastDeploy checkout, and as ``git format-patch`` files.
+
+* :mod:`.generate`: the portable part, new files only: :mod:`fastdeploy_pd_fix.core` copied verbatim as the package
+  ``fastdeploy/cache_manager/layer0_release/``, and its CPU unit test (``templates/test_layer0_release.py``).
+* :mod:`.rewrite`: the branch-specific part, ``cache_messager.py`` with ``consume_signals`` replaced and one line
+  added to ``_add_cache_task_thread``; both call the copied package, as the plugin calls :mod:`fastdeploy_pd_fix.core`.
+* :mod:`.message`: titles and commit messages in FastDeploy's PR template (``templates/*.md``).
+* :mod:`.git`: the git plumbing; :mod:`.command`: ``make_patch``, ``portable_patch`` and the command line.
+"""
+
+from fastdeploy_pd_fix.target import SCRIPT_PATH, UPSTREAMED_PACKAGE, UPSTREAMED_PATH
+
+#: The file of each branch that the branch-specific part edits.
+TARGET_PATH = SCRIPT_PATH
+#: The package the portable part adds (a verbatim copy of fastdeploy_pd_fix/core/).
+PACKAGE_PATH = UPSTREAMED_PATH
+#: Its CPU unit test in FastDeploy's tests/ tree.
+TEST_PATH = f"tests/cache_manager/test_{UPSTREAMED_PACKAGE}.py"
+
+
+class MakePatchError(Exception):
+    """A refusal: the message says why, and nothing was changed."""

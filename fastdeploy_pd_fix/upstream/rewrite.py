@@ -1,0 +1,148 @@
+"""The branch-specific part: ``CacheMessagerV1`` of one branch's ``cache_messager.py``, rewritten by line range.
+
+``consume_signals`` is replaced by a loop over the copied core (``layer0_release.messager_step``: the per-signal
+step, the release, the batch journal) that reads each kv signal with the branch's own op call, followed by one small
+method, ``_layer0_release_on_registration``; one line calling it is inserted right after the
+``self.idx_cache_task_dict[...] = ...`` statement of ``_add_cache_task_thread``. Every other byte of the file stays as
+it is, so each branch keeps its own engine-facing calls (``get_cache_info``, barriers, the pre-#7724
+``finish_add_cache_task`` report and barrier).
+
+The target is read by :func:`fastdeploy_pd_fix.analysis.analyse_source`, the analyser the plugin uses too; what only
+a rewrite needs (the store alone on its lines, a module-level ``logger``, the op's name resolvable, the new names
+free) is checked here on top.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from string import Template
+from typing import List, Tuple
+
+from fastdeploy_pd_fix.analysis import TargetAnalysis, analyse_source, bound_names, class_defines, target_class_node
+from fastdeploy_pd_fix.core import release
+from fastdeploy_pd_fix.core.messager_step import STEP_ATTRIBUTE
+from fastdeploy_pd_fix.target import TARGET_CLASS, UPSTREAMED_PACKAGE
+from fastdeploy_pd_fix.upstream import TARGET_PATH, MakePatchError
+
+#: The method the patch adds to ``CacheMessagerV1``; a class that already has it (or the step attribute) is refused.
+REGISTRATION_METHOD = "_layer0_release_on_registration"
+#: The name of the kv signal buffer in the new ``consume_signals``.
+BUFFER = "kv_signal_data"
+
+METHODS = Template(
+    '''\
+def consume_signals(self):
+    """Read kv signals and hand each to the rank-invariant layer-0 release (fastdeploy/cache_manager/layer0_release).
+
+    Every TP rank sees the same kv signals and registrations, each rank in its own interleaving. The release makes
+    the batches put into cache_prefilled_engine_ids_queue a function of those two streams alone, so that every rank
+    waits on the send barriers in the same order. Each queued batch is logged with a fingerprint of the sequence so
+    far (`layer0_release: queued batch #N [...] seq_hash=H`), equal on every rank.
+    """
+${imports}    from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step
+
+    paddle.device.set_device("cpu")
+    ${buffer} = paddle.full([kv_signal.KV_SIGNAL_LENGTH], -1, dtype="int32")
+
+    def read_signal():
+        ${op_call}
+        return ${buffer}.numpy()
+
+    messager_step.consume_signals_forever(messager_step.step_for(self, "${mode}", logger), read_signal)
+
+def ${registration_method}(self, engine_idx):
+    """Hand the task just stored in idx_cache_task_dict[engine_idx] to the layer-0 release (never raises)."""
+    from fastdeploy.cache_manager.layer0_release import messager_step
+
+    # None only when the send loop has already finished the task (possible with --mode upstream): logged, ignored.
+    task = self.idx_cache_task_dict.get(engine_idx)
+    messager_step.step_for(self, "${mode}", logger).handle_registration(engine_idx, task)
+'''
+)
+
+
+def _lines(text: str) -> List[str]:
+    """Lines with their ``\\n`` kept, split exactly where the syntax tree counts lines."""
+    return re.findall(r"[^\n]*\n|[^\n]+$", text)
+
+
+def _is_simple_expression(node: ast.AST) -> bool:
+    """Names, attributes, constants and constant subscripts: safe to evaluate a second time."""
+    allowed = (ast.Name, ast.Attribute, ast.Subscript, ast.Constant, ast.Load)
+    return all(isinstance(child, allowed) for child in ast.walk(node))
+
+
+def _alone_on_its_lines(lines: List[str], node: ast.stmt) -> bool:
+    before = lines[node.lineno - 1][: node.col_offset]
+    after = lines[node.end_lineno - 1][node.end_col_offset :].strip()
+    return not before.strip() and (not after or after.startswith("#"))
+
+
+def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
+    """The analysis of ``source`` and its task store, or :class:`MakePatchError` saying why it cannot be rewritten."""
+    analysis = analyse_source(source)
+    if analysis.already_fixed:
+        raise MakePatchError(f"{TARGET_PATH} already imports {UPSTREAMED_PACKAGE}: this branch is already fixed")
+    if not analysis.recognised:
+        raise MakePatchError(f"{TARGET_PATH}: {analysis.reason}; this checkout is not recognised")
+    lines = _lines(source)
+    if len(analysis.task_stores) != 1:
+        raise MakePatchError(
+            "expected one `self.idx_cache_task_dict[...] = ...` statement in _add_cache_task_thread, "
+            f"found {len(analysis.task_stores)}; this checkout is not recognised"
+        )
+    store = analysis.task_stores[0]
+    if len(store.targets) != 1 or not _is_simple_expression(store.targets[0].slice):
+        raise MakePatchError(f"unexpected task store `{ast.unparse(store)}`; this checkout is not recognised")
+    if not _alone_on_its_lines(lines, store):
+        raise MakePatchError(f"the task store `{ast.unparse(store)}` shares its line with other code")
+    cls = target_class_node(ast.parse(source))
+    attributes = {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute)}
+    taken = {name for name in (REGISTRATION_METHOD, STEP_ATTRIBUTE) if name in attributes}
+    taken |= {REGISTRATION_METHOD} if class_defines(cls, REGISTRATION_METHOD) else set()
+    if taken:
+        raise MakePatchError(f"{TARGET_CLASS} already has {', '.join(sorted(taken))}; refusing to overwrite")
+    op_root = analysis.op_function.split(".")[0]
+    if op_root not in analysis.module_names | bound_names(analysis.local_imports):
+        raise MakePatchError(f"cannot tell where {op_root} comes from in {TARGET_PATH}")
+    if "logger" not in analysis.module_names:
+        raise MakePatchError(f"{TARGET_PATH} has no module-level `logger`")
+    return analysis, store
+
+
+def _indent(text: str, prefix: str, newline: str) -> List[str]:
+    return [(prefix + line if line.strip() else "") + newline for line in text.split("\n")]
+
+
+def patch_source(source: str, mode: str = release.ORDERED) -> Tuple[str, TargetAnalysis]:
+    """``cache_messager.py`` with the two edits, and its analysis. Other lines are left byte-identical."""
+    if mode not in release.RELEASE_MODES:
+        raise MakePatchError(f"unknown mode {mode!r}; expected one of {', '.join(release.RELEASE_MODES)}")
+    analysis, store = rewritable(source)
+    consume = analysis.consume
+    lines = _lines(source)
+    def_line = lines[consume.lineno - 1]
+    newline = "\r\n" if def_line.endswith("\r\n") else "\n"
+    imports = [ast.unparse(node) for node in analysis.local_imports]
+    imports += [] if "paddle" in analysis.module_names else ["import paddle"]
+    methods = METHODS.substitute(
+        imports="".join(f"    {statement}\n" for statement in imports),
+        buffer=BUFFER,
+        op_call=analysis.op_call(BUFFER, analysis.op_function),
+        mode=mode,
+        registration_method=REGISTRATION_METHOD,
+    )
+    replacement = _indent(methods.rstrip("\n"), def_line[: consume.col_offset], newline)
+    store_line = lines[store.lineno - 1]
+    slot = ast.unparse(store.targets[0].slice)
+    hook = f"{store_line[: store.col_offset]}self.{REGISTRATION_METHOD}({slot}){newline}"
+    edits = [  # (first line, last line, new lines), applied bottom-up so that line numbers stay valid
+        (consume.lineno, consume.end_lineno, replacement),
+        (store.end_lineno + 1, store.end_lineno, [hook]),
+    ]
+    for first, last, new_lines in sorted(edits, key=lambda edit: edit[0], reverse=True):
+        lines[first - 1 : last] = new_lines
+    patched = "".join(lines)
+    ast.parse(patched)  # never write a file that does not parse
+    return patched, analysis

@@ -1,0 +1,213 @@
+"""Unit tests of fastdeploy/cache_manager/layer0_release/ on CPU (numpy only: no paddle op, no GPU, no network).
+
+Every tensor-parallel rank of the prefill cache messager sees the same kv signals and the same registrations, each
+rank in its own interleaving. The release must give every rank the same batches and drop the same tasks, whatever
+the interleaving: otherwise the ranks wait on the send barriers in different orders and hang.
+"""
+
+import itertools
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step, release
+
+
+def kv_signal_buffer(tasks, layer=0):
+    """A get_output_kv_signal buffer holding ``tasks``, each ``[engine_idx, chunk_token_offset, chunk_len]``."""
+    buffer = np.full([kv_signal.KV_SIGNAL_LENGTH], -1, dtype=np.int32)
+    buffer[0], buffer[1] = len(tasks), layer
+    for position, task in enumerate(tasks):
+        buffer[2 + 3 * position : 5 + 3 * position] = task
+    return buffer
+
+
+class SimulatedRank:
+    """What CacheMessagerV1 does around the release: parse each signal, feed layer 0 and registrations, collect."""
+
+    def __init__(self, mode=release.ORDERED):
+        self.policy = release.make_release(mode)
+        self.registered = {}  # engine_idx -> need_prefill_tokens, the view of idx_cache_task_dict
+        self.batches, self.drops, self.problems = [], [], []
+
+    def on_signal(self, buffer):
+        parsed = kv_signal.parse_kv_signal(buffer)
+        self.problems.extend(parsed.problems)
+        if parsed.signal is not None and parsed.signal.layer == 0 and parsed.signal.tasks:
+            self._collect(self.policy.add_signal(parsed.signal.tasks, self.registered))
+
+    def on_registration(self, request_id, engine_idx, need_prefill_tokens):
+        self.registered[engine_idx] = need_prefill_tokens
+        registration = release.Registration(engine_idx, request_id, need_prefill_tokens)
+        self._collect(self.policy.add_registration(registration, self.registered))
+
+    def _collect(self, released):
+        self.batches.extend(released.batches)
+        self.drops.extend(released.drops)
+
+
+def run_rank(scenario, schedule, mode=release.ORDERED):
+    """Deliver the scenario's events to one rank in ``schedule`` order: ``("sig", i)`` or ``("reg", j)``."""
+    rank = SimulatedRank(mode)
+    for kind, index in schedule:
+        if kind == "sig":
+            rank.on_signal(kv_signal_buffer(scenario["signals"][index]))
+        else:
+            for request in scenario["registrations"][index]:
+                rank.on_registration(*request)
+    return rank
+
+
+def interleavings(scenario):
+    """Every order of the two streams that keeps each stream in its own order."""
+    signals = [("sig", index) for index in range(len(scenario["signals"]))]
+    registrations = [("reg", index) for index in range(len(scenario["registrations"]))]
+    total = len(signals) + len(registrations)
+    for positions in itertools.combinations(range(total), len(signals)):
+        signal_iter, registration_iter = iter(signals), iter(registrations)
+        yield [next(signal_iter) if slot in positions else next(registration_iter) for slot in range(total)]
+
+
+# signals: one list of [engine_idx, chunk_token_offset, chunk_len] per layer-0 kv signal;
+# registrations: one list of (request_id, engine_idx, need_prefill_tokens) per get_cache_info read.
+SCENARIOS = {
+    # One signal for A and B; B registers after it on one rank only.
+    "s1": {
+        "signals": [[[0, 0, 4], [1, 0, 4]]],
+        "registrations": [[("A", 0, 4)], [("B", 1, 4)]],
+        "batches": [((0, 4), (1, 4))],
+        "drops": [],
+    },
+    # Chunked prefill: A needs 8 tokens in two chunks, both chunk signals may beat A's registration.
+    "s2": {
+        "signals": [[[0, 0, 4]], [[0, 4, 4]]],
+        "registrations": [[("A", 0, 8)]],
+        "batches": [((0, 4),), ((0, 8),)],
+        "drops": [],
+    },
+    # Order across requests: A (two chunks) and B (one) in one signal, B registers first.
+    "s3": {
+        "signals": [[[0, 0, 4], [1, 0, 4]], [[0, 4, 4]]],
+        "registrations": [[("B", 1, 4)], [("A", 0, 8)]],
+        "batches": [((0, 4), (1, 4)), ((0, 8),)],
+        "drops": [],
+    },
+    # A duplicated chunk of A and a task of B beyond its need_prefill_tokens are dropped, on every rank alike.
+    "drops": {
+        "signals": [[[0, 0, 4]], [[0, 0, 4]], [[0, 4, 4], [1, 0, 6]]],
+        "registrations": [[("A", 0, 8), ("B", 1, 4)]],
+        "batches": [((0, 4),), ((0, 8),)],
+        "drops": [(0, 4), (1, 6)],
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_two_ranks_release_the_same_batches_in_every_interleaving(name):
+    scenario = SCENARIOS[name]
+    orders = list(interleavings(scenario))
+    ranks = [run_rank(scenario, order) for order in orders]
+    for order, rank in zip(orders, ranks):
+        assert rank.batches == scenario["batches"], order
+        assert [(drop.slot, drop.prefilled_token_num) for drop in rank.drops] == scenario["drops"], order
+        assert rank.drops == ranks[0].drops, order  # the same reasons too
+        assert rank.problems == []
+
+
+def test_nothing_is_released_before_registration():
+    scenario = SCENARIOS["s3"]
+    rank = run_rank(scenario, [("sig", 0), ("sig", 1), ("reg", 0)])
+    assert rank.batches == []  # A's chunk heads the signal log and A is not registered yet
+    rank = run_rank(scenario, [("sig", 0), ("sig", 1), ("reg", 0), ("reg", 1)])
+    assert rank.batches == scenario["batches"]
+
+
+def test_malformed_signals_are_reported_alike_and_do_not_disturb_the_release():
+    malformed = [
+        np.array([600, 0] + [0] * (kv_signal.KV_SIGNAL_LENGTH - 2), dtype=np.int32),  # count out of range
+        kv_signal_buffer([[0, 0, 4]], layer=-1),  # negative layer
+        kv_signal_buffer([[-1, 0, 4], [600, 0, 4], [0, 0, 0]]),  # bad slots, zero length: every task dropped
+        np.zeros([1], dtype=np.int32),  # truncated buffer
+    ]
+    ranks = []
+    for malformed_first in (True, False):
+        rank = SimulatedRank()
+        if not malformed_first:
+            rank.on_registration("A", 0, 4)
+        for buffer in malformed:
+            rank.on_signal(buffer)
+        rank.on_signal(kv_signal_buffer([[0, 0, 4], [-5, 0, 4]]))  # one valid task, one malformed
+        if malformed_first:
+            rank.on_registration("A", 0, 4)
+        ranks.append(rank)
+    assert ranks[0].batches == ranks[1].batches == [((0, 4),)]
+    assert ranks[0].problems == ranks[1].problems
+    assert len(ranks[0].problems) == 7
+
+
+def test_parse_kv_signal_reads_progress_and_no_signal():
+    parsed = kv_signal.parse_kv_signal(kv_signal_buffer([[3, 128, 64], [7, 0, 16]], layer=2))
+    assert parsed.problems == []
+    assert parsed.signal == kv_signal.KvSignal(2, ((3, 192), (7, 16)))
+    empty = kv_signal.parse_kv_signal(np.full([kv_signal.KV_SIGNAL_LENGTH], -1, dtype=np.int32))
+    assert empty.signal is None and empty.problems == []
+
+
+def test_upstream_mode_keeps_the_8034_behaviour_that_diverges_on_chunked_prefill():
+    scenario = SCENARIOS["s2"]
+    rank0 = run_rank(scenario, [("reg", 0), ("sig", 0), ("sig", 1)], mode=release.UPSTREAM)
+    rank1 = run_rank(scenario, [("sig", 0), ("sig", 1), ("reg", 0)], mode=release.UPSTREAM)
+    assert rank0.batches == [((0, 4),), ((0, 8),)]
+    assert rank1.batches == [((0, 8),)]  # one batch instead of two: the ranks' barrier rounds differ
+
+
+def test_invalid_registration_and_mode_are_rejected():
+    with pytest.raises(ValueError):
+        release.Registration(0, "A", 0)
+    with pytest.raises(ValueError):
+        release.make_release("unknown")
+
+
+class FakeMessager:
+    """The attributes of CacheMessagerV1 that the per-signal step reads and writes."""
+
+    def __init__(self):
+        self.engine_cache_task_thread_lock = threading.Lock()
+        self.engine_cache_tasks = [dict() for _ in range(kv_signal.MAX_TASKS)]
+        self.idx_cache_task_dict = {}
+        self.cache_prefilled_engine_ids_queue = queue.Queue()
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+    warning = error = exception = info
+
+
+def test_messager_step_queues_and_journals_the_same_batches_on_every_rank():
+    scenario = SCENARIOS["s3"]
+    journals = []
+    for order in interleavings(scenario):
+        messager, logger = FakeMessager(), RecordingLogger()
+        step = messager_step.step_for(messager, release.ORDERED, logger)
+        assert messager_step.step_for(messager, release.ORDERED, logger) is step  # one step per messager
+        for kind, index in order:
+            if kind == "sig":
+                assert step.handle_buffer(kv_signal_buffer(scenario["signals"][index]))
+                continue
+            for request_id, engine_idx, need_prefill_tokens in scenario["registrations"][index]:
+                task = {"request_id": request_id, "need_prefill_tokens": need_prefill_tokens}
+                messager.idx_cache_task_dict[engine_idx] = task
+                step.handle_registration(engine_idx, task)
+        queued = [tuple(map(tuple, messager.cache_prefilled_engine_ids_queue.get_nowait())) for _ in range(2)]
+        assert queued == scenario["batches"] and messager.cache_prefilled_engine_ids_queue.empty()
+        assert messager.engine_cache_tasks[0] == {"prefilled_layer_idx": 0, "prefilled_token_num": 8}
+        journals.append([line for line in logger.lines if "queued batch #" in line])
+    assert len(journals[0]) == 2 and all("seq_hash=" in line for line in journals[0])
+    assert all(journal == journals[0] for journal in journals)  # the same fingerprints on every rank

@@ -1,0 +1,353 @@
+"""Workloads: prefill requests, the two rank-invariant streams they produce, and one rank's drive through a merge.
+
+Every tensor-parallel rank sees the same two streams: the layer-0 kv signals (each a tuple of tasks
+``(slot, prefilled_token_num)``) and the registrations (lockstep across ranks). Only their *merge* differs from rank
+to rank; a merge is written as a string of :data:`SIGNAL_EVENT` and :data:`REGISTRATION_EVENT`.
+
+The engine model, shared by the explorer, the property tests, the benchmarks and the stress generator: each engine
+step runs the next chunk of a subset of the runnable requests and emits one signal with their tasks in slot order; a
+request reusing a slot becomes runnable only after the slot's previous request ran its final chunk.
+
+The send-thread model (:func:`drive`): the send thread consumes a batch the moment it is released.
+``idx_cache_task_dict`` is modelled per slot as a FIFO of registrations (:data:`FIFO`): a registration appends to its
+slot; the head is the request a released task of that slot belongs to; the head leaves when a batch holding its final
+chunk (``prefilled_token_num == need_prefill_tokens``) is released. ``registered`` (what ``upstream`` and ``pr7872``
+look at) maps each slot with a head to the head's ``need_prefill_tokens``. The FIFO equals upstream's plain dict
+whenever a slot is re-registered only after its previous request was sent (true if the engine recycles a slot only
+after ``get_finished_req``). :data:`DICT` models the plain dict instead (a registration replaces its slot's entry).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from fastdeploy_pd_fix.core.release import Registration, Released, ReleasePolicy, Task
+
+SIGNAL_EVENT = "S"
+REGISTRATION_EVENT = "R"
+
+FIFO = "fifo"
+DICT = "dict"
+SLOT_MODELS = (FIFO, DICT)
+
+#: The modelled ``idx_cache_task_dict``: per slot, its registrations still open, oldest first.
+SlotRegistrations = Dict[int, Tuple[Registration, ...]]
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One prefill request: its engine slot, the cumulative token number after each chunk, and whether it registers."""
+
+    request_id: str
+    slot: int
+    chunks: Tuple[int, ...]
+    registers: bool = True
+
+    @property
+    def need(self) -> int:
+        return self.chunks[-1]
+
+    def registration(self) -> Registration:
+        return Registration(self.slot, self.request_id, self.need)
+
+    def describe(self) -> str:
+        chunks = ",".join(map(str, self.chunks))
+        return f"{self.request_id}@{self.slot}[{chunks}]" + ("" if self.registers else "(never registers)")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The two rank-invariant streams, plus which request produced each task (the ground truth for the checks)."""
+
+    requests: Tuple[RequestSpec, ...]
+    signals: Tuple[Tuple[Task, ...], ...]
+    origins: Tuple[Tuple[str, ...], ...]  # request id of each task, parallel to ``signals``
+    registrations: Tuple[Registration, ...]
+    family: str = ""
+
+    @property
+    def has_ghost(self) -> bool:
+        return any(not request.registers for request in self.requests)
+
+    @property
+    def registering_ids(self) -> frozenset:
+        return frozenset(request.request_id for request in self.requests if request.registers)
+
+    def merges(self) -> int:
+        """Number of merges of the two streams on one rank."""
+        return math.comb(len(self.signals) + len(self.registrations), len(self.signals))
+
+    def size_key(self) -> tuple:
+        chunks = sum(len(request.chunks) for request in self.requests)
+        return (len(self.requests), chunks, len(self.signals), self.describe())
+
+    def describe(self) -> str:
+        requests = " ".join(request.describe() for request in self.requests)
+        signals = " ".join("[" + ",".join(f"({s},{n})" for s, n in signal) + "]" for signal in self.signals)
+        registrations = " ".join(registration.request_id for registration in self.registrations) or "-"
+        return f"{requests} | signals {signals} | registrations {registrations}"
+
+    def to_json(self) -> dict:
+        return {
+            "family": self.family,
+            "requests": [
+                {"id": r.request_id, "slot": r.slot, "chunks": list(r.chunks), "registers": r.registers}
+                for r in self.requests
+            ],
+            "signals": [[list(task) for task in signal] for signal in self.signals],
+            "signal_origins": [list(origins) for origins in self.origins],
+            "registrations": [
+                {"slot": r.slot, "request_id": r.request_id, "need_prefill_tokens": r.need_prefill_tokens}
+                for r in self.registrations
+            ],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine model.
+
+
+def same_slot_predecessors(requests: Sequence[RequestSpec]) -> List[Optional[int]]:
+    """For each request, the index of the latest earlier request on its slot (None for a slot's first request)."""
+    predecessors: List[Optional[int]] = []
+    for index, request in enumerate(requests):
+        same_slot = [earlier for earlier in range(index) if requests[earlier].slot == request.slot]
+        predecessors.append(same_slot[-1] if same_slot else None)
+    return predecessors
+
+
+def runnable_requests(
+    requests: Sequence[RequestSpec], progress: Sequence[int], predecessors: Sequence[Optional[int]]
+) -> List[int]:
+    """Indexes of the requests that may run a chunk in the next engine step, given the chunks each has run."""
+
+    def finished(index):
+        return progress[index] == len(requests[index].chunks)
+
+    return [
+        index
+        for index in range(len(requests))
+        if not finished(index) and (predecessors[index] is None or finished(predecessors[index]))
+    ]
+
+
+def engine_schedules(requests: Sequence[RequestSpec]) -> Iterator[Tuple[Tuple[Tuple[int, int], ...], ...]]:
+    """Every engine schedule: steps of (request index, chunk index), one chunk per request per step.
+
+    A request's chunks run in order in strictly later steps; a request reusing a slot starts only after the slot's
+    previous request ran its final chunk. Any non-empty subset of the runnable requests may run in a step.
+    """
+    predecessors = same_slot_predecessors(requests)
+
+    def extend(progress, steps):
+        if all(progress[index] == len(request.chunks) for index, request in enumerate(requests)):
+            yield tuple(steps)
+            return
+        runnable = runnable_requests(requests, progress, predecessors)
+        for size in range(1, len(runnable) + 1):
+            for subset in itertools.combinations(runnable, size):
+                step = tuple(sorted(((index, progress[index]) for index in subset), key=lambda t: requests[t[0]].slot))
+                advanced = list(progress)
+                for index in subset:
+                    advanced[index] += 1
+                yield from extend(advanced, steps + [step])
+
+    yield from extend([0] * len(requests), [])
+
+
+def registration_orders(requests: Sequence[RequestSpec]) -> Iterator[Tuple[RequestSpec, ...]]:
+    """Every lockstep registration order of the registering requests (same-slot requests keep their order)."""
+    registering = [request for request in requests if request.registers]
+    for order in itertools.permutations(registering):
+        positions = {request.request_id: position for position, request in enumerate(order)}
+        if all(
+            positions[a.request_id] < positions[b.request_id]
+            for a, b in itertools.combinations(registering, 2)
+            if a.slot == b.slot
+        ):
+            yield order
+
+
+def expand_family(family: str, requests: Sequence[RequestSpec]) -> List[Workload]:
+    """All workloads of one request template: every engine schedule times every registration order."""
+    workloads = []
+    for schedule in engine_schedules(requests):
+        signals = tuple(
+            tuple((requests[index].slot, requests[index].chunks[chunk]) for index, chunk in step) for step in schedule
+        )
+        origins = tuple(tuple(requests[index].request_id for index, _ in step) for step in schedule)
+        for order in registration_orders(requests):
+            registrations = tuple(request.registration() for request in order)
+            workloads.append(Workload(tuple(requests), signals, origins, registrations, family))
+    return workloads
+
+
+def _req(request_id: str, slot: int, *chunks: int, registers: bool = True) -> RequestSpec:
+    return RequestSpec(request_id, slot, tuple(chunks), registers)
+
+
+SINGLE = (4,)
+CHUNKED = (2, 4)
+
+
+def default_families(quick: bool = False) -> List[Tuple[str, List[List[RequestSpec]]]]:
+    """Request templates per family; ``quick`` drops the larger templates (every family keeps its smallest ones)."""
+    shapes = (SINGLE, CHUNKED)
+    full = not quick
+    ghost_single, ghost_chunked = (_req("G", 0, *shape, registers=False) for shape in shapes)
+    families = [
+        ("1req", [[_req("A", 0, *a)] for a in shapes]),
+        ("2req", [[_req("A", 0, *a), _req("B", 1, *b)] for a in shapes for b in shapes]),
+        (
+            "2req-reuse",  # B takes A's slot after A's final chunk; (2, 6) shares a token number with A's chunk
+            [[_req("A", 0, *a), _req("B", 0, *b)] for a in shapes for b in (SINGLE, CHUNKED, (2, 6))],
+        ),
+        (
+            "ghost-reused",  # G never registers; A later reuses G's slot (n equal to, below and above A's need)
+            [[_req("G", 0, *g, registers=False), _req("A", 0, *a)] for g in (SINGLE, CHUNKED, (6,)) for a in shapes],
+        ),
+        (
+            "ghost-alone",  # G never registers and its slot is never reused: the requests behind it stall
+            [[_req("G", 0, *g, registers=False), _req("A", 1, *a)] for g in shapes for a in shapes]
+            + [[ghost_single, _req("A", 1, *SINGLE), _req("B", 2, *CHUNKED)]],
+        ),
+        (
+            "3req",
+            [[_req("A", 0, *SINGLE), _req("B", 1, *SINGLE), _req("C", 2, *SINGLE)]]
+            + [[_req("A", 0, *CHUNKED), _req("B", 1, *SINGLE), _req("C", 2, *SINGLE)]]
+            + full * [[_req("A", 0, *CHUNKED), _req("B", 1, *CHUNKED), _req("C", 2, *SINGLE)]]
+            + full * [[_req("A", 0, *CHUNKED), _req("B", 1, *CHUNKED), _req("C", 2, *CHUNKED)]],
+        ),
+        (
+            "3req-reuse",  # two requests share a slot, one more beside them; or three in one slot
+            [[_req("A", 0, *SINGLE), _req("B", 0, *SINGLE), _req("C", 1, *SINGLE)]]
+            + [[_req("A", 0, *a), _req("B", 0, *b), _req("C", 0, *CHUNKED)] for a in shapes for b in shapes]
+            + full
+            * [
+                [_req("A", 0, *a), _req("B", 0, *b), _req("C", 1, *c)]
+                for a in shapes
+                for b in shapes
+                for c in shapes
+                if (a, b, c) != (SINGLE, SINGLE, SINGLE)
+            ],
+        ),
+        (
+            "ghost-3req",  # a ghost whose slot is reused, beside another request
+            [[ghost_single, _req("A", 0, *SINGLE), _req("B", 1, *SINGLE)]]
+            + full
+            * [
+                [g, _req("A", 0, *a), _req("B", 1, *b)]
+                for g in (ghost_single, ghost_chunked)
+                for a in shapes
+                for b in shapes
+                if (g, a, b) != (ghost_single, SINGLE, SINGLE)
+            ],
+        ),
+        ("4req", full * [[_req(name, slot, *SINGLE) for slot, name in enumerate("ABCD")]]),
+    ]
+    return [(family, templates) for family, templates in families if templates]
+
+
+def build_workloads(quick: bool = False) -> List[Tuple[str, List[Workload]]]:
+    """Workloads per family, deduplicated and sorted smallest first (so the first counterexample is minimal)."""
+    built = []
+    for family, templates in default_families(quick):
+        unique = {}
+        for template in templates:
+            for workload in expand_family(family, template):
+                unique.setdefault((workload.requests, workload.signals, workload.registrations), workload)
+        built.append((family, sorted(unique.values(), key=Workload.size_key)))
+    return built
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One rank: the send-thread model and a drive through one merge.
+
+
+def store_registration(slots: SlotRegistrations, registration: Registration, slot_model: str = FIFO) -> None:
+    """``idx_cache_task_dict[slot] = task``: appended to the slot's FIFO, or replacing its entry (:data:`DICT`)."""
+    earlier = slots.get(registration.slot, ()) if slot_model == FIFO else ()
+    slots[registration.slot] = earlier + (registration,)
+
+
+def registered_needs(slots: SlotRegistrations) -> Dict[int, int]:
+    """What the policies see as ``registered``: each slot with an open registration -> its ``need_prefill_tokens``."""
+    return {slot: registrations[0].need_prefill_tokens for slot, registrations in slots.items() if registrations}
+
+
+def send_task(slots: SlotRegistrations, slot: int, prefilled_token_num: int) -> Optional[Registration]:
+    """The send thread takes one released task: returns the registration it belongs to (the slot's head, None if
+    there is none); a final chunk finishes that request and cleans its registration up."""
+    head = slots.get(slot, ())
+    owner = head[0] if head else None
+    if owner is not None and prefilled_token_num == owner.need_prefill_tokens:
+        slots[slot] = head[1:]
+    return owner
+
+
+def deliver(
+    policy: ReleasePolicy,
+    workload: Workload,
+    event: str,
+    index: int,
+    slots: SlotRegistrations,
+    slot_model: str = FIFO,
+) -> Released:
+    """Hand event ``index`` of one stream to ``policy`` as the rank's thread does (a registration is stored first)."""
+    if event == SIGNAL_EVENT:
+        return policy.add_signal(workload.signals[index], registered=registered_needs(slots))
+    registration = workload.registrations[index]
+    store_registration(slots, registration, slot_model)
+    return policy.add_registration(registration, registered=registered_needs(slots))
+
+
+@dataclass(frozen=True)
+class DrivenEvent:
+    """One delivered event, what it released, and the registration each released task belonged to when sent."""
+
+    event: str
+    index: int
+    released: Released
+    owners: Tuple[Tuple[Optional[Registration], ...], ...]  # parallel to ``released.batches``
+
+
+def drive(
+    policy: ReleasePolicy, workload: Workload, merge: Sequence[str], slot_model: str = FIFO
+) -> List[DrivenEvent]:
+    """Drive ``policy`` through one merge of the workload's streams, the send thread taking every batch at once."""
+    slots: SlotRegistrations = {}
+    fed = {SIGNAL_EVENT: 0, REGISTRATION_EVENT: 0}
+    driven = []
+    for event in merge:
+        index = fed[event]
+        fed[event] += 1
+        released = deliver(policy, workload, event, index, slots, slot_model)
+        owners = tuple(tuple(send_task(slots, slot, number) for slot, number in batch) for batch in released.batches)
+        driven.append(DrivenEvent(event, index, released, owners))
+    return driven
+
+
+def switches(merge: str) -> int:
+    """How often a merge switches stream (simpler merges switch less)."""
+    return sum(1 for a, b in zip(merge, merge[1:]) if a != b)
+
+
+def simpler_merge(a: str, b: str) -> str:
+    return min(a, b, key=lambda merge: (switches(merge), merge))
+
+
+def describe_merge(merge: str) -> str:
+    """``"SRS"`` as ``"S0 R0 S1"``."""
+    signal_index = registration_index = 0
+    parts = []
+    for event in merge:
+        if event == SIGNAL_EVENT:
+            parts.append(f"S{signal_index}")
+            signal_index += 1
+        else:
+            parts.append(f"R{registration_index}")
+            registration_index += 1
+    return " ".join(parts)

@@ -1,0 +1,382 @@
+"""The GPU e2e harness (tests/e2e) on CPU: start-up, readiness, deadline, teardown and log collection, run against
+stub servers (tests/e2e/stubs) on 127.0.0.1 with ports the kernel picks; plus FastDeploy's command lines, the skip
+reason and ci/run_gpu_e2e.sh. Handshakes, not sleeps: stubs announce their port in a file, and the late stub
+registers only after the router has answered a given number of polls.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e.fastdeploy_servers import (
+    DEFAULT_INJECT,
+    PLUGIN_ORDERED,
+    E2ESettings,
+    completion_payload,
+    detect_gpus,
+    long_prompts,
+    mixed_deployment,
+    pd_deployment,
+    prerequisite_problems,
+    probe_fastdeploy,
+    skip_reason,
+)
+from e2e.orchestration import (
+    LOOPBACK,
+    Cluster,
+    Deployment,
+    OutputMismatch,
+    PortsBusy,
+    ReadinessTimeout,
+    RequestsFailed,
+    RequestsHung,
+    ServerSpec,
+    ServerStartError,
+    WaitForHealth,
+    WaitForRegistration,
+    busy_ports,
+    check_outputs_equal,
+    find_free_port,
+    identify,
+    is_running,
+    process_group_of,
+    registered_number,
+    wait_until_ports_free,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+STUBS = REPO / "tests" / "e2e" / "stubs"
+FAST_POLLS = dict(attempts=500, interval_s=0.01)  # a bound, never reached when things work
+
+
+def stub_spec(work_root: Path, name: str, script: str, *options: str) -> ServerSpec:
+    work_dir = work_root / name
+    return ServerSpec(
+        name=name,
+        argv=[sys.executable, str(STUBS / script), "--port-file", str(work_dir / "port"), *options],
+        env={**os.environ, "FD_LOG_DIR": str(work_dir / "log")},
+        log_path=work_dir / "stdout.log",
+        log_dirs=[work_dir / "log"],
+        cwd=work_dir,
+        port_file=work_dir / "port",
+        stop_grace_s=5.0,
+    )
+
+
+def stub_pd(work_root: Path, prefill=(), decode=(), readiness=None) -> Deployment:
+    """Stub router, prefill and decode, like pd_deployment: ready when both registered."""
+    router_port_file = str(work_root / "router" / "port")
+    specs = [
+        stub_spec(work_root, "router", "stub_router.py"),
+        stub_spec(
+            work_root,
+            "prefill",
+            "stub_server.py",
+            "--role",
+            "prefill",
+            "--router-port-file",
+            router_port_file,
+            *prefill,
+        ),
+        stub_spec(
+            work_root, "decode", "stub_server.py", "--role", "decode", "--router-port-file", router_port_file, *decode
+        ),
+    ]
+    readiness = readiness or WaitForRegistration({"prefill": 1, "decode": 1}, **FAST_POLLS)
+    return Deployment("pd", specs, "router", readiness, work_root / "artifacts", "prefill", port_free_timeout_s=5.0)
+
+
+def stub_mixed(work_root: Path, *options: str) -> Deployment:
+    specs = [stub_spec(work_root, "mixed", "stub_server.py", "--role", "mixed", *options)]
+    return Deployment(
+        "mixed", specs, "mixed", WaitForHealth(**FAST_POLLS), work_root / "artifacts", port_free_timeout_s=5.0
+    )
+
+
+@pytest.fixture
+def deploy(request):
+    """Registers each deployment's teardown as a finalizer before it starts, as the GPU test does."""
+
+    def register(deployment: Deployment) -> Deployment:
+        request.addfinalizer(deployment.teardown)
+        return deployment
+
+    return register
+
+
+def stop_and_check(deployment: Deployment) -> None:
+    """Teardown, then: every server process exited and every port is free."""
+    servers, ports = list(deployment.cluster.servers), deployment.cluster.ports()
+    assert ports, "the stubs announced no port"
+    deployment.teardown()
+    assert [server.name for server in servers if server.exit_code() is None] == []
+    assert busy_ports(ports) == []
+
+
+# --- orchestration against the stubs ---------------------------------------------------------------------------
+
+
+def test_pd_answers_through_the_router_equal_the_mixed_reference_and_teardown_frees_everything(tmp_path, deploy):
+    pd = deploy(stub_pd(tmp_path / "pd", prefill=["--cache-messager-logs", "agree"]))
+    mixed = deploy(stub_mixed(tmp_path / "mixed"))
+    pd.start()
+    mixed.start()
+    payloads = [completion_payload(prompt, max_tokens=8) for prompt in long_prompts(6)]
+
+    texts = pd.run_workload(payloads, deadline_s=20.0)
+    check_outputs_equal(texts, mixed.run_workload(payloads, deadline_s=20.0))
+    assert len(set(texts)) == len(payloads)
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    assert pd.run_workload([chat], deadline_s=20.0, path="/v1/chat/completions")[0].startswith("stub answer")
+    code, report = pd.diagnose()
+    assert code == 0, report
+
+    stop_and_check(pd)
+    stop_and_check(mixed)
+    assert (pd.artifacts_dir / "prefill" / "log" / "cache_messager_rank1.log").is_file()
+    assert (pd.artifacts_dir / "router" / "stdout.log").is_file()
+
+
+def test_a_late_registration_is_waited_for(tmp_path, deploy):
+    pd = deploy(stub_pd(tmp_path, decode=["--register-after-router-polls", "3"]))
+    pd.start()
+    assert pd.readiness_polls > 3  # the first three polls were answered before decode could register
+    assert registered_number(pd.base_url) == {"mixed": 0, "prefill": 1, "decode": 1}
+    stop_and_check(pd)
+
+
+def test_a_registration_that_never_comes_fails_after_the_bounded_polls(tmp_path, deploy):
+    readiness = WaitForRegistration({"prefill": 1, "decode": 1}, attempts=5, interval_s=0.01)
+    pd = deploy(stub_pd(tmp_path, decode=["--never-register"], readiness=readiness))
+    with pytest.raises(ReadinessTimeout, match="after 5 polls") as failure:
+        pd.start()
+    assert "'decode': 0" in str(failure.value)
+    assert "stdout.log" in str(failure.value)  # the servers' log tails are attached
+    stop_and_check(pd)
+
+
+def test_a_server_dying_at_start_up_is_reported_with_its_log(tmp_path, deploy):
+    pd = deploy(stub_pd(tmp_path, decode=["--exit-code", "3"]))
+    with pytest.raises(ServerStartError, match="decode exited with code 3") as failure:
+        pd.start()
+    assert "failing start-up on purpose" in str(failure.value)
+    stop_and_check(pd)
+
+
+def test_a_server_that_never_answers_is_a_hang_reported_with_the_rank_logs_and_diagnose(tmp_path, deploy):
+    pd = deploy(stub_pd(tmp_path, prefill=["--cache-messager-logs", "diverge"], decode=["--never-answer"]))
+    pd.start()
+    payloads = [completion_payload(prompt, max_tokens=8) for prompt in long_prompts(3)]
+
+    started = time.monotonic()
+    with pytest.raises(RequestsHung) as failure:
+        pd.run_workload(payloads, deadline_s=1.0)
+    assert time.monotonic() - started < 15.0
+    message = str(failure.value)
+    assert "3 of 3 requests did not complete within 1.0 s" in message
+    assert "diagnose" in message and "exit code 1" in message  # the stub ranks' batch sequences diverge
+    assert "queued batch #2 [(1, 64)]" in message  # rank 1's cache messager log is attached
+    assert (pd.artifacts_dir / "prefill" / "log" / "cache_messager_rank0.log").is_file()
+    stop_and_check(pd)  # request threads still wait on the stubs: the teardown must not
+
+
+def test_a_request_answered_with_an_error_fails_the_workload(tmp_path, deploy):
+    readiness = WaitForRegistration({"prefill": 1}, **FAST_POLLS)
+    pd = deploy(stub_pd(tmp_path, decode=["--never-register"], readiness=readiness))
+    pd.start()
+    with pytest.raises(RequestsFailed, match="HTTP 503"):
+        pd.run_workload([completion_payload("hello", 4)], deadline_s=20.0)
+    stop_and_check(pd)
+
+
+def test_teardown_reaches_a_child_that_started_a_session_of_its_own(tmp_path, deploy):
+    child_file = tmp_path / "child"
+    mixed = deploy(stub_mixed(tmp_path, "--detached-child-file", str(child_file)))
+    mixed.start()
+    server = mixed.cluster.server("mixed")
+    pid, port = (int(field) for field in server.wait_for_file(child_file, 10.0).split())
+    child = identify(pid)
+    assert child is not None and process_group_of(child) != server.pid  # out of reach of killpg alone
+    assert busy_ports([port]) == [port]
+
+    stop_and_check(mixed)
+    assert not is_running(child)
+    assert wait_until_ports_free([port], LOOPBACK, 5.0) == []
+
+
+def test_a_busy_port_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spec = stub_spec(tmp_path, "mixed", "stub_server.py")
+        spec.ports.append(port)
+        cluster = Cluster("busy")
+        with pytest.raises(PortsBusy, match=str(port)):
+            cluster.start(spec)
+        assert cluster.servers == []
+
+
+def test_output_mismatches_are_reported_with_both_texts():
+    with pytest.raises(OutputMismatch, match="1 of 2 outputs differ") as failure:
+        check_outputs_equal(["same", "left"], ["same", "right"])
+    assert "'left'" in str(failure.value) and "'right'" in str(failure.value)
+    check_outputs_equal(["same", "left"], ["same", "right"], max_mismatches=1)
+
+
+# --- FastDeploy command lines, prerequisites, CI script --------------------------------------------------------
+
+
+def free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive ports that are all free now."""
+    for _ in range(50):
+        base = find_free_port()
+        if base + size < 65536 and not busy_ports(range(base, base + size)):
+            return base
+    raise AssertionError(f"no {size} consecutive free ports")
+
+
+def test_gpu_module_dry_run_on_a_fake_fastdeploy(tmp_path):
+    """tests/e2e/test_pd_e2e.py itself, unchanged, against a fake nvidia-smi and a fake FastDeploy whose router and
+    api_server are the stubs on FastDeploy's ports: fixtures, readiness, workload, diagnose, the strict xfail
+    (the fake decode server never answers while the fix is off) and the teardowns all run."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: Fake (UUID: GPU-$i)"; done\n')
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    (tmp_path / "model").mkdir()
+    artifacts = tmp_path / "artifacts"
+    environ = {
+        **os.environ,
+        "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(STUBS / "fake_fastdeploy"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "FD_E2E_MODEL": str(tmp_path / "model"),
+        "FD_E2E_PORT_BASE": str(free_port_block(40)),
+        "FD_E2E_ARTIFACTS_DIR": str(artifacts),
+        "FD_E2E_REQUESTS": "4",
+        "FD_E2E_READY_ATTEMPTS": "500",
+        "FD_E2E_READY_INTERVAL_S": "0.01",
+        "FD_E2E_STOP_GRACE_S": "5",
+        "FD_E2E_PORT_FREE_TIMEOUT_S": "5",
+        "FD_E2E_DEADLINE_S": "20",
+        "FD_E2E_UNFIXED_DEADLINE_S": "1",
+        "FD_E2E_EXPECT_UNFIXED": "1",
+        "FD_E2E_REQUIRED": "1",
+    }
+    command = [sys.executable, "-m", "pytest", "tests/e2e", "-p", "no:cacheprovider", "-q", "-rA"]
+    result = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 1 xfailed" in result.stdout, result.stdout
+    prefill_log = (artifacts / "pd-plugin-ordered" / "prefill" / "stdout.log").read_text()
+    assert f"FD_PD_FIX_INJECT={DEFAULT_INJECT}" in prefill_log and "FD_PD_FIX_MODE=ordered" in prefill_log
+    assert "--splitwise-role prefill" in prefill_log and "--tensor-parallel-size 2" in prefill_log
+    assert "FD_PD_FIX_MODE=observe" in (artifacts / "pd-unfixed-observe" / "decode" / "stdout.log").read_text()
+    assert (artifacts / "pd-unfixed-observe" / "prefill" / "log" / "cache_messager_rank1.log").is_file()
+    assert (artifacts / "mixed-reference" / "mixed" / "stdout.log").is_file()
+
+
+def option(spec: ServerSpec, name: str) -> str:
+    return spec.argv[spec.argv.index(name) + 1]
+
+
+def test_fastdeploy_pd_command_lines_over_ipc(tmp_path):
+    settings = E2ESettings.from_env({"FD_E2E_MODEL": "/models/ernie", "FD_E2E_PORT_BASE": "9000"}, gpu_count=4)
+    inherited = {"PATH": "/usr/bin", "FD_PD_FIX": "0", "FD_PD_FIX_INJECT": "signal:rank=0:delay_ms=1"}
+    router, prefill, decode = pd_deployment(
+        settings, tmp_path, tmp_path / "out", "pd", PLUGIN_ORDERED, inherited
+    ).specs
+
+    assert router.argv[1:] == ["-m", "fastdeploy.router.launch", "--port", "9000", "--splitwise"]
+    assert prefill.argv[1:3] == ["-m", "fastdeploy.entrypoints.openai.api_server"]
+    assert option(prefill, "--model") == "/models/ernie"
+    assert [option(prefill, "--tensor-parallel-size"), option(decode, "--tensor-parallel-size")] == ["2", "2"]
+    assert [option(prefill, "--splitwise-role"), option(decode, "--splitwise-role")] == ["prefill", "decode"]
+    assert option(prefill, "--cache-transfer-protocol") == "ipc" and "--rdma-comm-ports" not in prefill.argv
+    assert option(decode, "--router") == "127.0.0.1:9000"
+    assert option(prefill, "--max-num-batched-tokens") == "256"
+    assert [prefill.env["CUDA_VISIBLE_DEVICES"], decode.env["CUDA_VISIBLE_DEVICES"]] == ["0,1", "2,3"]
+    assert {spec.env["ENABLE_V1_KVCACHE_SCHEDULER"] for spec in (prefill, decode)} == {"1"}
+    assert len({spec.env["FD_LOG_DIR"] for spec in (router, prefill, decode)}) == 3
+    assert prefill.env["FD_PD_FIX_INJECT"] == DEFAULT_INJECT and "FD_PD_FIX_INJECT" not in decode.env
+    assert (prefill.env["FD_PD_FIX"], prefill.env["FD_PD_FIX_MODE"]) == ("1", "ordered")
+    ports = [port for spec in (router, prefill, decode) for port in spec.ports]
+    assert len(ports) == len(set(ports)) and prefill.ports[0] == int(option(prefill, "--port"))
+
+
+def test_fastdeploy_command_lines_over_rdma_and_the_mixed_reference(tmp_path):
+    environ = {"FD_E2E_MODEL": "/m", "KVCACHE_RDMA_NICS": "mlx5_0", "FD_E2E_EXTRA_SERVER_ARGS": "--quantization wint8"}
+    settings = E2ESettings.from_env(environ, gpu_count=2)
+    _, prefill, decode = pd_deployment(settings, tmp_path, tmp_path / "out", "pd", PLUGIN_ORDERED, environ).specs
+    assert option(prefill, "--cache-transfer-protocol") == "rdma"
+    assert option(prefill, "--rdma-comm-ports") == "8715,8716" and option(decode, "--rdma-comm-ports") == "8725"
+    assert decode.env["CUDA_VISIBLE_DEVICES"] == "1"  # one decode GPU, shared with prefill on a 2-GPU machine
+    assert prefill.env["KVCACHE_RDMA_NICS"] == "mlx5_0" and prefill.argv[-2:] == ["--quantization", "wint8"]
+
+    (mixed,) = mixed_deployment(settings, tmp_path, tmp_path / "out", environ).specs
+    assert "--splitwise-role" not in mixed.argv and "--router" not in mixed.argv
+    assert settings.unfixed_plugin_env == {"FD_PD_FIX": "1", "FD_PD_FIX_MODE": "observe"}
+
+
+@pytest.mark.parametrize(
+    "environ, complaint",
+    [
+        ({"FD_E2E_PREFILL_GPUS": "0"}, "TP size of 2"),
+        ({"FD_E2E_DECODE_GPUS": "2"}, "IPC transfer needs equal TP sizes"),
+        ({"FD_E2E_REQUESTS": "many"}, "FD_E2E_REQUESTS='many'"),
+        ({"FD_E2E_UNFIXED_PLUGIN": "maybe"}, "FD_E2E_UNFIXED_PLUGIN"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_variable_named(environ, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        E2ESettings.from_env(environ, gpu_count=4)
+
+
+def test_the_skip_reason_names_every_missing_prerequisite(tmp_path):
+    settings = E2ESettings.from_env({}, gpu_count=0)
+    no_module = "import fastdeploy failed: ModuleNotFoundError: No module named 'fastdeploy'"
+    reason = skip_reason(prerequisite_problems(settings, 0, "nvidia-smi not found", no_module))
+    assert "nvidia-smi not found" in reason and "No module named 'fastdeploy'" in reason and "FD_E2E_MODEL" in reason
+
+    ready = E2ESettings.from_env({"MODEL_PATH": str(tmp_path)}, gpu_count=4)
+    (tmp_path / "ERNIE-4.5-0.3B-Paddle").mkdir()
+    assert prerequisite_problems(ready, 4, None, None) == []
+    assert prerequisite_problems(ready, 1, None, None) == ["1 GPU(s), the configured GPU ids need 4"]
+
+
+def test_gpu_and_fastdeploy_probes():
+    assert detect_gpus(which=lambda name: None) == (0, "nvidia-smi not found")
+    listing = subprocess.CompletedProcess([], 0, "GPU 0: A100 (UUID: a)\nGPU 1: A100 (UUID: b)\n", "")
+    assert detect_gpus(which=lambda name: "/usr/bin/nvidia-smi", run=lambda *a, **k: listing) == (2, None)
+
+    standin = subprocess.CompletedProcess([], 0, "True 2.6.0.standin\n", "")
+    assert "stand-in" in probe_fastdeploy(sys.executable, run=lambda *a, **k: standin)
+    real = subprocess.CompletedProcess([], 0, "False 2.5.0\n", "")
+    assert probe_fastdeploy(sys.executable, run=lambda *a, **k: real) is None
+    missing = subprocess.CompletedProcess(
+        [], 1, "", "Traceback ...\nModuleNotFoundError: No module named 'fastdeploy'\n"
+    )
+    assert probe_fastdeploy(sys.executable, run=lambda *a, **k: missing).endswith("No module named 'fastdeploy'")
+
+
+@pytest.mark.parametrize("required, expected_exit", [("0", 0), ("1", 2)])
+def test_run_gpu_e2e_script_runs_the_module_and_collects_its_output(tmp_path, required, expected_exit):
+    artifacts = tmp_path / "artifacts"
+    environ = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "FD_E2E_ARTIFACTS_DIR": str(artifacts),
+        "FD_E2E_REQUIRED": required,
+        "FD_E2E_MODEL": str(tmp_path / "no-such-model"),  # never a real GPU run from here, even on a GPU machine
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "ci" / "run_gpu_e2e.sh")], env=environ, capture_output=True, text=True, timeout=120
+    )
+    pytest_log = (artifacts / "pytest.log").read_text()
+    assert result.returncode == expected_exit, result.stdout + result.stderr
+    assert f"no model at {tmp_path / 'no-such-model'}" in pytest_log
+    assert ("1 skipped" in pytest_log) == (required == "0")
+    assert (artifacts / "environment.txt").is_file() and (artifacts / "junit.xml").is_file()

@@ -1,0 +1,94 @@
+"""Batch journal, queue observation, watchdog and fault-injection parsing, in process."""
+
+import queue
+import threading
+import time
+
+from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
+from fastdeploy_pd_fix.core.messager_step import BatchJournal, next_sequence_hash
+from fastdeploy_pd_fix.plugin import LOG_PREFIX
+from fastdeploy_pd_fix.plugin.inject import injected_delay
+from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
+
+
+def observed_queue(log=lambda line: None, batch_queue=None):
+    """A queue observed as in observe mode: puts journaled, gets tracked."""
+    return QueueObserver(queue.Queue() if batch_queue is None else batch_queue, BatchJournal(log, LOG_PREFIX), True)
+
+
+def test_journal_logs_queued_batches_with_a_rolling_hash_and_tracks_the_held_batch():
+    lines, batch_queue = [], queue.Queue()
+    observer = observed_queue(lines.append, batch_queue)
+    batch_queue.put([(0, 4), (1, 4)])
+    batch_queue.put([(0, 8)])
+    expected_first = next_sequence_hash("", [(0, 4), (1, 4)])
+    assert lines[0] == f"fastdeploy_pd_fix: queued batch #1 [(0, 4), (1, 4)] seq_hash={expected_first}"
+    assert lines[1].endswith(f"seq_hash={next_sequence_hash(expected_first, [(0, 8)])}")
+    assert observer.held_for() == (None, 0.0)
+    assert batch_queue.get() == [(0, 4), (1, 4)]
+    held, seconds = observer.held_for()
+    assert held == [(0, 4), (1, 4)] and seconds >= 0
+    batch_queue.get()
+    assert observer.held_for()[0] == [(0, 8)]
+
+
+def test_watchdog_reports_a_held_batch_once_with_state_and_stacks():
+    observer = observed_queue()
+    observer.journal.record([(0, 4)])
+    reports = []
+    watchdog = Watchdog(0.5, observer, lambda: "waiting layer-0 signals: []", reports.append)
+    assert watchdog.stall() is None
+    observer.held_batch, observer.held_since = [(0, 4)], time.monotonic() - 2.0  # the send thread is stuck
+    stall = watchdog.stall()
+    assert "held batch [(0, 4)] for 2." in stall
+    report = watchdog.report(stall)
+    assert "WATCHDOG: stalled longer than 0.5s" in report and "#1 [(0, 4)] seq_hash=" in report
+    assert "waiting layer-0 signals" in report and "thread stacks:" in report and "File " in report
+
+
+def test_watchdog_thread_reports_head_of_line_wait_once():
+    observer = observed_queue()
+    reported = threading.Event()
+    reports = []
+
+    def log(text):
+        reports.append(text)
+        reported.set()
+
+    watchdog = Watchdog(0.05, observer, lambda: "state", log)
+    watchdog.head_waiting_since = time.monotonic() - 1.0  # the oldest signal has been waiting for a second
+    watchdog.start()
+    assert reported.wait(10), "watchdog did not report a stalled head-of-line signal"
+    watchdog.stop.set()
+    watchdog.thread.join(10)
+    assert len(reports) == 1 and "oldest layer-0 signal has waited" in reports[0]
+
+
+def test_watchdog_head_clock_restarts_when_the_head_moves(monkeypatch):
+    clock = iter([10.0, 20.0, 30.0])
+    monkeypatch.setattr("fastdeploy_pd_fix.plugin.observe.time.monotonic", lambda: next(clock))
+    watchdog = Watchdog(1.0, observed_queue(), lambda: "", lambda text: None)
+    watchdog.note_release_step(progressed=False, waiting=True)
+    assert watchdog.head_waiting_since == 10.0
+    watchdog.note_release_step(progressed=False, waiting=True)  # same head still waiting: the clock keeps running
+    assert watchdog.head_waiting_since == 10.0
+    watchdog.note_release_step(progressed=True, waiting=True)  # a release moved the head: a new wait starts
+    assert watchdog.head_waiting_since == 20.0
+    watchdog.note_release_step(progressed=True, waiting=False)
+    assert watchdog.head_waiting_since is None
+
+
+def test_watchdog_deadline_env(monkeypatch):
+    monkeypatch.setenv("FD_PD_FIX_WATCHDOG_S", "2.5")
+    assert watchdog_deadline() == 2.5
+    for value in ("", "0", "-1", "soon"):
+        monkeypatch.setenv("FD_PD_FIX_WATCHDOG_S", value)
+        assert watchdog_deadline() is None
+
+
+def test_parse_injection_accepts_items_and_reports_bad_ones():
+    injections, problems = parse_injection("registration:rank=1:delay_ms=500, signal:rank=0:delay_ms=20,bogus:rank=1")
+    assert injections == [Injection("registration", 1, 0.5), Injection("signal", 0, 0.02)]
+    assert len(problems) == 1 and "bogus" in problems[0]
+    assert parse_injection("registration:rank=x:delay_ms=1")[1]
+    assert injected_delay(injections, "registration", 1) == 0.5 and injected_delay(injections, "signal", 1) == 0
