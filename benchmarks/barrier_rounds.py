@@ -51,7 +51,7 @@ class BarrierConfig:
 
 def batch_sequences(workload: Workload) -> Dict[str, List[Batch]]:
     """Each mode's batch sequence for ``workload``; the release modes come from the real release objects."""
-    sequences = {ORIGINAL: [signal.tasks for signal in workload.signals]}
+    sequences = {ORIGINAL: [signal.batch for signal in workload.signals]}
     for mode in (UPSTREAM, ORDERED):
         trace = drive_release(mode, workload)
         if trace.drops:

@@ -49,7 +49,7 @@ def upstream_release_times(workload: Workload) -> Tuple[Dict[Tuple[str, int], fl
     signal_time = {
         (owner, prefilled_token_num): signal.time_ms
         for signal in workload.signals
-        for (_, prefilled_token_num), owner in zip(signal.tasks, signal.owners)
+        for (_, _, prefilled_token_num), owner in zip(signal.tasks, signal.owners)
     }
     owners = SlotOwners(workload.requests)
     released: Dict[Tuple[str, int], float] = {}
@@ -67,7 +67,7 @@ def upstream_release_times(workload: Workload) -> Tuple[Dict[Tuple[str, int], fl
 def simulate(workload: Workload) -> Dict:
     """Per-batch waits of both modes, per-task extra wait of ``ordered`` and the blocking delay behind it."""
     ordered = drive_release(ORDERED, workload)
-    if [batch.batch for batch in ordered.batches] != [signal.tasks for signal in workload.signals]:
+    if [batch.batch for batch in ordered.batches] != [signal.batch for signal in workload.signals]:
         raise AssertionError("ordered mode must release every signal of a well-formed workload, in order")
     upstream_released, upstream_waits = upstream_release_times(workload)
     ordered_waits, extra, blocking = [], [], []
@@ -75,7 +75,7 @@ def simulate(workload: Workload) -> Dict:
         ordered_waits.append(batch.time_ms - signal.time_ms)
         trigger = batch.trigger
         blocker = trigger.request if trigger.kind == REGISTRATION_EVENT else None
-        for (_, prefilled_token_num), owner in zip(signal.tasks, signal.owners):
+        for (_, _, prefilled_token_num), owner in zip(signal.tasks, signal.owners):
             extra.append(batch.time_ms - upstream_released[(owner, prefilled_token_num)])
             blocking.append(blocker.registration_delay_ms if blocker else 0.0)
     violations = sum(1 for extra_ms, delay_ms in zip(extra, blocking) if extra_ms > delay_ms + 1e-9)

@@ -65,7 +65,7 @@ def parse_upstream_style(buffer):
         slot = int(buffer[2 + 3 * index])
         offset = int(buffer[3 + 3 * index])
         length = int(buffer[4 + 3 * index])
-        tasks.append((slot, offset + length))
+        tasks.append((slot, offset, offset + length))  # the same triples as parse_kv_signal gives
     return layer, tuple(tasks)
 
 

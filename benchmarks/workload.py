@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Registration, Task, make_release
+from fastdeploy_pd_fix.core.release import Batch, Registration, SignalTask, Task, make_release
 from fastdeploy_pd_fix.verify import workloads as verify_workloads
 from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, RequestSpec, drive
 
@@ -54,12 +54,18 @@ class Request:
 
 @dataclass(frozen=True)
 class Signal:
-    """One layer-0 kv signal: its arrival time, its tasks in engine order, and the request of each task."""
+    """One layer-0 kv signal: its arrival time, its tasks ``(slot, chunk_offset, prefilled_token_num)`` in engine
+    order, and the request of each task."""
 
     index: int
     time_ms: float
-    tasks: Tuple[Task, ...]
+    tasks: Tuple[SignalTask, ...]
     owners: Tuple[str, ...]
+
+    @property
+    def batch(self) -> Batch:
+        """The signal's tasks as one batch puts them into the queue: ``(slot, prefilled_token_num)``."""
+        return tuple((slot, prefilled_token_num) for slot, _, prefilled_token_num in self.tasks)
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ def make_workload(spec: WorkloadSpec) -> Workload:
                 busy.add(slot)
         if active:
             time_ms = start_ms + spec.signal_offset_ms
-            tasks = tuple((request.slot, request.chunk_ends[chunk]) for request, chunk in active)
+            tasks = tuple(request.spec().signal_task(chunk) for request, chunk in active)
             owners = tuple(request.request_id for request, _ in active)
             signals.append(Signal(len(signals), time_ms, tasks, owners))
             for entry in active:

@@ -19,10 +19,11 @@ NO_SIGNAL = -1
 
 @dataclass(frozen=True)
 class KvSignal:
-    """One valid kv signal: the layer that has just been computed and its tasks ``(slot, prefilled_token_num)``."""
+    """One valid kv signal: the layer that has just been computed and its tasks
+    ``(slot, chunk_offset, prefilled_token_num)``, the chunk being ``[chunk_offset, prefilled_token_num)``."""
 
     layer: int
-    tasks: Tuple[Tuple[int, int], ...]
+    tasks: Tuple[Tuple[int, int, int], ...]
 
 
 @dataclass
@@ -56,5 +57,5 @@ def parse_kv_signal(values: np.ndarray, num_slots: int = MAX_TASKS) -> ParsedSig
         for index, (slot, offset, length) in zip(np.flatnonzero(~valid).tolist(), triples[~valid].tolist())
     ]
     prefilled = (offsets + lengths)[valid]
-    tasks = tuple(zip(slots[valid].tolist(), prefilled.tolist()))
+    tasks = tuple(zip(slots[valid].tolist(), offsets[valid].tolist(), prefilled.tolist()))
     return ParsedSignal(KvSignal(layer, tasks), problems)

@@ -7,7 +7,9 @@ One copy of every rule that touches FastDeploy's objects, shared by the plugin (
   ``engine_cache_tasks`` under ``engine_cache_task_thread_lock`` (as upstream does), hand layer-0 tasks to the
   release policy and put what it releases into ``cache_prefilled_engine_ids_queue``.
 * :meth:`MessagerStep.handle_registration`: turn a task just stored in ``idx_cache_task_dict`` into a
-  :class:`~.release.Registration` and release what became ready.
+  :class:`~.release.Registration` and release what became ready. :class:`BoundTaskDict` replaces the messager's
+  ``idx_cache_task_dict``: it reports every store, and shows the send thread, for each slot of the batch it took,
+  the task that batch was bound to (release rule 7), not the slot's newest registration.
 * :class:`BatchJournal`: every queued batch is logged as ``queued batch #N [...] seq_hash=H``, a rolling
   fingerprint equal on every rank until their sequences diverge (``fastdeploy-pd-fix diagnose`` reads it).
 * :func:`consume_signals_forever`: the loop of the replacement ``consume_signals``; no input ends it.
@@ -23,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from .kv_signal import parse_kv_signal
 from .release import Registration, Released, ReleasePolicy, make_release
@@ -81,7 +83,7 @@ def integral(value) -> int:
 def registration_from_task(slot, task) -> Registration:
     """The registration a task stored as ``idx_cache_task_dict[slot] = task`` stands for; ValueError/TypeError/
     KeyError when the task is malformed."""
-    return Registration(integral(slot), str(task["request_id"]), integral(task["need_prefill_tokens"]))
+    return Registration(integral(slot), str(task["request_id"]), integral(task["need_prefill_tokens"]), task)
 
 
 class RegisteredNeeds(Mapping):
@@ -105,6 +107,50 @@ class RegisteredNeeds(Mapping):
         return len(self._messager.idx_cache_task_dict)
 
 
+class BoundTaskDict(dict):
+    """The messager's ``idx_cache_task_dict`` under a :class:`MessagerStep`.
+
+    Every store is reported to the step, after storing, as a registration. The send thread, while it holds a batch,
+    reads for each slot of that batch the task the batch was bound to (release rule 7): an aborted request's batch
+    still queued when the slot's next request registered is sent with the aborted request's own blocks, and the
+    cleanup after its send (``del``) leaves the next request's entry in place. Every other access is a plain dict's.
+    """
+
+    def __init__(self, tasks: dict, step: "MessagerStep"):
+        super().__init__(tasks)
+        self._step = step
+
+    def __setitem__(self, slot, task):
+        super().__setitem__(slot, task)
+        self._step.handle_registration(slot, task)
+
+    def __getitem__(self, slot):
+        bound = self._step.bound_task(slot)
+        return bound if bound is not None else super().__getitem__(slot)
+
+    def __contains__(self, slot):
+        return self._step.bound_task(slot) is not None or super().__contains__(slot)
+
+    def get(self, slot, default=None):
+        bound = self._step.bound_task(slot)
+        return bound if bound is not None else super().get(slot, default)
+
+    def __delitem__(self, slot):
+        bound = self._step.bound_task(slot)
+        if bound is None:
+            super().__delitem__(slot)
+        elif super().get(slot) is bound:
+            super().__delitem__(slot)  # the slot still holds the request just sent; a newer one stays
+
+    def pop(self, slot, *default):
+        bound = self._step.bound_task(slot)
+        if bound is None:
+            return super().pop(slot, *default)
+        if super().get(slot) is bound:
+            super().pop(slot)
+        return bound
+
+
 class MessagerStep:
     """One messager's release state and what each of its two prefill threads does with a new input.
 
@@ -122,6 +168,10 @@ class MessagerStep:
         after_release: Optional[Callable[[Released], None]] = None,
     ):
         self.messager = messager
+        # Rule 7: per queued batch, oldest first, the batch object and slot -> bound task; per thread that took a
+        # batch from the queue (the send thread), the bound tasks of the batch it holds.
+        self._queued_bindings: deque = deque()
+        self._held_bindings: Dict[int, Dict[int, object]] = {}
         self.policy = policy
         self.logger = logger
         self.log_prefix = log_prefix
@@ -142,7 +192,7 @@ class MessagerStep:
         if signal is None:
             return bool(parsed.problems)
         with self.messager.engine_cache_task_thread_lock:
-            for slot, prefilled_token_num in signal.tasks:
+            for slot, _, prefilled_token_num in signal.tasks:
                 engine_cache_tasks[slot]["prefilled_layer_idx"] = signal.layer
                 engine_cache_tasks[slot]["prefilled_token_num"] = prefilled_token_num
         if signal.layer == 0 and signal.tasks:
@@ -151,6 +201,47 @@ class MessagerStep:
             with self.lock:
                 self.publish(self.policy.add_signal(signal.tasks, self.registered), "kv signal")
         return True
+
+    def attach(self) -> None:
+        """Watch the messager's registrations and batch queue (idempotent): ``idx_cache_task_dict`` becomes a
+        :class:`BoundTaskDict` (tasks already in it are handled as registrations, in their order) and the queue's
+        ``get`` tells which batch the send thread holds."""
+        with self.lock:
+            if isinstance(self.messager.idx_cache_task_dict, BoundTaskDict):
+                return
+            existing = dict(self.messager.idx_cache_task_dict)
+            self.messager.idx_cache_task_dict = BoundTaskDict(existing, self)
+            batch_queue = self.messager.cache_prefilled_engine_ids_queue
+            original_get = batch_queue.get
+
+            def get(*args, **kwargs):
+                batch = original_get(*args, **kwargs)
+                self._hold(batch)
+                return batch
+
+            batch_queue.get = get
+        for slot, task in existing.items():
+            self.handle_registration(slot, task)
+
+    def _hold(self, batch) -> None:
+        """The calling thread took ``batch`` from the queue: from now on it sees that batch's bound tasks.
+
+        Bindings of batches queued before ``batch`` are discarded: those were taken by a ``get`` that started before
+        :meth:`attach` wrapped it (the send thread is usually blocked in ``get`` already when the first registration
+        attaches the step) and have been read from the dict as they were."""
+        with self.lock:
+            bound = {}
+            for position, (queued, bound_tasks) in enumerate(self._queued_bindings):
+                if queued is batch:
+                    for _ in range(position + 1):
+                        self._queued_bindings.popleft()
+                    bound = bound_tasks
+                    break
+            self._held_bindings[threading.get_ident()] = bound
+
+    def bound_task(self, slot):
+        """The task the calling thread's held batch is bound to for ``slot``, or None (read the dict then)."""
+        return self._held_bindings.get(threading.get_ident(), {}).get(slot)
 
     def handle_registration(self, slot, task) -> None:
         """Called right after ``idx_cache_task_dict[slot] = task``; never raises (the registration loop goes on)."""
@@ -174,9 +265,13 @@ class MessagerStep:
                 f"{self.log_prefix}dropped layer-0 task slot={drop.slot} "
                 f"prefilled_token_num={drop.prefilled_token_num} from {source}: {drop.reason}"
             )
-        for batch in released.batches:
+        for index, batch in enumerate(released.batches):
             self.journal.record(batch)
-            self.messager.cache_prefilled_engine_ids_queue.put(list(batch))
+            queued = list(batch)
+            if index < len(released.bindings):
+                bound = {slot: registration.task for (slot, _), registration in zip(batch, released.bindings[index])}
+                self._queued_bindings.append((queued, bound))
+            self.messager.cache_prefilled_engine_ids_queue.put(queued)
         if self.after_release is not None:
             self.after_release(released)
 

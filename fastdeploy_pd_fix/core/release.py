@@ -13,30 +13,40 @@ Two policies implement :class:`ReleasePolicy` (``add_signal`` / ``add_registrati
 :class:`Released`):
 
 ``ordered`` (:class:`OrderedRelease`, the default)
-    The batch sequence is a function of the two streams alone, never of their timing:
+    The batch sequence is a function of the two streams alone, never of their timing, and every task is bound by
+    its content to the request it belongs to, also when the engine aborts a request and hands its slot to the next
+    one without telling the messager, repeats cache-info parts, or computes requests that never register:
 
-    1. Layer-0 signals are kept in arrival order and released strictly in that order, one batch per signal
-       (the engine's own granularity, so no extra barrier rounds).
-    2. Each task ``(slot, prefilled_token_num)`` binds to a registration of its slot: tasks of a slot bind, in
-       signal order, to the registrations of that slot in registration order. A registration stays the slot's
-       current one until a task bound to it reaches its ``need_prefill_tokens`` (the final chunk); the next
-       task of that slot then binds to the slot's next registration.
-    3. The oldest signal waits while one of its tasks has no registration to bind to. Nothing is released
+    1. Log order. Layer-0 signals are kept in arrival order and released strictly in that order, one batch per
+       signal (the engine's own granularity, so no extra barrier rounds). A signal whose tasks are all dropped
+       releases no batch.
+    2. Occupancy. Each slot has a list of occupants, in the order of their first registration. A request id is
+       counted once for its whole life: a later registration of it (a repeated D-part, also one arriving late,
+       after the request was aborted and its slot reused) is ignored and reported in :attr:`Released.ignored`.
+       Closed ids are remembered in a bounded FIFO (:data:`CLOSED_IDS_KEPT`), far longer than repeats can lag.
+    3. Binding by content. The oldest signal's next task ``(slot, chunk_offset, prefilled_token_num)`` binds to
+       the slot's first open occupant if it continues it (``chunk_offset`` equals the end of the occupant's last
+       bound chunk; any offset for its first chunk, which may start at a prefix-cached length) and does not go
+       beyond its ``need_prefill_tokens``.
+    4. Closing. An occupant closes when a bound chunk reaches its ``need_prefill_tokens``. An occupant that has
+       started and cannot be continued by the task at hand was aborted (FastDeploy frees an aborted request's
+       slot and gives it to the next request without telling the messager): it is closed as abandoned, reported,
+       and the task is tried against the slot's next occupant.
+    5. Waiting. The oldest signal waits while its next task's slot has no open occupant. Nothing is released
        before its task is registered, and nothing behind it overtakes it.
-    4. Abandonment rule, decided by content only and therefore identical on every rank: a task is dropped
-       (never released, and reported in :attr:`Released.drops`) when it cannot belong to the registration it
-       binds to: its token number exceeds that request's ``need_prefill_tokens``, or it does not advance past
-       the token number already released for that request (a duplicate or a stale signal). A signal whose
-       tasks are all dropped releases no batch.
+    6. Dropping. A task that does not fit the slot's first open occupant, which has not started (its end is
+       beyond that request's ``need_prefill_tokens``), is dropped and reported in :attr:`Released.drops`.
+    7. Send-time binding. Every released batch comes with the registrations its tasks are bound to
+       (:attr:`Released.bindings`, each holding the task dict that was stored): the send thread must read those,
+       not whatever ``idx_cache_task_dict`` holds for the slot when it sends, which may already be the slot's
+       next request.
 
-    5. A registration of the request that is already its slot's latest registration is ignored (reported in
-       :attr:`Released.ignored`): a repeated cache-info part can complete the same task twice, on some ranks
-       only, depending on when the send loop cleans ``cache_info`` up; counting it would bind the slot's next
-       request to a stale registration.
-
-    A task whose request never registers therefore waits until its slot is registered again (FastDeploy hands
-    a freed slot to the next request) and is then judged by rule 4 against that registration. This is the same
-    slot-based binding upstream uses; only the order is made deterministic.
+    Every decision depends only on the tasks and registrations seen so far and on their order within each stream,
+    so every rank decides alike. What the two streams cannot tell apart, and where this policy then errs, alike on
+    every rank: a request aborted before its first chunk whose slot's next request starts with the same chunk; a
+    next request whose prefix-cached first chunk starts exactly where an aborted request stopped; a request
+    computed without registering (its task waits for its slot's next registration and is bound to it); and an
+    aborted request whose first registration arrives only after its slot's next request registered.
 
 ``upstream`` (:class:`UpstreamRelease`)
     The semantics of upstream PR #8034, kept for parity and A/B comparison: every layer-0 task goes through a
@@ -54,8 +64,14 @@ from typing import Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tup
 
 #: One transfer task as put into ``cache_prefilled_engine_ids_queue``: ``(engine slot, prefilled_token_num)``.
 Task = Tuple[int, int]
+#: One task of a kv signal: ``(engine slot, chunk_offset, prefilled_token_num)``; the chunk is
+#: ``[chunk_offset, prefilled_token_num)``.
+SignalTask = Tuple[int, int, int]
 #: One batch: the tasks the send thread handles under a single ``begin_send_cache_barrier`` round.
 Batch = Tuple[Task, ...]
+
+#: How many closed request ids :class:`OrderedRelease` remembers to ignore their late registrations (rule 2).
+CLOSED_IDS_KEPT = 4096
 
 ORDERED = "ordered"
 UPSTREAM = "upstream"
@@ -70,6 +86,8 @@ class Registration:
     slot: int
     request_id: str
     need_prefill_tokens: int
+    #: The task dict stored in ``idx_cache_task_dict`` (what the send thread must read for this request, rule 7).
+    task: object = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         _check_non_negative_int("slot", self.slot)
@@ -89,14 +107,18 @@ class Drop:
 
 @dataclass
 class Released:
-    """What one call released: batches to put into the queue, in order, and tasks abandoned on the way."""
+    """What one call released: batches to put into the queue, in order, and what was dropped or ignored."""
 
     batches: List[Batch] = field(default_factory=list)
+    #: Parallel to :attr:`batches`: the registration each task of the batch is bound to (rule 7). Empty when the
+    #: policy leaves the send thread to read ``idx_cache_task_dict`` at send time (upstream's semantics).
+    bindings: List[Tuple[Registration, ...]] = field(default_factory=list)
     drops: List[Drop] = field(default_factory=list)
-    ignored: List[str] = field(default_factory=list)  # registrations not counted, and why
+    ignored: List[str] = field(default_factory=list)  # registrations not counted, occupants abandoned, and why
 
     def extend(self, other: "Released") -> None:
         self.batches.extend(other.batches)
+        self.bindings.extend(other.bindings)
         self.drops.extend(other.drops)
         self.ignored.extend(other.ignored)
 
@@ -106,17 +128,26 @@ def _check_non_negative_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
-def check_tasks(tasks: Sequence[Task]) -> Tuple[Task, ...]:
-    """``tasks`` as a tuple of ``(slot, prefilled_token_num)`` pairs of non-negative ints, or ValueError."""
+def check_signal_tasks(tasks: Sequence[SignalTask]) -> Tuple[SignalTask, ...]:
+    """``tasks`` as ``(slot, chunk_offset, prefilled_token_num)`` triples of non-negative ints with a non-empty
+    chunk, or ValueError."""
     checked = []
     for task in tasks:
         try:
-            slot, prefilled_token_num = task
+            slot, chunk_offset, prefilled_token_num = task
         except (TypeError, ValueError):
-            raise ValueError(f"a task must be a (slot, prefilled_token_num) pair, got {task!r}") from None
-        _check_non_negative_int("slot", slot)
-        _check_non_negative_int("prefilled_token_num", prefilled_token_num)
-        checked.append((slot, prefilled_token_num))
+            raise ValueError(
+                f"a task must be a (slot, chunk_offset, prefilled_token_num) triple, got {task!r}"
+            ) from None
+        for name, value in (
+            ("slot", slot),
+            ("chunk_offset", chunk_offset),
+            ("prefilled_token_num", prefilled_token_num),
+        ):
+            _check_non_negative_int(name, value)
+        if prefilled_token_num <= chunk_offset:
+            raise ValueError(f"task {task!r}: prefilled_token_num must be beyond chunk_offset (a non-empty chunk)")
+        checked.append((slot, chunk_offset, prefilled_token_num))
     return tuple(checked)
 
 
@@ -129,24 +160,45 @@ class ReleasePolicy(Protocol):
 
     mode: str
 
-    def add_signal(self, tasks: Sequence[Task], registered: Mapping[int, int]) -> Released:
+    def add_signal(self, tasks: Sequence[SignalTask], registered: Mapping[int, int]) -> Released:
         """Take one layer-0 signal (its tasks in engine order) and return what became ready."""
 
     def add_registration(self, registration: Registration, registered: Mapping[int, int]) -> Released:
         """Take one completed registration and return what became ready."""
 
-    def waiting_signals(self) -> List[Batch]:
+    def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
         """Tasks received and neither released nor dropped, oldest signal first."""
 
     def has_waiting(self) -> bool:
         """Whether :meth:`waiting_signals` would be non-empty (cheap: the watchdog asks after every step)."""
 
     def open_registrations(self) -> Dict[int, List[str]]:
-        """Request ids registered per slot whose final chunk has not been released yet."""
+        """Request ids registered per slot that are still open (final chunk not released, not abandoned)."""
+
+
+class _Occupant:
+    """One registered request on one slot, as far as the two streams tell (rules 2-4)."""
+
+    __slots__ = ("registration", "last_end", "abandoned")
+
+    def __init__(self, registration: Registration):
+        self.registration = registration
+        self.last_end: Optional[int] = None  # end of the last chunk bound to it; None: not started
+        self.abandoned = False
+
+    @property
+    def closed(self) -> bool:
+        return self.abandoned or self.last_end == self.registration.need_prefill_tokens
+
+    def __getstate__(self):
+        return (self.registration, self.last_end, self.abandoned)
+
+    def __setstate__(self, state):
+        self.registration, self.last_end, self.abandoned = state
 
 
 class OrderedRelease:
-    """Rank-invariant release: signals in arrival order, each waiting until its tasks are bound.
+    """Rank-invariant release: signals in arrival order, each task bound by content to its slot's occupant.
 
     ``registered`` arguments are accepted for interface parity with :class:`UpstreamRelease` and ignored: this
     policy's decisions depend on the content of the two streams only.
@@ -155,89 +207,111 @@ class OrderedRelease:
     mode = ORDERED
 
     def __init__(self):
-        # Layer-0 signals not yet released, oldest first; each is the list of its still unbound tasks.
-        self._waiting_signals: Deque[List[Task]] = deque()
-        # Tasks of the oldest signal that are already bound (rule 2 consumed their registration state).
-        self._bound_head: List[Task] = []
-        # Registrations per slot, oldest first; the first one is the slot's current registration.
-        self._registrations: Dict[int, Deque[Registration]] = {}
-        # Highest token number released for the current registration of each slot.
-        self._released_tokens: Dict[int, int] = {}
-        # Request id of each slot's latest counted registration (rule 5).
-        self._latest_request: Dict[int, str] = {}
+        # Rule 1: layer-0 signals not yet released, oldest first; each is the list of its still undecided tasks.
+        self._waiting_signals: Deque[List[SignalTask]] = deque()
+        # Tasks of the oldest signal already bound, with the registration each is bound to.
+        self._bound_head: List[Tuple[SignalTask, Registration]] = []
+        # Rule 2: open occupants per slot, oldest first.
+        self._occupants: Dict[int, List[_Occupant]] = {}
+        # Request ids of the open occupants (-> slot), and of the closed ones still remembered, oldest first.
+        self._open_ids: Dict[str, int] = {}
+        self._closed_ids: Dict[str, None] = {}
 
-    def add_signal(self, tasks: Sequence[Task], registered: Optional[Mapping[int, int]] = None) -> Released:
+    def add_signal(self, tasks: Sequence[SignalTask], registered: Optional[Mapping[int, int]] = None) -> Released:
         """Append one layer-0 signal (its tasks in engine order) and release whatever became ready."""
-        self._waiting_signals.append(list(check_tasks(tasks)))
+        self._waiting_signals.append(list(check_signal_tasks(tasks)))
         return self._release_ready_batches()
 
     def add_registration(self, registration: Registration, registered: Optional[Mapping[int, int]] = None) -> Released:
-        """Record one completed registration and release whatever became ready."""
-        if self._latest_request.get(registration.slot) == registration.request_id:
+        """Record one completed registration (rule 2) and release whatever became ready."""
+        request_id = registration.request_id
+        if request_id in self._open_ids or request_id in self._closed_ids:
+            state = "still open" if request_id in self._open_ids else "already closed"
             reason = (
-                f"registration for slot {registration.slot} ignored: request {registration.request_id} is already "
-                "the slot's latest registration (a repeated cache-info part)"
+                f"registration for slot {registration.slot} ignored: request {request_id} was counted before and is "
+                f"{state} (a repeated cache-info part)"
             )
             return Released(ignored=[reason])
-        self._latest_request[registration.slot] = registration.request_id
-        self._registrations.setdefault(registration.slot, deque()).append(registration)
+        self._open_ids[request_id] = registration.slot
+        self._occupants.setdefault(registration.slot, []).append(_Occupant(registration))
         return self._release_ready_batches()
 
-    def waiting_signals(self) -> List[Batch]:
+    def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
         """Signals not yet released, oldest first, each with all its tasks (bound or not) in engine order."""
         waiting = [tuple(tasks) for tasks in self._waiting_signals]
         if waiting:
-            waiting[0] = tuple(self._bound_head) + waiting[0]
+            waiting[0] = tuple(task for task, _ in self._bound_head) + waiting[0]
         return waiting
 
     def has_waiting(self) -> bool:
         return bool(self._waiting_signals)
 
     def open_registrations(self) -> Dict[int, List[str]]:
-        """Request ids registered per slot whose final chunk has not been released yet."""
-        return {slot: [r.request_id for r in regs] for slot, regs in self._registrations.items() if regs}
+        return {
+            slot: [occupant.registration.request_id for occupant in occupants]
+            for slot, occupants in self._occupants.items()
+            if occupants
+        }
 
     def _release_ready_batches(self) -> Released:
         released = Released()
         while self._waiting_signals:
             head = self._waiting_signals[0]
             while head:
-                slot, prefilled_token_num = head[0]
-                registrations = self._registrations.get(slot)
-                if not registrations:
-                    return released  # rule 3: the oldest signal waits for its registration
-                head.pop(0)
-                drop_reason = self._bind(registrations, slot, prefilled_token_num)
-                if drop_reason is None:
-                    self._bound_head.append((slot, prefilled_token_num))
-                else:
-                    released.drops.append(Drop(slot, prefilled_token_num, drop_reason))
+                registration = self._bind(head[0], released)
+                if registration is None:
+                    return released  # rule 5: the oldest signal waits for a registration of its slot
+                task = head.pop(0)
+                if registration is not _DROPPED:
+                    self._bound_head.append((task, registration))
             self._waiting_signals.popleft()
             if self._bound_head:
-                released.batches.append(tuple(self._bound_head))
+                released.batches.append(tuple((slot, end) for (slot, _, end), _ in self._bound_head))
+                released.bindings.append(tuple(registration for _, registration in self._bound_head))
             self._bound_head = []
         return released
 
-    def _bind(self, registrations: Deque[Registration], slot: int, prefilled_token_num: int) -> Optional[str]:
-        """Bind one task to its slot's current registration (rule 2) or return why it is dropped (rule 4)."""
-        current = registrations[0]
-        already_released = self._released_tokens.get(slot, 0)
-        if prefilled_token_num > current.need_prefill_tokens:
-            return (
-                f"prefilled_token_num {prefilled_token_num} exceeds need_prefill_tokens "
-                f"{current.need_prefill_tokens} of request {current.request_id}"
+    def _bind(self, task: SignalTask, released: Released):
+        """The registration ``task`` is bound to (rules 3, 4), ``_DROPPED`` (rule 6), or None to wait (rule 5)."""
+        slot, chunk_offset, end = task
+        occupants = self._occupants.get(slot, [])
+        while occupants:
+            occupant = occupants[0]
+            registration = occupant.registration
+            started = occupant.last_end is not None
+            continues = not started or chunk_offset == occupant.last_end
+            if continues and end <= registration.need_prefill_tokens:
+                occupant.last_end = end  # rule 3
+                if occupant.closed:
+                    self._close(occupants)
+                return registration
+            if not started:
+                reason = (
+                    f"chunk [{chunk_offset}, {end}) does not fit request {registration.request_id}, which needs "
+                    f"{registration.need_prefill_tokens} tokens"
+                )
+                released.drops.append(Drop(slot, end, reason))  # rule 6
+                return _DROPPED
+            occupant.abandoned = True  # rule 4: aborted, its slot given to a later request
+            released.ignored.append(
+                f"request {registration.request_id} on slot {slot} abandoned after {occupant.last_end} of "
+                f"{registration.need_prefill_tokens} tokens: chunk [{chunk_offset}, {end}) does not continue it "
+                "(aborted, its slot reused)"
             )
-        if prefilled_token_num <= already_released:
-            return (
-                f"prefilled_token_num {prefilled_token_num} does not advance past {already_released} already "
-                f"released for request {current.request_id}"
-            )
-        if prefilled_token_num == current.need_prefill_tokens:
-            registrations.popleft()  # final chunk: the slot's next task belongs to its next registration
-            self._released_tokens.pop(slot, None)
-        else:
-            self._released_tokens[slot] = prefilled_token_num
+            self._close(occupants)
         return None
+
+    def _close(self, occupants: List[_Occupant]) -> None:
+        """Remove the slot's first occupant and remember its id (rule 2), forgetting the oldest beyond the bound."""
+        request_id = occupants.pop(0).registration.request_id
+        del self._open_ids[request_id]
+        self._closed_ids[request_id] = None
+        if len(self._closed_ids) > CLOSED_IDS_KEPT:
+            del self._closed_ids[next(iter(self._closed_ids))]
+
+
+#: Marker returned by :meth:`OrderedRelease._bind` for a dropped task.
+_DROPPED = object()
 
 
 class UpstreamRelease:
@@ -250,15 +324,15 @@ class UpstreamRelease:
     mode = UPSTREAM
 
     def __init__(self):
-        # Latest layer-0 token number per slot, not yet recovered (upstream's pending_layer0_signals).
-        self._pending: Dict[int, int] = {}
+        # Latest layer-0 chunk per slot, not yet recovered (upstream's pending_layer0_signals).
+        self._pending: Dict[int, Tuple[int, int]] = {}
 
-    def add_signal(self, tasks: Sequence[Task], registered: Mapping[int, int]) -> Released:
-        tasks = check_tasks(tasks)
-        for slot, prefilled_token_num in tasks:
-            self._pending[slot] = prefilled_token_num  # the latest signal per slot wins
+    def add_signal(self, tasks: Sequence[SignalTask], registered: Mapping[int, int]) -> Released:
+        tasks = check_signal_tasks(tasks)
+        for slot, chunk_offset, prefilled_token_num in tasks:
+            self._pending[slot] = (chunk_offset, prefilled_token_num)  # the latest signal per slot wins
         released = Released()
-        for slot in dict.fromkeys(slot for slot, _ in tasks):
+        for slot in dict.fromkeys(slot for slot, _, _ in tasks):
             if slot in registered:
                 released.extend(self._recover(slot, registered[slot]))
         return released
@@ -266,8 +340,8 @@ class UpstreamRelease:
     def add_registration(self, registration: Registration, registered: Mapping[int, int]) -> Released:
         return self._recover(registration.slot, registration.need_prefill_tokens)
 
-    def waiting_signals(self) -> List[Batch]:
-        return [((slot, prefilled_token_num),) for slot, prefilled_token_num in self._pending.items()]
+    def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
+        return [((slot, chunk_offset, end),) for slot, (chunk_offset, end) in self._pending.items()]
 
     def has_waiting(self) -> bool:
         return bool(self._pending)
@@ -279,7 +353,7 @@ class UpstreamRelease:
         released = Released()
         if slot not in self._pending:
             return released
-        prefilled_token_num = self._pending.pop(slot)
+        _, prefilled_token_num = self._pending.pop(slot)
         if prefilled_token_num > need_prefill_tokens:
             reason = f"prefilled_token_num {prefilled_token_num} exceeds need_prefill_tokens {need_prefill_tokens}"
             released.drops.append(Drop(slot, prefilled_token_num, reason))

@@ -5,7 +5,8 @@
   when. In observe mode it also wraps ``put``, so that the running release's own batches are journaled through
   :class:`~fastdeploy_pd_fix.core.messager_step.BatchJournal`; in the other modes the
   :class:`~fastdeploy_pd_fix.core.messager_step.MessagerStep` journals each batch it queues, and ``put`` stays as
-  it is: every batch is journaled exactly once.
+  it is: every batch is journaled exactly once. There the step's ``attach`` wraps ``get`` once more (to show the
+  send thread its batch's own tasks); the two wrappers return the same batch object, in either order.
 * :class:`Watchdog` (``FD_PD_FIX_WATCHDOG_S``, off unless set) logs once, loudly, when the send thread has held a
   batch (at a barrier or sending) or the oldest layer-0 signal has waited longer than the deadline: the recent
   batch sequence, the release state, and every thread's stack. It only observes.

@@ -74,10 +74,18 @@ MANIFEST = (
     PatchInfo(
         target=f"{TARGET_CLASS}._add_cache_task_thread",
         how="wrapped: original loop unchanged, registrations observed through idx_cache_task_dict",
-        why="the release policy must see every registration, in registration order.",
+        why=(
+            "the release policy must see every registration, in registration order, and the send thread must read "
+            "the task each batch was bound to: an aborted request's batch may still be queued when the engine has "
+            "given its slot to the next request."
+        ),
         details=(
-            "the wrapper replaces idx_cache_task_dict by a dict subclass that reports each item assignment to the "
-            "policy, then runs the original loop unchanged, so every engine-facing call of the running release "
+            "before the original loop runs, activation attaches core.messager_step (MessagerStep.attach): "
+            "idx_cache_task_dict becomes a "
+            "BoundTaskDict, which reports each item assignment to the policy and shows the send thread, for the "
+            "slots of the batch it took from cache_prefilled_engine_ids_queue, that batch's own task (its cleanup "
+            "del leaves a newer request's entry in place); then it runs the original loop unchanged, so every "
+            "engine-facing call of the running release "
             "(get_cache_info, cache_info_barrier, the pre-#7724 finish_add_cache_task report and barrier) stays "
             "exactly as it is. The original's recovery of pending_layer0_signals (#7872+) finds nothing, because "
             "the patched consume_signals never fills that buffer."

@@ -6,8 +6,10 @@ Thin adapters: every rule that touches FastDeploy's objects is in :mod:`fastdepl
 * activates the plugin once per messager instance (:func:`activate`), or stands aside for that instance, with a
   warning, when it lacks what the step needs;
 * connects the instance to a :class:`~fastdeploy_pd_fix.core.messager_step.MessagerStep`: the kv-signal op call of
-  the running release (its arguments from :class:`fastdeploy_pd_fix.analysis.OpArgument`, no ``eval``) and the
-  registrations stored into ``idx_cache_task_dict``;
+  the running release (its arguments from :class:`fastdeploy_pd_fix.analysis.OpArgument`, no ``eval``), and
+  :meth:`~fastdeploy_pd_fix.core.messager_step.MessagerStep.attach`, which makes ``idx_cache_task_dict`` a
+  :class:`~fastdeploy_pd_fix.core.messager_step.BoundTaskDict` (every store reported, the send thread shown its
+  batch's own tasks);
 * adds queue observation, the watchdog and fault injection (:mod:`.observe`, :mod:`.inject`), also in observe
   mode, where the running release's own methods run.
 """
@@ -43,18 +45,6 @@ def messager_logger(messager) -> logging.Logger:
     return module_logger if hasattr(module_logger, "warning") else fallback_logger
 
 
-class RegistrationObservingDict(dict):
-    """``idx_cache_task_dict`` that reports every stored task, after storing it, to the messager step."""
-
-    def __init__(self, tasks: dict, on_store):
-        super().__init__(tasks)
-        self._on_store = on_store
-
-    def __setitem__(self, slot, task):
-        super().__setitem__(slot, task)
-        self._on_store(slot, task)
-
-
 class MessagerRuntime:
     """One messager's patch state: its step (None in observe mode), queue observer, watchdog and op call."""
 
@@ -79,9 +69,10 @@ class MessagerRuntime:
         )
         self.watchdog = Watchdog(deadline, self.observer, self.describe_state, logger.error) if deadline else None
         if self.step is not None:
-            messager.idx_cache_task_dict = RegistrationObservingDict(
-                messager.idx_cache_task_dict, self.step.handle_registration
-            )
+            # Activation runs before the original registration loop stores anything (see make_add_cache_task_thread):
+            # idx_cache_task_dict becomes the step's BoundTaskDict, and the queue's get, already wrapped by the
+            # observer, is wrapped once more to tell the step which batch the send thread holds (release rule 7).
+            self.step.attach()
         if self.watchdog:
             self.watchdog.start()
 
@@ -163,7 +154,7 @@ def make_consume_signals(original, state):
 def make_add_cache_task_thread(original, state):
     @functools.wraps(original)
     def _add_cache_task_thread(self):
-        activate(self, state)  # installs the registration observer before the original loop stores anything
+        activate(self, state)  # attaches the step before the original loop stores anything
         return original(self)
 
     _add_cache_task_thread.__fd_pd_fix__ = True

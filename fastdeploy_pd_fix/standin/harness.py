@@ -40,7 +40,9 @@ POLL_S = 0.01  # how often the harness looks at its processes and files (detecti
 @dataclass
 class ScenarioResult:
     """What one run did. ``batches[rank]`` is the sequence of batches the rank's send loop took, each a list of
-    ``[slot, prefilled_token_num]``; ``finished[rank]`` the request ids it finished, in order."""
+    ``[slot, prefilled_token_num]``; ``finished[rank]`` the request ids it finished, in order; ``violations[rank]``
+    the ground-truth violations its send loop reported (a task read that is not the batch's request's, or blocks
+    sent before their chunk was computed; see ``fastdeploy/_standin/ground_truth.py``), in order."""
 
     outcome: str  # "finished" | "hang" | "error"
     batches: Dict[int, List[List[List[int]]]]
@@ -54,16 +56,22 @@ class ScenarioResult:
     startup_s: float = 0.0  # from the first launch to "every rank ready"
     engine_log: str = ""  # the engine process's own output and the ranks' reports it recorded
     workdir: Optional[str] = None  # kept only when the caller gave a workdir
+    violations: Dict[int, List[str]] = field(default_factory=dict)
 
     def same_batches_on_all_ranks(self) -> bool:
         sequences = list(self.batches.values())
         return all(sequence == sequences[0] for sequence in sequences)
+
+    def ground_truth_violations(self) -> int:
+        """How many ground-truth violations the ranks reported, all ranks together."""
+        return sum(len(found) for found in self.violations.values())
 
     def summary(self) -> str:
         return (
             f"{self.scenario} {self.variant}: {self.outcome} in {self.elapsed_s:.2f}s "
             f"batches={self.batches} finished={self.finished} returncodes={self.returncodes}"
             + (f" error={self.error}" if self.error else "")
+            + (f" violations={self.violations}" if self.ground_truth_violations() else "")
         )
 
 
@@ -283,6 +291,10 @@ def run_scenario(
         rank: [event["request_id"] for event in events if event["event"] == "finished"]
         for rank, events in progress.items()
     }
+    violations = {
+        rank: [event["violation"] for event in events if event["event"] == "violation"]
+        for rank, events in progress.items()
+    }
     if outcome == "finished":
         not_done = [rank for rank, events in progress.items() if not any(e["event"] == "done" for e in events)]
         if not_done:
@@ -309,6 +321,7 @@ def run_scenario(
         startup_s=startup_s,
         engine_log=engine_log,
         workdir=str(run_dir) if keep else None,
+        violations=violations,
     )
 
 
@@ -329,13 +342,23 @@ def all_variants():
     ]
 
 
-def _print_table(results: List[ScenarioResult]) -> None:
-    print(f"{'scenario':<9}{'release':<9}{'7724':<6}{'op':<4}{'outcome':<10}{'expected':<10}batches per rank")
+def expected_outcome(name: str, release: str, mode: Optional[str]) -> Optional[str]:
+    """The documented outcome of a named scenario: per release without the plugin (s0-s3), per mode on the default
+    #7872 variant (lifecycle scenarios); None when none is documented."""
+    scenario = SCENARIOS.get(name, {})
+    if "expected" in scenario:
+        return scenario["expected"].get(mode or config.OFF, [None])[0] if release == "7872" else None
+    return scenario.get("expected_without_fix", {}).get(release)
+
+
+def _print_table(results: List[ScenarioResult], mode: Optional[str] = None) -> None:
+    print(f"{'scenario':<9}{'release':<9}{'7724':<6}{'op':<4}{'outcome':<10}{'expected':<10}{'gt':<4}batches per rank")
     for result in results:
-        expected = SCENARIOS.get(result.scenario, {}).get("expected_without_fix", {}).get(result.variant["release"])
+        expected = expected_outcome(result.scenario, result.variant["release"], mode)
         print(
             f"{result.scenario:<9}{result.variant['release']:<9}{int(result.variant['with_7724']):<6}"
-            f"{result.variant['op_args']:<4}{result.outcome:<10}{str(expected):<10}{result.batches}"
+            f"{result.variant['op_args']:<4}{result.outcome:<10}{str(expected):<10}"
+            f"{result.ground_truth_violations():<4}{result.batches}"
         )
 
 
@@ -366,7 +389,7 @@ def main(argv=None) -> int:
     ]
     started = time.monotonic()
     results = run_many(runs, parallel=args.parallel)
-    _print_table(results)
+    _print_table(results, args.mode)
     print(f"{len(results)} runs in {time.monotonic() - started:.1f}s")
     for result in results:
         if args.verbose or result.outcome == "error":

@@ -3,17 +3,23 @@
 A scenario is a plain dict (written to JSON for the rank processes):
 
 * ``signals``: layer-0 kv signals, each a list of ``[slot, chunk_token_offset, current_chunk_len]``;
-* ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``;
-* ``schedules``: per rank, the order of ``sig<i>`` / ``reg<j>`` events (ranks beyond the list repeat the last one);
+* ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``
+  (optional ``"parts"``: ``"prefill"`` or ``"decode"`` for one cache-info half only);
+* ``schedules``: per rank, the order of ``sig<i>`` / ``reg<j>`` events (ranks beyond the list repeat the last one),
+  with the send-thread controls ``stall`` / ``hold`` / ``go`` / ``drain`` where needed;
 * ``expected_without_fix``: outcome per release variant when no plugin is active (the same for every #7724 and
-  kv-signal op variant), with the reason in ``why``.
+  kv-signal op variant), with the reason in ``why``;
+* optional, for the engine's slot lifecycle: ``aborted`` (request ids the engine aborts) and ``owners`` (per signal,
+  the request each task belongs to: the ground truth the send thread is checked against).
 
 Every rank must see every event once and each stream in its own order; :func:`validate_scenario` checks that.
+s0-s3 are the race scenarios; l1-l13 the slot-lifecycle ones (:mod:`fastdeploy_pd_fix.standin.lifecycle`).
 """
 
 import copy
 
-from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import RELEASES, parse_event
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import CONTROLS, PARTS, RELEASES, parse_event
+from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 
 __all__ = ["RELEASES", "SCENARIOS", "parse_event", "resolve_scenario", "validate_scenario"]
 
@@ -69,6 +75,9 @@ SCENARIOS = {
 }
 
 
+SCENARIOS.update(LIFECYCLE_SCENARIOS)
+
+
 def validate_scenario(scenario):
     """Raise ValueError unless every rank's schedule shows every event once, each stream in its own order."""
     for key in ("signals", "registrations", "schedules"):
@@ -80,14 +89,20 @@ def validate_scenario(scenario):
                 raise ValueError(f"bad signal task {task!r}: expected [slot, offset, length] of ints >= 0")
     for read in scenario["registrations"]:
         for request in read:
-            if set(request) != {"request_id", "slot", "need_prefill_tokens"}:
+            keys = {"request_id", "slot", "need_prefill_tokens"}
+            if not keys <= set(request) <= keys | {"parts"} or request.get("parts", PARTS[0]) not in PARTS:
                 raise ValueError(f"bad registration {request!r}")
+    owners = scenario.get("owners")
+    if owners is not None and [len(tasks) for tasks in owners] != [len(signal) for signal in scenario["signals"]]:
+        raise ValueError("owners must name one request (or null) per task of every signal")
+    if not all(isinstance(request_id, str) for request_id in scenario.get("aborted", [])):
+        raise ValueError("aborted must be a list of request ids")
     expected = {
         "sig": [("sig", index) for index in range(len(scenario["signals"]))],
         "reg": [("reg", index) for index in range(len(scenario["registrations"]))],
     }
     for rank, schedule in enumerate(scenario["schedules"]):
-        events = [parse_event(token) for token in schedule]
+        events = [event for event in map(parse_event, schedule) if event[0] not in CONTROLS]
         for kind, in_order in expected.items():
             if [event for event in events if event[0] == kind] != in_order:
                 raise ValueError(f"schedule of rank {rank} {schedule!r}: every {kind} once, in stream order")

@@ -12,6 +12,13 @@ S) or from its scenario JSON (``--replay FILE``).
                                 [--deadline S] [--json-out FILE]
     python benchmarks/stress.py --replay FILE [--runs N] [--mode ...]
 
+The engine's slot lifecycle is drawn in too (``--no-lifecycle`` leaves it out), from a random stream of its own so
+that a seed's base workload stays the same: a request with several chunks is aborted after some of them (its slot
+then goes to the next request at once, unannounced; it stays registered and need not finish), and a request's D-part
+is repeated in the read that registers it. Both are cases the two streams decide (no request aborted before its
+first signal, no prefix-cached start at an aborted end, no request that never registers): ``ordered`` must run them
+clean. Each scenario carries its ground truth (``owners``), and the stand-in's send thread checks every batch.
+
 Per run it reports the outcome (finished / hang / error) and, per rank, against the signal stream:
 
 * lost: a signal task neither queued nor expected to be dropped (no task of these workloads should be dropped);
@@ -19,12 +26,14 @@ Per run it reports the outcome (finished / hang / error) and, per rank, against 
 * divergent: the queued batch sequences differ between ranks;
 * unexpected (``ordered`` only): a rank's sequence is not exactly one batch per kv signal, in signal order, which
   is what ``ordered`` must produce when every request registers and every request's chunks strictly increase up to
-  its ``need_prefill_tokens``.
+  its ``need_prefill_tokens``;
+* violations: ground-truth violations the ranks' send threads reported (a task read that is not the batch's
+  request's, or blocks sent before their chunk was computed).
 
 "Queued" is the plugin's batch journal (``queued batch #N`` lines of each rank's cache messager log), so a hang
 still shows what each rank put into its queue; with ``--mode off`` (no plugin, no journal) it is the batches the
 send loop took. The last stdout line is a JSON summary ``{"mode", "runs", "hangs", "errors", "lost", "duplicated",
-"divergent", "unexpected", "seconds"}``; the exit status is 0 iff all of these counts are 0.
+"divergent", "unexpected", "violations", "seconds"}``; the exit status is 0 iff all of these counts are 0.
 
 Slot reuse follows the engine model of the explorer (:mod:`fastdeploy_pd_fix.verify.workloads`): a slot goes to its
 next request only after every rank has sent the previous one (the engine recycles it after ``get_finished_req``). So,
@@ -60,7 +69,9 @@ REUSE_PROBABILITY = 0.2  # chance that a request (after the first) takes a slot 
 JOIN_PROBABILITY = 0.7  # chance that a runnable request advances in a given engine step
 MAX_CHUNK_TOKENS = 8
 RANK_LOG_END = "\n----- stdout/stderr of rank"  # the harness appends the launch log after the messager's log
-SUMMARY_COUNTS = ("hangs", "errors", "lost", "duplicated", "divergent", "unexpected")
+SUMMARY_COUNTS = ("hangs", "errors", "lost", "duplicated", "divergent", "unexpected", "violations")
+ABORT_PROBABILITY = 0.25  # chance that a request with several chunks is aborted after some of them
+REPEAT_PROBABILITY = 0.2  # chance that a request's D-part comes twice in the read that registers it
 
 
 # ---- workload generation ----
@@ -201,8 +212,57 @@ def _make_schedule(rng: random.Random, signals_before_read: List[int], reads_bef
     return schedule
 
 
-def generate_scenario(seed: int, nranks: int = 2) -> dict:
-    """The scenario of ``seed``: a random workload and an independent random merge of its two streams per rank."""
+def owners_of(workload: GeneratedWorkload) -> List[List[str]]:
+    """The ground truth: the request of each task of each kv signal."""
+    return [[workload.requests[index].request_id for index in step] for step in workload.steps]
+
+
+def add_lifecycle(scenario: dict, rng: random.Random) -> None:
+    """Abort some requests after some of their chunks and repeat some D-parts (see the module docstring).
+
+    An abort removes the request's later chunks from the signals (an emptied signal goes, with its schedule events)
+    and lists it in ``aborted``; it is drawn only where a chunk of a request that is not aborted stays in the last
+    signal, so that the send loop takes every batch before the rank exits.
+    """
+    signals, owners = scenario["signals"], scenario["owners"]
+    aborted = []
+    for request in scenario["requests"]:
+        if len(request["chunks"]) < 2 or rng.random() >= ABORT_PROBABILITY:
+            continue
+        emitted = rng.randint(1, len(request["chunks"]) - 1)
+        positions = [(index, task) for index, tasks in enumerate(owners) for task, owner in enumerate(tasks)]
+        mine = [position for position in positions if owners[position[0]][position[1]] == request["request_id"]]
+        kept = {(index, task) for index, task in positions if (index, task) not in mine[emitted:]}
+        survivors = [index for index, task in kept if owners[index][task] not in aborted + [request["request_id"]]]
+        if not survivors or max(survivors) < max(index for index, _ in kept):
+            continue
+        for index, task in reversed(mine[emitted:]):
+            del signals[index][task], owners[index][task]
+        aborted.append(request["request_id"])
+    if aborted:
+        _drop_empty_signals(scenario)
+        scenario["aborted"] = aborted
+    for read in scenario["registrations"]:
+        for request in list(read):
+            if rng.random() < REPEAT_PROBABILITY:
+                read.append({**request, "parts": "decode"})
+
+
+def _drop_empty_signals(scenario: dict) -> None:
+    """Remove signals left without a task, renumbering the ``sig<i>`` events of every schedule."""
+    kept = [index for index, signal in enumerate(scenario["signals"]) if signal]
+    renumbered = {f"sig{old}": f"sig{new}" for new, old in enumerate(kept)}
+    scenario["signals"] = [scenario["signals"][index] for index in kept]
+    scenario["owners"] = [scenario["owners"][index] for index in kept]
+    scenario["schedules"] = [
+        [renumbered.get(token, token) for token in schedule if not token.startswith("sig") or token in renumbered]
+        for schedule in scenario["schedules"]
+    ]
+
+
+def generate_scenario(seed: int, nranks: int = 2, lifecycle: bool = True) -> dict:
+    """The scenario of ``seed``: a random workload and an independent random merge of its two streams per rank;
+    with ``lifecycle``, aborts and repeated D-parts drawn from a second stream of the seed."""
     rng = random.Random(seed)
     workload = _make_workload(rng, _make_requests(rng))
     reads = _make_registrations(rng, workload)
@@ -225,7 +285,10 @@ def generate_scenario(seed: int, nranks: int = 2) -> dict:
             for read in reads
         ],
         "schedules": [_make_schedule(rng, *floors) for _ in range(nranks)],
+        "owners": owners_of(workload),
     }
+    if lifecycle:
+        add_lifecycle(scenario, random.Random(f"lifecycle-{seed}"))
     validate_scenario(scenario)
     return scenario
 
@@ -238,15 +301,27 @@ def expected_batches(scenario: dict) -> List[List[List[int]]]:
     return [[[slot, offset + length] for slot, offset, length in signal] for signal in scenario["signals"]]
 
 
+def first_registrations(scenario: dict) -> List[dict]:
+    """Each request's registration entry (repeated D-parts left out)."""
+    return [request for read in scenario["registrations"] for request in read if request.get("parts") != "decode"]
+
+
 def reuses_slot(scenario: dict) -> bool:
-    slots = [request["slot"] for read in scenario["registrations"] for request in read]
+    slots = [request["slot"] for request in first_registrations(scenario)]
     return len(slots) != len(set(slots))
 
 
 def workload_class(scenario: dict) -> str:
-    requests = sum(len(read) for read in scenario["registrations"])
+    requests = len(first_registrations(scenario))
     chunked = sum(len(signal) for signal in scenario["signals"]) > requests  # more chunks than requests
-    return f"{requests}req" + ("-chunked" if chunked else "") + ("-reuse" if reuses_slot(scenario) else "")
+    repeats = any(request.get("parts") == "decode" for read in scenario["registrations"] for request in read)
+    return (
+        f"{requests}req"
+        + ("-chunked" if chunked else "")
+        + ("-reuse" if reuses_slot(scenario) else "")
+        + ("-abort" if scenario.get("aborted") else "")
+        + ("-repeat" if repeats else "")
+    )
 
 
 def journal_batches(log: str) -> Optional[List[List[List[int]]]]:
@@ -271,25 +346,28 @@ class RunReport:
     divergent: bool
     unexpected: bool
     error: str
+    violations: int
     startup_s: float
     elapsed_s: float
     queued: Dict[int, list]
 
     @property
     def failed(self) -> bool:
-        return self.outcome != "finished" or bool(self.lost or self.duplicated or self.divergent or self.unexpected)
+        return self.outcome != "finished" or bool(
+            self.lost or self.duplicated or self.divergent or self.unexpected or self.violations
+        )
 
     def line(self) -> str:
         seed = "-" if self.seed is None else str(self.seed)
         return (
-            f"{seed:>8}  {self.workload:<22}{self.outcome:<10}{self.lost:>5}{self.duplicated:>5}"
-            f"{'yes' if self.divergent else 'no':>5}{'yes' if self.unexpected else 'no':>6}"
+            f"{seed:>8}  {self.workload:<32}{self.outcome:<10}{self.lost:>5}{self.duplicated:>5}"
+            f"{'yes' if self.divergent else 'no':>5}{'yes' if self.unexpected else 'no':>6}{self.violations:>5}"
             f"{self.startup_s:>9.2f}{self.elapsed_s:>9.2f}"
         )
 
 
-RUN_HEADER = "{:>8}  {:<22}{:<10}{:>5}{:>5}{:>5}{:>6}{:>9}{:>9}".format(
-    "seed", "workload", "outcome", "lost", "dup", "div", "unexp", "start s", "run s"
+RUN_HEADER = "{:>8}  {:<32}{:<10}{:>5}{:>5}{:>5}{:>6}{:>5}{:>9}{:>9}".format(
+    "seed", "workload", "outcome", "lost", "dup", "div", "unexp", "gt", "start s", "run s"
 )
 
 
@@ -322,6 +400,7 @@ def evaluate(scenario: dict, result, mode: str) -> RunReport:
         divergent=divergent,
         unexpected=unexpected,
         error=error,
+        violations=result.ground_truth_violations(),
         startup_s=result.startup_s,
         elapsed_s=result.elapsed_s,
         queued=queued,
@@ -378,12 +457,13 @@ def summary_table(reports: List[RunReport]) -> str:
             row["duplicated"] += report.duplicated
             row["divergent"] += report.divergent
             row["unexpected"] += report.unexpected
-    columns = ("runs", "finished", "hang", "error", "lost", "duplicated", "divergent", "unexpected")
-    lines = [f"{'workload':<22}" + "".join(f"{column:>11}" for column in columns), "-" * (22 + 11 * len(columns))]
+            row["violations"] += report.violations
+    columns = ("runs", "finished", "hang", "error", "lost", "duplicated", "divergent", "unexpected", "violations")
+    lines = [f"{'workload':<32}" + "".join(f"{column:>11}" for column in columns), "-" * (32 + 11 * len(columns))]
     for key in sorted(set(rows) - {"total"}) + ["total"]:
         if key == "total":
-            lines.append("-" * (22 + 11 * len(columns)))
-        lines.append(f"{key:<22}" + "".join(f"{rows[key][column]:>11}" for column in columns))
+            lines.append("-" * (32 + 11 * len(columns)))
+        lines.append(f"{key:<32}" + "".join(f"{rows[key][column]:>11}" for column in columns))
     return "\n".join(lines)
 
 
@@ -397,6 +477,7 @@ def parse_args(argv=None):
     parser.add_argument("--nranks", type=int, choices=(2, 3), default=2)
     parser.add_argument("--parallel", type=int, default=4, help="runs at a time (run_many)")
     parser.add_argument("--deadline", type=float, default=3.0, help="seconds after every rank is ready: hang")
+    parser.add_argument("--no-lifecycle", action="store_true", help="no aborts or repeated D-parts in the workloads")
     parser.add_argument("--replay", metavar="FILE", help="run this scenario JSON instead of generated ones")
     parser.add_argument("--json-out", metavar="FILE", help="write every run's report and the failing scenarios")
     parser.add_argument("-q", "--quiet", action="store_true", help="print failures only, not every run")
@@ -413,7 +494,10 @@ def main(argv=None) -> int:
         replayed = load_replay(args.replay, args.nranks)
         scenarios = [replayed] * args.runs
     else:
-        scenarios = [generate_scenario(args.seed + index, args.nranks) for index in range(args.runs)]
+        scenarios = [
+            generate_scenario(args.seed + index, args.nranks, lifecycle=not args.no_lifecycle)
+            for index in range(args.runs)
+        ]
     print(
         f"stress: mode={args.mode} release={args.release} with_7724={args.with_7724} nranks={args.nranks} "
         f"runs={args.runs} "
@@ -453,6 +537,7 @@ def main(argv=None) -> int:
         "duplicated": sum(report.duplicated for report in reports),
         "divergent": sum(report.divergent for report in reports),
         "unexpected": sum(report.unexpected for report in reports),
+        "violations": sum(report.violations for report in reports),
         "seconds": round(seconds, 1),
     }
     if args.json_out:

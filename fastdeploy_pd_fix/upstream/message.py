@@ -81,9 +81,13 @@ def _modifications(mode: str, analysis: TargetAnalysis, store: str, adds_package
         "recorded under engine_cache_task_thread_lock as before, layer-0 tasks to the release; each queued batch is "
         "logged as `layer0_release: queued batch #N [...] seq_hash=H`, malformed signals and dropped tasks are "
         "logged, and no exception ends the thread.",
-        f"- CacheMessagerV1._add_cache_task_thread: one line added right after `{store}`, which hands the stored "
-        "task to the release. Its engine-facing calls stay as they are on this branch: get_cache_info, "
-        f"cache_info_barrier, {registration_calls(analysis)}.",
+        f"- CacheMessagerV1._add_cache_task_thread: one line added right after `{store}`, which attaches the "
+        "release to the messager (idempotent): the first store turns idx_cache_task_dict into "
+        "layer0_release.messager_step.BoundTaskDict, which hands every store to the release and shows the send "
+        "loop, for each slot of the batch it took, that batch's own task. An aborted request's batch may still be "
+        "queued when the engine stores the slot's next request; it is then sent with the aborted request's blocks, "
+        "and its cleanup leaves the next request's entry in place. Its engine-facing calls stay as they are on this "
+        f"branch: get_cache_info, cache_info_barrier, {registration_calls(analysis)}.",
         f"- One small new method, {REGISTRATION_METHOD}. The release state (policy, lock, batch journal) is created "
         "lazily, on first use by either prefill thread (messager_step.step_for uses dict.setdefault, so both threads "
         "get the same one): this leaves __init__ untouched and keeps the diff to the two methods the fix is about.",

@@ -2,8 +2,10 @@
 
 ``consume_signals`` is replaced by a loop over the copied core (``layer0_release.messager_step``: the per-signal
 step, the release, the batch journal) that reads each kv signal with the branch's own op call, followed by one small
-method, ``_layer0_release_on_registration``; one line calling it is inserted right after the
-``self.idx_cache_task_dict[...] = ...`` statement of ``_add_cache_task_thread``. Every other byte of the file stays as
+method, ``_layer0_release_on_registration``, which attaches the step (``MessagerStep.attach``: the registration
+thread's first store makes ``idx_cache_task_dict`` a ``BoundTaskDict``, which reports every later store itself);
+one line calling it is inserted right after the ``self.idx_cache_task_dict[...] = ...`` statement of
+``_add_cache_task_thread``. Every other byte of the file stays as
 it is, so each branch keeps its own engine-facing calls (``get_cache_info``, barriers, the pre-#7724
 ``finish_add_cache_task`` report and barrier).
 
@@ -51,13 +53,18 @@ ${imports}    from fastdeploy.cache_manager.layer0_release import kv_signal, mes
 
     messager_step.consume_signals_forever(messager_step.step_for(self, "${mode}", logger), read_signal)
 
-def ${registration_method}(self, engine_idx):
-    """Hand the task just stored in idx_cache_task_dict[engine_idx] to the layer-0 release (never raises)."""
+def ${registration_method}(self):
+    """Attach the layer-0 release to this messager, right after a task was stored (idempotent).
+
+    The first call makes idx_cache_task_dict a layer0_release BoundTaskDict and hands the task just stored to the
+    release; from then on every store reports itself, and the send thread reads, for each slot of the batch it took
+    from cache_prefilled_engine_ids_queue, the task that batch was bound to (an aborted request's batch may still
+    be queued when its slot's next request is stored). It runs in the registration thread, the only one that
+    stores, so that no store goes into the dict being replaced.
+    """
     from fastdeploy.cache_manager.layer0_release import messager_step
 
-    # None only when the send loop has already finished the task (possible with --mode upstream): logged, ignored.
-    task = self.idx_cache_task_dict.get(engine_idx)
-    messager_step.step_for(self, "${mode}", logger).handle_registration(engine_idx, task)
+    messager_step.step_for(self, "${mode}", logger).attach()
 '''
 )
 
@@ -65,12 +72,6 @@ def ${registration_method}(self, engine_idx):
 def _lines(text: str) -> List[str]:
     """Lines with their ``\\n`` kept, split exactly where the syntax tree counts lines."""
     return re.findall(r"[^\n]*\n|[^\n]+$", text)
-
-
-def _is_simple_expression(node: ast.AST) -> bool:
-    """Names, attributes, constants and constant subscripts: safe to evaluate a second time."""
-    allowed = (ast.Name, ast.Attribute, ast.Subscript, ast.Constant, ast.Load)
-    return all(isinstance(child, allowed) for child in ast.walk(node))
 
 
 def _alone_on_its_lines(lines: List[str], node: ast.stmt) -> bool:
@@ -93,7 +94,7 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
             f"found {len(analysis.task_stores)}; this checkout is not recognised"
         )
     store = analysis.task_stores[0]
-    if len(store.targets) != 1 or not _is_simple_expression(store.targets[0].slice):
+    if len(store.targets) != 1:
         raise MakePatchError(f"unexpected task store `{ast.unparse(store)}`; this checkout is not recognised")
     if not _alone_on_its_lines(lines, store):
         raise MakePatchError(f"the task store `{ast.unparse(store)}` shares its line with other code")
@@ -135,8 +136,7 @@ def patch_source(source: str, mode: str = release.ORDERED) -> Tuple[str, TargetA
     )
     replacement = _indent(methods.rstrip("\n"), def_line[: consume.col_offset], newline)
     store_line = lines[store.lineno - 1]
-    slot = ast.unparse(store.targets[0].slice)
-    hook = f"{store_line[: store.col_offset]}self.{REGISTRATION_METHOD}({slot}){newline}"
+    hook = f"{store_line[: store.col_offset]}self.{REGISTRATION_METHOD}(){newline}"
     edits = [  # (first line, last line, new lines), applied bottom-up so that line numbers stay valid
         (consume.lineno, consume.end_lineno, replacement),
         (store.end_lineno + 1, store.end_lineno, [hook]),

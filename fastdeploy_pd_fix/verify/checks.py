@@ -1,6 +1,6 @@
 """What the explorer checks: per-rank findings, cross-rank comparisons of outcomes, and counterexamples.
 
-The invariants of ``shared/docs/protocol.md``:
+The invariants of ``docs/protocol.md``:
 
 1. every rank releases the same sequence of batches (and drops the same tasks);
 2. every layer-0 task is released exactly once or dropped, and nothing is released before its registration;
@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Registration, Task
+from fastdeploy_pd_fix.core.release import Batch, Registration, SignalTask, Task
 from fastdeploy_pd_fix.verify.barriers import BarrierRun, Wait, simulate_barriers
 from fastdeploy_pd_fix.verify.workloads import FIFO, Workload, switches
 
@@ -37,21 +37,39 @@ DIVERGENT_DROPS = "divergent-drops"  # (2) same decision on every rank
 DEADLOCK = "deadlock"  # (4)
 FINISHED_MISMATCH = "finished-mismatch"  # (4) get_finished_req would report a request another rank has not sent
 
+# Slot-lifecycle findings (:mod:`.lifecycle_search`, where the send thread is an actor of its own).
+SEND_BINDING = "send-binding"  # (6) a task sent with another request's registration
+SEND_EARLY = "send-early"  # (6) ... whose request had not computed that chunk yet: its blocks sent before they exist
+SEND_MISSING = "send-missing"  # the slot had no registration at send time
+LIVENESS = "liveness"  # (5) a request that registers and completes is never sent completely or never finished
+HANG = "hang"  # (5) the engine can never free a slot: its later requests never appear
+STUCK = "stuck"  # (5) a signal held at the head of the log for ever (it blocks every later signal)
+DROPPED_LIVE = "dropped-live"  # (5) a task of a request that registers and completes was dropped
+WORSE_THAN_UPSTREAM = "worse-than-upstream"  # (7) a class of failure upstream never shows on this configuration
+#: Invariant 7 compares modes per class of failure: liveness (5 and 1-4) and safety (6 and 2).
+FAILURE_CLASSES = {
+    "liveness": frozenset(
+        {DEADLOCK, FINISHED_MISMATCH, DIVERGENT_BATCHES, DIVERGENT_DROPS, LOST, UNRELEASED, DROPPED_VALID, LIVENESS}
+        | {HANG, STUCK, DROPPED_LIVE, "stall", "ghost-dropped-valid"}
+    ),
+    "safety": frozenset({EARLY, MISBOUND, PHANTOM, CRASH, SEND_BINDING, SEND_EARLY, SEND_MISSING, "ghost-bound"}),
+}
+
 # Known, documented limitations (counted as violations only with --strict). They can only occur in workloads with
-# a request that never registers ("ghost"): release.py's rule 3 makes the oldest signal wait for a registration of
-# its slot, and rule 4 judges a ghost's task against the slot's next registration.
+# a request that never registers ("ghost"): release.py's rule 5 makes the oldest signal wait for an occupant of its
+# slot, and rules 3 and 6 judge a ghost's task against the slot's next registration.
 STALL = "stall"  # a registered request's task waits forever behind a ghost's signal
 GHOST_BOUND = "ghost-bound"  # a ghost's task was released as the chunk of the slot's next request
 GHOST_DROPPED_VALID = "ghost-dropped-valid"  # a registered request's task dropped after a ghost's task took its place
 LIMITATIONS = {
-    STALL: "a registered request's task waits forever behind a request that never registers (ordered, rule 3: the "
-    "oldest signal waits for a registration of its slot, so a ghost whose slot is never reused blocks every signal "
+    STALL: "a registered request's task waits forever behind a request that never registers (ordered, rule 5: the "
+    "oldest signal waits for an occupant of its slot, so a ghost whose slot is never reused blocks every signal "
     "behind it on every rank alike; no rank-invariant timeout exists)",
     GHOST_BOUND: "a never-registering request's task is released as a chunk of the next request registered in its "
-    "slot (ordered, rules 2 and 4, on every rank alike); when its token number equals that request's need, that "
+    "slot (ordered, rule 3, on every rank alike); when its token number equals that request's need, that "
     "request is reported finished on the ghost's signal and its own final signal then waits (stall)",
-    GHOST_DROPPED_VALID: "after a ghost's task took its place, a registered request's task with the same or a lower "
-    "token number is dropped as not advancing (ordered, rule 4)",
+    GHOST_DROPPED_VALID: "after a ghost's task took its place, a registered request's task that fits no open "
+    "occupant is dropped (ordered, rule 6)",
 }
 
 SHAPE_MERGED = "merged-vs-split"  # s1: one rank put tasks in one batch that another rank split into several
@@ -61,7 +79,8 @@ SCENARIO_OF_SHAPE = {SHAPE_MERGED: "s1", SHAPE_COLLAPSED: "s2", SHAPE_REORDERED:
 # The most telling cross-rank kind names a counterexample; reports list kinds in this order.
 CROSS_RANK_PRIORITY = (DEADLOCK, FINISHED_MISMATCH, DIVERGENT_BATCHES, DIVERGENT_DROPS)
 KIND_ORDER = (DEADLOCK, FINISHED_MISMATCH, LOST, UNRELEASED, EARLY, MISBOUND, DROPPED_VALID, DIVERGENT_BATCHES)
-KIND_ORDER += (DIVERGENT_DROPS, PHANTOM, CRASH, STALL, GHOST_BOUND, GHOST_DROPPED_VALID)
+KIND_ORDER += (DIVERGENT_DROPS, PHANTOM, CRASH, STALL, GHOST_BOUND, GHOST_DROPPED_VALID, SEND_EARLY, SEND_BINDING)
+KIND_ORDER += (SEND_MISSING, LIVENESS, HANG, STUCK, DROPPED_LIVE, WORSE_THAN_UPSTREAM)
 
 Finding = Tuple[str, str]  # (kind, detail)
 #: Per slot, the delivered tasks not yet released or dropped: (prefilled_token_num, origin request id, signal index).
@@ -106,7 +125,7 @@ def drop_finding(slot: int, prefilled_token_num: int, origin: Optional[str], rea
     return None
 
 
-def held_tasks(waiting: Sequence[Batch], unmatched: Unmatched) -> Set[Tuple[int, int, int]]:
+def held_tasks(waiting: Sequence[Tuple[SignalTask, ...]], unmatched: Unmatched) -> Set[Tuple[int, int, int]]:
     """The delivered tasks the policy still holds, as (slot, n, signal index), from its ``waiting_signals()``.
 
     Each waiting task is the latest delivered, still unmatched task with its slot and token number that no other
@@ -114,7 +133,7 @@ def held_tasks(waiting: Sequence[Batch], unmatched: Unmatched) -> Set[Tuple[int,
     """
     held: Set[Tuple[int, int, int]] = set()
     for signal in waiting:
-        for slot, number in signal:
+        for slot, _, number in signal:
             candidates = [
                 index for n, _, index in unmatched.get(slot, ()) if n == number and (slot, n, index) not in held
             ]
@@ -123,7 +142,9 @@ def held_tasks(waiting: Sequence[Batch], unmatched: Unmatched) -> Set[Tuple[int,
     return held
 
 
-def end_findings(findings: frozenset, waiting: Sequence[Batch], unmatched: Unmatched, workload: Workload) -> frozenset:
+def end_findings(
+    findings: frozenset, waiting: Sequence[Tuple[SignalTask, ...]], unmatched: Unmatched, workload: Workload
+) -> frozenset:
     """Findings once every event was delivered: tasks neither released nor dropped."""
     findings = set(findings)
     held = held_tasks(waiting, unmatched)
@@ -199,9 +220,17 @@ class Counterexample:
             return SCENARIO_OF_SHAPE.get(self.shape)
         return None
 
+    #: Why the two streams cannot decide this workload (lifecycle families), when that makes it a limit.
+    limit_reason: Optional[str] = None
+
     @property
     def limitation(self) -> bool:
-        return self.kind in LIMITATIONS
+        return self.kind in LIMITATIONS or self.limit_reason is not None
+
+    @property
+    def reason(self) -> Optional[str]:
+        """Why this counterexample is a known limit (None for a violation)."""
+        return self.limit_reason or LIMITATIONS.get(self.kind)
 
 
 @dataclass

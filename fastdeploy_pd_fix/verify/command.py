@@ -3,13 +3,17 @@
 For bounded workloads (:mod:`.workloads`) it enumerates every merge of the two streams on a rank, drives a fresh
 release policy through it (:mod:`.models`; for ``ordered`` and ``upstream`` exactly
 :func:`fastdeploy_pd_fix.core.release.make_release`), reduces the merges to one rank's distinct outcomes
-(:mod:`.search`) and checks the invariants of ``shared/docs/protocol.md`` within and across ranks (:mod:`.checks`,
-:mod:`.barriers`).
+(:mod:`.search`) and checks the invariants of ``docs/protocol.md`` within and across ranks (:mod:`.checks`,
+:mod:`.barriers`). The slot-lifecycle families (:mod:`.lifecycle`: aborts, repeated and late D-parts, requests that
+never register) are explored with the send thread as a third actor (:mod:`.lifecycle_search`); their findings in
+workloads the two streams cannot decide are counted as limits, with the reason.
 
-Usage: ``fastdeploy-pd-fix verify [--mode ordered|upstream|pr7872] [--quick] [--json-out PATH] [--strict]
-[--slot-model fifo|dict] [--show N]``. Prints a progress line on stderr, a table per workload family and rank count
-on stdout, the smallest counterexample of each kind found, and as the last line a JSON summary
-``{"mode", "configs", "interleavings", "violations"}``; exits 0 iff there is no violation.
+Usage: ``fastdeploy-pd-fix verify [--mode ordered|upstream|pr7872] [--compare MODE|none] [--quick] [--no-lifecycle]
+[--json-out PATH] [--strict] [--slot-model fifo|dict] [--show N]``. Prints a progress line on stderr, a table per
+workload family and rank count on stdout (with the comparison mode's violations and limits beside: by default
+``upstream``, or ``ordered`` when exploring ``upstream``), the smallest counterexample of each kind found, and as the
+last line a JSON summary ``{"mode", "configs", "interleavings", "violations"}``; exits 0 iff there is no violation
+in ``--mode``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ import json
 import sys
 from typing import List, Optional
 
-from fastdeploy_pd_fix.core.release import ORDERED
-from fastdeploy_pd_fix.verify.checks import LIMITATIONS
+from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
 from fastdeploy_pd_fix.verify.report import counterexample_json, explore, render_counterexample, render_table
 from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS
@@ -46,23 +49,40 @@ def _parse(argv: List[str]) -> argparse.Namespace:
         "sent) or as upstream's plain dict (a registration replaces the slot's entry)",
     )
     parser.add_argument("--show", type=int, default=3, metavar="N", help="print at most N counterexamples (default 3)")
+    parser.add_argument(
+        "--compare",
+        choices=VERIFY_MODES + ("none",),
+        help="also explore every workload in this mode and print its counts beside; against upstream, also check "
+        "invariant 7 (never worse than upstream). Default: upstream (ordered when --mode upstream)",
+    )
+    parser.add_argument("--no-lifecycle", action="store_true", help="skip the slot-lifecycle families")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``fastdeploy-pd-fix verify``: exit 0 iff no violation was found."""
     args = _parse(sys.argv[1:] if argv is None else argv)
-    report = explore(args.mode, quick=args.quick, strict=args.strict, slot_model=args.slot_model)
+    compare = args.compare or (ORDERED if args.mode == UPSTREAM else UPSTREAM)
+    report = explore(
+        args.mode,
+        quick=args.quick,
+        strict=args.strict,
+        slot_model=args.slot_model,
+        compare=None if compare in ("none", args.mode) else compare,
+        lifecycle=not args.no_lifecycle,
+    )
     print(
         f"mode {report.mode}, slot model {report.slot_model}: {report.configs} configurations (workload x ranks), "
-        "every merge of the two streams on every rank"
+        "every merge of the two streams on every rank; lifecycle families (below the rule): every interleaving of "
+        "the signal, registration and send threads"
     )
     print(render_table(report))
     print(
         "interleavings: joint ones covered (merges per rank ** ranks); states: distinct (release state, outputs) "
         "per rank; outcomes: distinct per-rank results; violations: (configuration, kind) findings; limits: known, "
-        "documented limitations, not counted"
-        + (" (--strict: counted)" if args.strict else f" ({', '.join(LIMITATIONS)})")
+        "documented limitations (ghosts; lifecycle workloads the two streams cannot decide), not counted"
+        + (" (--strict: counted)" if args.strict else "")
+        + (f"; {report.compare} viol./limits: the same counts in mode {report.compare}" if report.compare else "")
     )
     violations = [c for c in report.counterexamples if args.strict or not c.limitation]
     limitations = [c for c in report.counterexamples if not args.strict and c.limitation]
@@ -77,9 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"  also: {tag}{counterexample.kind} ({counterexample.shape}) in {counterexample.workload.describe()}"
             )
     if limitations:
-        print("\nknown, documented limitations (not counted; --strict counts them):")
+        print("\nknown, documented limitations (not counted; --strict counts them), smallest example of each kind:")
         for counterexample in limitations:
-            print(f"  {counterexample.kind}: {LIMITATIONS[counterexample.kind]}")
+            family = f" [{counterexample.workload.family}]" if counterexample.limit_reason else ""
+            print(f"  {counterexample.kind}{family}: {counterexample.reason}")
             print(f"    e.g. {counterexample.workload.describe()}: {counterexample.details[0]}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as handle:

@@ -15,16 +15,15 @@ copies several times slower, since it also copies every tuple of the state.
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, Hashable, List, Mapping, Sequence
+from typing import Dict, Hashable, List, Mapping, Sequence, Tuple
 
 from fastdeploy_pd_fix.core.release import (
     RELEASE_MODES,
-    Batch,
     Registration,
     Released,
     ReleasePolicy,
-    Task,
-    check_tasks,
+    SignalTask,
+    check_signal_tasks,
     make_release,
 )
 
@@ -42,15 +41,15 @@ class Pr7872Release:
     mode = PR7872
 
     def __init__(self):
-        self._pending: Dict[int, int] = {}
+        self._pending: Dict[int, SignalTask] = {}
 
-    def add_signal(self, tasks: Sequence[Task], registered: Mapping[int, int]) -> Released:
+    def add_signal(self, tasks: Sequence[SignalTask], registered: Mapping[int, int]) -> Released:
         ready = []
-        for slot, prefilled_token_num in check_tasks(tasks):
+        for slot, chunk_offset, prefilled_token_num in check_signal_tasks(tasks):
             if slot in registered:
                 ready.append((slot, prefilled_token_num))
             else:
-                self._pending[slot] = prefilled_token_num  # latest signal per slot wins
+                self._pending[slot] = (slot, chunk_offset, prefilled_token_num)  # latest signal per slot wins
         released = Released()
         if ready:
             released.batches.append(tuple(ready))  # whatever this rank happens to have registered: timing-dependent
@@ -59,11 +58,12 @@ class Pr7872Release:
     def add_registration(self, registration: Registration, registered: Mapping[int, int]) -> Released:
         released = Released()
         if registration.slot in self._pending:
-            released.batches.append(((registration.slot, self._pending.pop(registration.slot)),))
+            slot, _, prefilled_token_num = self._pending.pop(registration.slot)
+            released.batches.append(((slot, prefilled_token_num),))
         return released
 
-    def waiting_signals(self) -> List[Batch]:
-        return [((slot, prefilled_token_num),) for slot, prefilled_token_num in self._pending.items()]
+    def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
+        return [(task,) for task in self._pending.values()]
 
     def has_waiting(self) -> bool:
         return bool(self._pending)
@@ -79,7 +79,8 @@ def make_policy(mode: str) -> ReleasePolicy:
     return make_release(mode)
 
 
-_IMMUTABLE = (int, str, bytes, float, bool, type(None), tuple, frozenset)
+# Registrations are frozen; the explorer's carry a string as their task, so they can be shared like tuples.
+_IMMUTABLE = (int, str, bytes, float, bool, type(None), tuple, frozenset, Registration)
 
 
 def clone_policy(policy: ReleasePolicy) -> ReleasePolicy:

@@ -7,12 +7,22 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import ORDERED
+from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.barriers import describe_barriers
-from fastdeploy_pd_fix.verify.checks import KIND_ORDER, Counterexample, check_config, cross_rank_divergences
+from fastdeploy_pd_fix.verify.checks import (
+    FAILURE_CLASSES,
+    KIND_ORDER,
+    WORSE_THAN_UPSTREAM,
+    ConfigResult,
+    Counterexample,
+    check_config,
+    cross_rank_divergences,
+)
+from fastdeploy_pd_fix.verify.lifecycle import LifecycleWorkload, lifecycle_families
+from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
-from fastdeploy_pd_fix.verify.search import explore_rank, replay
-from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, Workload, build_workloads, describe_merge, switches
+from fastdeploy_pd_fix.verify.search import RankExploration, explore_rank, replay
+from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, build_workloads, describe_merge, switches, task_text
 
 
 @dataclass
@@ -26,6 +36,10 @@ class FamilyRow:
     violations: int = 0
     limitations: int = 0
     seconds: float = 0.0
+    lifecycle: bool = False
+    #: The comparison mode's violations and limits on the same configurations (None: not compared).
+    compared_violations: Optional[int] = None
+    compared_limitations: Optional[int] = None
 
 
 @dataclass
@@ -33,13 +47,14 @@ class Report:
     mode: str
     slot_model: str
     rows: List[FamilyRow]
-    counterexamples: List[Counterexample]  # smallest per (kind, shape), in discovery order
+    counterexamples: List[Counterexample]  # smallest per (kind, shape, family kind), in discovery order
     configs: int
     interleavings: int
     violations: int
     limitations: int
     seconds: float
     strict: bool
+    compare: Optional[str] = None
 
     def summary(self) -> dict:
         return {
@@ -74,48 +89,123 @@ class Progress:
         self.stream.flush()
 
 
+def _explore_one(workload, mode: str, slot_model: str) -> RankExploration:
+    if isinstance(workload, LifecycleWorkload):
+        return explore_lifecycle_rank(workload, mode)
+    return explore_rank(workload, mode, slot_model)
+
+
+def _configs(workload, mode, exploration, rank_counts, slot_model) -> Dict[int, ConfigResult]:
+    """Check one workload's outcomes for every rank count; lifecycle findings in undecidable workloads are limits."""
+    divergences = cross_rank_divergences(exploration.outcomes)  # the same for any number of ranks
+    results = {}
+    reason = workload.limit_reason() if isinstance(workload, LifecycleWorkload) else None
+    for nranks in rank_counts:
+        result = check_config(
+            workload, mode, exploration.outcomes, exploration.merges, nranks, divergences, slot_model
+        )
+        for counterexample in result.counterexamples:
+            counterexample.limit_reason = reason
+        results[nranks] = result
+    return results
+
+
+def _never_worse(result: ConfigResult, compared: ConfigResult) -> Optional[Counterexample]:
+    """Invariant 7: a class of failure (liveness, or safety) that the compared (upstream) mode never shows on this
+    configuration must not appear in the explored mode either."""
+    worse = []
+    for name, kinds in FAILURE_CLASSES.items():
+        ours = [c for c in result.counterexamples if c.kind in kinds]
+        if ours and not any(c.kind in kinds for c in compared.counterexamples):
+            worse.append((name, ours[0]))
+    if not worse:
+        return None
+    name, example = worse[0]
+    details = [
+        f"{' and '.join(n for n, _ in worse)} failure where {UPSTREAM} has none: {example.kind}: "
+        + (example.details[0] if example.details else "")
+    ]
+    return Counterexample(
+        example.mode,
+        WORSE_THAN_UPSTREAM,
+        None,
+        example.workload,
+        example.nranks,
+        example.rank_outcomes,
+        example.barrier_run,
+        details,
+        example.bad_joint_interleavings,
+        example.joint_interleavings,
+        example.slot_model,
+        example.reason if example.limitation else None,  # worse only by a known limit: that limit
+    )
+
+
 def explore(
     mode: str = ORDERED,
     quick: bool = False,
     rank_counts: Sequence[int] = (2, 3),
     strict: bool = False,
-    families: Optional[List[Tuple[str, List[Workload]]]] = None,
+    families: Optional[List[Tuple[str, list]]] = None,
     progress: bool = True,
     slot_model: str = FIFO,
+    compare: Optional[str] = None,
+    lifecycle: bool = True,
 ) -> Report:
-    """Explore every configured workload under ``mode``; return the table rows and the minimal counterexamples."""
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(VERIFY_MODES)}")
+    """Explore every configured workload under ``mode``; return the table rows and the minimal counterexamples.
+
+    ``families`` defaults to the classic families (:func:`.workloads.build_workloads`) followed, with ``lifecycle``,
+    by the slot-lifecycle ones (:func:`.lifecycle.lifecycle_families`). With ``compare`` (a mode), every workload
+    is explored under that mode too: its counts are reported beside, and when it is ``upstream`` a finding class
+    it never shows where ``mode`` does is counted as ``worse-than-upstream`` (invariant 7)."""
+    for name in (mode, compare or mode):
+        if name not in VERIFY_MODES:
+            raise ValueError(f"unknown mode {name!r}; expected one of {', '.join(VERIFY_MODES)}")
     if slot_model not in SLOT_MODELS:
         raise ValueError(f"unknown slot model {slot_model!r}; expected one of {', '.join(SLOT_MODELS)}")
-    families = build_workloads(quick) if families is None else families
+    if families is None:
+        families = build_workloads(quick) + (lifecycle_families(quick) if lifecycle else [])
     total = sum(len(workloads) for _, workloads in families)
     indicator = Progress(mode, total) if progress else None
     started = time.monotonic()
     rows: List[FamilyRow] = []
-    smallest: Dict[Tuple[str, Optional[str]], Counterexample] = {}
+    smallest: Dict[tuple, Counterexample] = {}
     done = 0
     for family, workloads in families:
-        family_rows = {nranks: FamilyRow(family, nranks) for nranks in rank_counts}
+        is_lifecycle = bool(workloads) and isinstance(workloads[0], LifecycleWorkload)
+        family_rows = {nranks: FamilyRow(family, nranks, lifecycle=is_lifecycle) for nranks in rank_counts}
+        if compare:
+            for row in family_rows.values():
+                row.compared_violations = row.compared_limitations = 0
         family_started = time.monotonic()
         for workload in workloads:
-            exploration = explore_rank(workload, mode, slot_model)
-            divergences = cross_rank_divergences(exploration.outcomes)  # the same for any number of ranks
-            for nranks in rank_counts:
-                result = check_config(
-                    workload, mode, exploration.outcomes, exploration.merges, nranks, divergences, slot_model
+            exploration = _explore_one(workload, mode, slot_model)
+            results = _configs(workload, mode, exploration, rank_counts, slot_model)
+            if compare:
+                compared = _configs(
+                    workload, compare, _explore_one(workload, compare, slot_model), rank_counts, slot_model
                 )
+            for nranks, result in results.items():
                 row = family_rows[nranks]
                 row.configs += 1
                 row.interleavings += result.joint_interleavings
                 row.states += exploration.states
                 row.outcomes += len(exploration.outcomes)
-                for counterexample in result.counterexamples:
+                found = list(result.counterexamples)
+                if compare:
+                    for counterexample in compared[nranks].counterexamples:
+                        if counterexample.limitation and not strict:
+                            row.compared_limitations += 1
+                        else:
+                            row.compared_violations += 1
+                    worse = _never_worse(result, compared[nranks]) if compare == UPSTREAM != mode else None
+                    found += [worse] if worse else []
+                for counterexample in found:
                     if counterexample.limitation and not strict:
                         row.limitations += 1
                     else:
                         row.violations += 1
-                    key = (counterexample.kind, counterexample.shape)
+                    key = (counterexample.kind, counterexample.shape, is_lifecycle)
                     if key not in smallest or _smaller(counterexample, smallest[key]):
                         smallest[key] = counterexample
             done += 1
@@ -136,6 +226,7 @@ def explore(
         limitations=sum(row.limitations for row in rows),
         seconds=time.monotonic() - started,
         strict=strict,
+        compare=compare,
     )
 
 
@@ -151,41 +242,34 @@ def _counterexample_order(c: Counterexample):
 
 
 def render_table(report: Report) -> str:
-    header = ("family", "ranks", "configs", "interleavings", "states", "outcomes", "violations", "limits", "family s")
-    rows = [header]
+    """Per family and rank count; lifecycle families after a rule; with a comparison mode, its counts beside."""
+    header = ["family", "ranks", "configs", "interleavings", "states", "outcomes", "violations", "limits"]
+    if report.compare:
+        header += [f"{report.compare} viol.", f"{report.compare} limits"]
+    header.append("family s")
+    table = [tuple(header)]
+    rules = {0}
     for row in report.rows:
-        rows.append(
-            (
-                row.family,
-                str(row.nranks),
-                str(row.configs),
-                str(row.interleavings),
-                str(row.states),
-                str(row.outcomes),
-                str(row.violations),
-                str(row.limitations),
-                f"{row.seconds:.2f}",
-            )
-        )
-    rows.append(
-        (
-            "total",
-            "",
-            str(report.configs),
-            str(report.interleavings),
-            str(sum(r.states for r in report.rows)),
-            str(sum(r.outcomes for r in report.rows)),
-            str(report.violations),
-            str(report.limitations),
-            f"{report.seconds:.2f}",
-        )
-    )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+        if row.lifecycle and not any(earlier.lifecycle for earlier in report.rows[: report.rows.index(row)]):
+            rules.add(len(table) - 1)
+        cells = [row.family, str(row.nranks), str(row.configs), str(row.interleavings), str(row.states)]
+        cells += [str(row.outcomes), str(row.violations), str(row.limitations)]
+        if report.compare:
+            cells += [str(row.compared_violations), str(row.compared_limitations)]
+        table.append(tuple(cells + [f"{row.seconds:.2f}"]))
+    rules.add(len(table) - 1)
+    total = ["total", "", str(report.configs), str(report.interleavings), str(sum(r.states for r in report.rows))]
+    total += [str(sum(r.outcomes for r in report.rows)), str(report.violations), str(report.limitations)]
+    if report.compare:
+        total += [str(sum(r.compared_violations for r in report.rows))]
+        total += [str(sum(r.compared_limitations for r in report.rows))]
+    table.append(tuple(total + [f"{report.seconds:.2f}"]))
+    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
     lines = []
-    for number, row in enumerate(rows):
+    for number, row in enumerate(table):
         cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells))
-        if number == 0 or number == len(rows) - 2:
+        if number in rules:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -193,13 +277,18 @@ def render_table(report: Report) -> str:
 def counterexample_json(counterexample: Counterexample) -> dict:
     """A counterexample with every rank's merge replayed event by event."""
     c = counterexample
+    lifecycle = isinstance(c.workload, LifecycleWorkload)
     ranks = []
     for rank, outcome in enumerate(c.rank_outcomes):
+        if lifecycle:
+            events = replay_lifecycle(c.workload, c.mode, outcome.witness)
+        else:
+            events = replay(c.workload, c.mode, outcome.witness, c.slot_model)
         ranks.append(
             {
                 "rank": rank,
                 "schedule": outcome.witness,
-                "events": replay(c.workload, c.mode, outcome.witness, c.slot_model),
+                "events": events,
                 "batches": [[list(task) for task in batch] for batch in outcome.batches],
                 "drops": [list(task) for task in outcome.drops],
                 "waits": [wait.describe() for wait in outcome.waits],
@@ -211,6 +300,7 @@ def counterexample_json(counterexample: Counterexample) -> dict:
         "slot_model": c.slot_model,
         "kind": c.kind,
         "limitation": c.limitation,
+        "limit_reason": c.reason if c.limitation else None,
         "shape": c.shape,
         "scenario": c.scenario,
         "config": c.workload.to_json(),
@@ -227,6 +317,8 @@ def counterexample_json(counterexample: Counterexample) -> dict:
 def render_counterexample(counterexample: Counterexample) -> str:
     """A counterexample as text: the workload, every rank's merge replayed, and the barrier rounds."""
     c = counterexample
+    if isinstance(c.workload, LifecycleWorkload):
+        return _render_lifecycle_counterexample(c)
     tag = f"[{c.scenario}] " if c.scenario else ""
     shape = f" ({c.shape})" if c.shape else ""
     limitation = " [known limitation]" if c.limitation else ""
@@ -236,7 +328,7 @@ def render_counterexample(counterexample: Counterexample) -> str:
         "  requests:      " + "  ".join(request.describe() for request in c.workload.requests),
         "  signals:       "
         + "  ".join(
-            f"#{i} [" + ",".join(f"({s},{n}){o}" for (s, n), o in zip(signal, origins)) + "]"
+            f"#{i} [" + ",".join(f"{task_text(task)}{o}" for task, o in zip(signal, origins)) + "]"
             for i, (signal, origins) in enumerate(zip(c.workload.signals, c.workload.origins))
         ),
         "  registrations: "
@@ -254,7 +346,7 @@ def render_counterexample(counterexample: Counterexample) -> str:
         lines.append(f"  rank {rank}: merge {describe_merge(outcome.witness)}")
         for step in replay(c.workload, c.mode, outcome.witness, c.slot_model):
             if step["event"] == "signal":
-                event = f"signal #{step['index']} {_tasks_text(step['tasks'])}"
+                event = f"signal #{step['index']} [{','.join(task_text(task) for task in step['tasks'])}]"
             else:
                 event = f"register {step['request_id']}@{step['slot']} need {step['need_prefill_tokens']}"
             out = [f"batch {_tasks_text(batch)}" for batch in step["released"]]
@@ -269,3 +361,23 @@ def render_counterexample(counterexample: Counterexample) -> str:
 
 def _tasks_text(tasks) -> str:
     return "[" + ",".join(f"({slot},{number})" for slot, number in tasks) + "]"
+
+
+def _render_lifecycle_counterexample(c: Counterexample) -> str:
+    shape = f" ({c.shape})" if c.shape else ""
+    limitation = " [known limitation]" if c.limitation else ""
+    lines = [
+        f"counterexample {c.kind}{shape}{limitation}: mode {c.mode}, lifecycle family {c.workload.family}, "
+        f"{c.nranks} ranks ({c.bad_joint_interleavings} of {c.joint_interleavings} joint interleavings)",
+        "  engine history: " + "; ".join(occupancy.describe() for occupancy in c.workload.occupancies),
+        "  streams:        " + c.workload.describe().split(" | ", 1)[1],
+    ]
+    lines += [f"  {detail}" for detail in c.details]
+    for rank, outcome in enumerate(c.rank_outcomes):
+        lines.append(f"  rank {rank}: interleaving {outcome.witness} (S signal, C cache info, X take, Y finish send)")
+        lines += [f"    {line}" for line in replay_lifecycle(c.workload, c.mode, outcome.witness)]
+        lines.append("    waits:   " + (", ".join(wait.describe() for wait in outcome.waits) or "-"))
+        lines += [f"    {kind}: {detail}" for kind, detail in sorted(outcome.findings)]
+    if c.barrier_run is not None:
+        lines.extend(f"  {line}" for line in describe_barriers(c.barrier_run))
+    return "\n".join(lines)

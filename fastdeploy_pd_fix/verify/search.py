@@ -22,6 +22,7 @@ from fastdeploy_pd_fix.verify.workloads import (
     SIGNAL_EVENT,
     SlotRegistrations,
     Workload,
+    batch_bindings,
     deliver,
     send_task,
     simpler_merge,
@@ -87,7 +88,7 @@ def advance(run: RankRun, event: str, workload: Workload) -> Tuple[RankRun, Rele
         if event == SIGNAL_EVENT:
             index = child.signals_fed
             child.signals_fed += 1
-            for (slot, prefilled_token_num), origin in zip(workload.signals[index], workload.origins[index]):
+            for (slot, _, prefilled_token_num), origin in zip(workload.signals[index], workload.origins[index]):
                 child.unmatched[slot] = child.unmatched.get(slot, ()) + ((prefilled_token_num, origin, index),)
         else:
             index = child.registrations_fed
@@ -115,11 +116,11 @@ def _record(run: RankRun, released: Released, workload: Workload) -> None:
     """Append released batches and drops, derive the barrier waits, and note per-rank findings."""
     findings = set(run.findings)
     waits = list(run.waits)
-    for batch in released.batches:
+    for number, batch in enumerate(released.batches):
         waits.append(Wait(BEGIN))
-        for slot, prefilled_token_num in batch:
+        for (slot, prefilled_token_num), bound in zip(batch, batch_bindings(released, number)):
             origin = _match_origin(run, slot, prefilled_token_num)
-            owner = send_task(run.slot_registrations, slot, prefilled_token_num)
+            owner = send_task(run.slot_registrations, slot, prefilled_token_num, bound)
             finding = release_finding(slot, prefilled_token_num, origin, owner, workload, run.fed)
             if finding is not None:
                 findings.add(finding)

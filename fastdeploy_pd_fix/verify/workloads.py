@@ -1,8 +1,8 @@
 """Workloads: prefill requests, the two rank-invariant streams they produce, and one rank's drive through a merge.
 
 Every tensor-parallel rank sees the same two streams: the layer-0 kv signals (each a tuple of tasks
-``(slot, prefilled_token_num)``) and the registrations (lockstep across ranks). Only their *merge* differs from rank
-to rank; a merge is written as a string of :data:`SIGNAL_EVENT` and :data:`REGISTRATION_EVENT`.
+``(slot, chunk_offset, prefilled_token_num)``) and the registrations (lockstep across ranks). Only their *merge*
+differs from rank to rank; a merge is written as a string of :data:`SIGNAL_EVENT` and :data:`REGISTRATION_EVENT`.
 
 The engine model, shared by the explorer, the property tests, the benchmarks and the stress generator: each engine
 step runs the next chunk of a subset of the runnable requests and emits one signal with their tasks in slot order; a
@@ -10,11 +10,13 @@ request reusing a slot becomes runnable only after the slot's previous request r
 
 The send-thread model (:func:`drive`): the send thread consumes a batch the moment it is released.
 ``idx_cache_task_dict`` is modelled per slot as a FIFO of registrations (:data:`FIFO`): a registration appends to its
-slot; the head is the request a released task of that slot belongs to; the head leaves when a batch holding its final
-chunk (``prefilled_token_num == need_prefill_tokens``) is released. ``registered`` (what ``upstream`` and ``pr7872``
-look at) maps each slot with a head to the head's ``need_prefill_tokens``. The FIFO equals upstream's plain dict
-whenever a slot is re-registered only after its previous request was sent (true if the engine recycles a slot only
-after ``get_finished_req``). :data:`DICT` models the plain dict instead (a registration replaces its slot's entry).
+slot; a released task belongs to the registration the policy bound it to (``Released.bindings``, what
+``BoundTaskDict`` shows the send thread), else to the slot's head (upstream's read at send time); that registration
+leaves when a batch holding its final chunk (``prefilled_token_num == need_prefill_tokens``) is released.
+``registered`` (what ``upstream`` and ``pr7872`` look at) maps each slot with a head to the head's
+``need_prefill_tokens``. The FIFO equals upstream's plain dict whenever a slot is re-registered only after its
+previous request was sent (true if the engine recycles a slot only after ``get_finished_req``). :data:`DICT` models
+the plain dict instead (a registration replaces its slot's entry).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import Registration, Released, ReleasePolicy, Task
+from fastdeploy_pd_fix.core.release import Registration, Released, ReleasePolicy, SignalTask
 
 SIGNAL_EVENT = "S"
 REGISTRATION_EVENT = "R"
@@ -53,6 +55,11 @@ class RequestSpec:
     def registration(self) -> Registration:
         return Registration(self.slot, self.request_id, self.need)
 
+    def signal_task(self, chunk: int) -> SignalTask:
+        """Chunk ``chunk`` as a kv-signal task ``(slot, chunk_offset, prefilled_token_num)``: each chunk starts where
+        the previous one ended, the first at 0."""
+        return (self.slot, self.chunks[chunk - 1] if chunk else 0, self.chunks[chunk])
+
     def describe(self) -> str:
         chunks = ",".join(map(str, self.chunks))
         return f"{self.request_id}@{self.slot}[{chunks}]" + ("" if self.registers else "(never registers)")
@@ -63,7 +70,7 @@ class Workload:
     """The two rank-invariant streams, plus which request produced each task (the ground truth for the checks)."""
 
     requests: Tuple[RequestSpec, ...]
-    signals: Tuple[Tuple[Task, ...], ...]
+    signals: Tuple[Tuple[SignalTask, ...], ...]
     origins: Tuple[Tuple[str, ...], ...]  # request id of each task, parallel to ``signals``
     registrations: Tuple[Registration, ...]
     family: str = ""
@@ -86,7 +93,7 @@ class Workload:
 
     def describe(self) -> str:
         requests = " ".join(request.describe() for request in self.requests)
-        signals = " ".join("[" + ",".join(f"({s},{n})" for s, n in signal) + "]" for signal in self.signals)
+        signals = " ".join("[" + ",".join(map(task_text, signal)) + "]" for signal in self.signals)
         registrations = " ".join(registration.request_id for registration in self.registrations) or "-"
         return f"{requests} | signals {signals} | registrations {registrations}"
 
@@ -104,6 +111,12 @@ class Workload:
                 for r in self.registrations
             ],
         }
+
+
+def task_text(task: SignalTask) -> str:
+    """A signal task as ``(slot,offset-end)``."""
+    slot, chunk_offset, prefilled_token_num = task
+    return f"({slot},{chunk_offset}-{prefilled_token_num})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,9 +188,7 @@ def expand_family(family: str, requests: Sequence[RequestSpec]) -> List[Workload
     """All workloads of one request template: every engine schedule times every registration order."""
     workloads = []
     for schedule in engine_schedules(requests):
-        signals = tuple(
-            tuple((requests[index].slot, requests[index].chunks[chunk]) for index, chunk in step) for step in schedule
-        )
+        signals = tuple(tuple(requests[index].signal_task(chunk) for index, chunk in step) for step in schedule)
         origins = tuple(tuple(requests[index].request_id for index, _ in step) for step in schedule)
         for order in registration_orders(requests):
             registrations = tuple(request.registration() for request in order)
@@ -278,14 +289,24 @@ def registered_needs(slots: SlotRegistrations) -> Dict[int, int]:
     return {slot: registrations[0].need_prefill_tokens for slot, registrations in slots.items() if registrations}
 
 
-def send_task(slots: SlotRegistrations, slot: int, prefilled_token_num: int) -> Optional[Registration]:
-    """The send thread takes one released task: returns the registration it belongs to (the slot's head, None if
-    there is none); a final chunk finishes that request and cleans its registration up."""
+def send_task(
+    slots: SlotRegistrations, slot: int, prefilled_token_num: int, bound: Optional[Registration] = None
+) -> Optional[Registration]:
+    """The send thread takes one released task: returns the registration it reads (``bound``, the one the policy
+    bound the task to, else the slot's head; None if there is none); a final chunk finishes that request and cleans
+    its registration up."""
     head = slots.get(slot, ())
-    owner = head[0] if head else None
+    owner = bound if bound is not None else (head[0] if head else None)
     if owner is not None and prefilled_token_num == owner.need_prefill_tokens:
-        slots[slot] = head[1:]
+        slots[slot] = tuple(registration for registration in head if registration != owner)
     return owner
+
+
+def batch_bindings(released: Released, number: int) -> Tuple[Optional[Registration], ...]:
+    """The registrations the tasks of batch ``number`` are bound to (all None when the policy gives none)."""
+    if number < len(released.bindings):
+        return released.bindings[number]
+    return (None,) * len(released.batches[number])
 
 
 def deliver(
@@ -325,7 +346,13 @@ def drive(
         index = fed[event]
         fed[event] += 1
         released = deliver(policy, workload, event, index, slots, slot_model)
-        owners = tuple(tuple(send_task(slots, slot, number) for slot, number in batch) for batch in released.batches)
+        owners = tuple(
+            tuple(
+                send_task(slots, slot, number, bound)
+                for (slot, number), bound in zip(batch, batch_bindings(released, position))
+            )
+            for position, batch in enumerate(released.batches)
+        )
         driven.append(DrivenEvent(event, index, released, owners))
     return driven
 

@@ -69,8 +69,8 @@ def check_generated(scenario):
 def test_generated_scenarios_are_valid_reproducible_and_varied():
     seen = set()
     for seed in range(400):
-        scenario = stress.generate_scenario(seed, nranks=2 + seed % 2)
-        assert scenario == stress.generate_scenario(seed, nranks=2 + seed % 2), "a seed gives one scenario"
+        scenario = stress.generate_scenario(seed, nranks=2 + seed % 2, lifecycle=False)
+        assert scenario == stress.generate_scenario(seed, nranks=2 + seed % 2, lifecycle=False), "one per seed"
         check_generated(scenario)
         assert len(scenario["schedules"]) == 2 + seed % 2
         seen.add(stress.workload_class(scenario))
@@ -86,13 +86,45 @@ def test_generated_scenarios_are_valid_reproducible_and_varied():
     assert expected <= seen
 
 
+def test_lifecycle_aborts_and_repeats_keep_the_base_workload_and_its_ground_truth():
+    seen = set()
+    for seed in range(200):
+        base = stress.generate_scenario(seed, lifecycle=False)
+        scenario = stress.generate_scenario(seed)
+        assert scenario == stress.generate_scenario(seed), "a seed gives one scenario"
+        assert [len(tasks) for tasks in scenario["owners"]] == [len(signal) for signal in scenario["signals"]]
+        assert stress.first_registrations(scenario) == stress.first_registrations(base), "every request registers"
+        for request_id in scenario.get("aborted", []):
+            seen.add("abort")
+            emitted = [
+                task
+                for signal, owners in zip(scenario["signals"], scenario["owners"])
+                for task, owner in zip(signal, owners)
+                if owner == request_id
+            ]
+            original = [
+                task
+                for signal, owners in zip(base["signals"], base["owners"])
+                for task, owner in zip(signal, owners)
+                if owner == request_id
+            ]
+            assert 1 <= len(emitted) < len(original) and emitted == original[: len(emitted)]
+            last_owners = scenario["owners"][-1]
+            assert set(last_owners) - set(scenario["aborted"]), "a request that finishes is in the last signal"
+        if any(request.get("parts") == "decode" for read in scenario["registrations"] for request in read):
+            seen.add("repeat")
+        if not scenario.get("aborted") and not stress.workload_class(scenario).endswith("repeat"):
+            assert scenario["signals"] == base["signals"] and scenario["schedules"] == base["schedules"]
+    assert seen == {"abort", "repeat"}
+
+
 def test_the_short_runs_cover_the_interesting_workloads():
     first, runs = ORDERED_SEEDS
     scenarios = [stress.generate_scenario(seed) for seed in range(first, first + runs)]
     classes = {stress.workload_class(scenario) for scenario in scenarios}
     assert any("reuse" in name for name in classes) and any(name.startswith("4req") for name in classes)
     assert any(len(read) == 2 for scenario in scenarios for read in scenario["registrations"])
-    assert not stress.reuses_slot(stress.generate_scenario(UPSTREAM_HANG_SEED))
+    assert not stress.reuses_slot(stress.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False))
 
 
 def fake_result(batches, outcome="finished", mode="ordered"):
@@ -159,7 +191,7 @@ def test_ordered_mode_releases_every_task_once_in_signal_order(capsys):
 
 def test_upstream_mode_hang_is_detected_with_seed_and_scenario(capsys, tmp_path):
     first, runs = UPSTREAM_SEEDS
-    code = stress.main(["--runs", str(runs), "--seed", str(first), "--mode", "upstream", "-q"])
+    code = stress.main(["--runs", str(runs), "--seed", str(first), "--mode", "upstream", "--no-lifecycle", "-q"])
     output = capsys.readouterr().out
     summary = summary_line(output)
     assert code == 1 and summary["runs"] == runs
@@ -169,7 +201,7 @@ def test_upstream_mode_hang_is_detected_with_seed_and_scenario(capsys, tmp_path)
     scenario_line = next(line for line in output.splitlines() if line.startswith(f"FAIL seed={UPSTREAM_HANG_SEED}"))
     block = output[output.index(scenario_line) :]
     scenario = json.loads(block.split("scenario JSON (save it for --replay FILE): ", 1)[1].splitlines()[0])
-    assert scenario == stress.generate_scenario(UPSTREAM_HANG_SEED)
+    assert scenario == stress.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False)
     replay = tmp_path / "hang.json"
     replay.write_text(json.dumps({"scenario": scenario}))
     assert stress.load_replay(str(replay), nranks=2) == scenario

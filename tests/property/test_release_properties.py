@@ -56,7 +56,7 @@ def engine_schedule(draw, requests: List[RequestSpec]):
     while not all(progress[i] == len(request.chunks) for i, request in enumerate(requests)):
         runnable = runnable_requests(requests, progress, predecessors)
         step = sorted(draw(st.sets(st.sampled_from(runnable), min_size=1)), key=lambda i: requests[i].slot)
-        signals.append(tuple((requests[i].slot, requests[i].chunks[progress[i]]) for i in step))
+        signals.append(tuple(requests[i].signal_task(progress[i]) for i in step))
         origins.append(tuple(requests[i].request_id for i in step))
         for i in step:
             progress[i] += 1
@@ -96,6 +96,11 @@ def noisy_workloads(draw, allow_ghosts: bool = True) -> Workload:
         signals.insert(target, signals[source])
         origins.insert(target, tuple(f"stale:{origin}" for origin in origins[source]))
     return Workload(workload.requests, tuple(signals), tuple(origins), workload.registrations)
+
+
+def as_batches(signals) -> Tuple:
+    """Signals ``(slot, chunk_offset, prefilled_token_num)`` as the batches they become: ``(slot, n)`` pairs."""
+    return tuple(tuple((slot, end) for slot, _, end in signal) for signal in signals)
 
 
 def merges_of(workload: Workload, count: int):
@@ -150,7 +155,7 @@ def test_every_task_released_exactly_once_in_signal_order_when_all_register(data
     for merge in data.draw(merges_of(workload, 8)):
         result = run_rank(workload, merge)
         # One batch per signal, in signal order, with all its tasks: the same on every rank, nothing lost or doubled.
-        assert result.batches == workload.signals
+        assert result.batches == as_batches(workload.signals)
         assert result.drops == () and result.waiting == () and result.open_registrations == {}
         # Never before registration: each batch went out after every request it carries had registered.
         for origins, fed in zip(workload.origins, result.fed_at_release):
@@ -167,14 +172,14 @@ def test_ranks_agree_with_ghosts_and_stale_signals(data):
         assert (result.batches, result.drops, result.waiting) == (first.batches, first.drops, first.waiting)
     # Accounting, exactly once: every delivered task is released, dropped or still waiting. ``waiting_signals()``
     # lists the oldest signal's still unbound tasks only, so the remainder must be the head's already bound tasks.
-    delivered = Counter(task for signal in workload.signals for task in signal)
+    delivered = Counter(task for signal in as_batches(workload.signals) for task in signal)
     released = Counter(task for batch in first.batches for task in batch)
-    waiting = Counter(task for signal in first.waiting for task in signal)
+    waiting = Counter(task for signal in as_batches(first.waiting) for task in signal)
     accounted = released + Counter(first.drops) + waiting
     assert not accounted - delivered  # nothing released or dropped twice, nothing invented
     bound_head = delivered - accounted
     if first.waiting:
-        head = workload.signals[len(workload.signals) - len(first.waiting)]
+        head = as_batches(workload.signals)[len(workload.signals) - len(first.waiting)]
         assert not bound_head - Counter(head)
     else:
         assert not bound_head
@@ -188,20 +193,29 @@ def test_only_the_per_slot_registration_order_matters(data):
     other_order = data.draw(registration_order(list(workload.requests)))
     merges = data.draw(merges_of(workload, 4))
     for merge in merges:
-        assert run_rank(workload, merge).batches == run_rank(workload, merge, other_order).batches == workload.signals
+        assert (
+            run_rank(workload, merge).batches
+            == run_rank(workload, merge, other_order).batches
+            == as_batches(workload.signals)
+        )
 
 
 MALFORMED_TASKS = st.sampled_from(
     [
-        (-1, 4),
-        (0, -4),
-        (True, 4),
-        (0, False),
-        (1.0, 4),
-        (0, 4.0),
-        ("0", 4),
-        (0, None),
-        (0, 4, 1),
+        (-1, 0, 4),
+        (0, 0, -4),
+        (0, -1, 4),
+        (True, 0, 4),
+        (0, 0, False),
+        (0, False, 4),
+        (1.0, 0, 4),
+        (0, 0, 4.0),
+        ("0", 0, 4),
+        (0, None, 4),
+        (0, 4, 4),  # an empty chunk
+        (0, 4, 1),  # a chunk ending before it starts
+        (0, 4),  # a pair: the chunk offset is missing
+        (0, 0, 4, 1),
         (0,),
     ]
 )

@@ -17,7 +17,7 @@ def hand_workload(a_delay_ms):
     """
     a = Request("A", 0, 0.0, (4, 8), a_delay_ms)
     b = Request("B", 1, 0.0, (4,), 1.0)
-    signals = [Signal(0, 2.0, ((0, 4), (1, 4)), ("A", "B")), Signal(1, 12.0, ((0, 8),), ("A",))]
+    signals = [Signal(0, 2.0, ((0, 0, 4), (1, 0, 4)), ("A", "B")), Signal(1, 12.0, ((0, 4, 8),), ("A",))]
     return Workload([a, b], signals)
 
 

@@ -8,7 +8,8 @@ hypothesis (derandomized, bounded budget):
   ``CacheMessagerV1``-shaped fixture class (as in ``tests/unit/test_patching.py``). Both loops run in their own thread;
   a handshake hands out one merged script of events, each only after the previous one was processed, so every
   interleaving is forced, never left to timing. The queued batches must be exactly what ``OrderedRelease`` gives
-  on the valid parts of the two streams, and every malformed item must leave a log line with its reason.
+  on the valid parts of the two streams, and every malformed item and every request the release abandons (a
+  chunk that does not continue it, as after an abort or a duplicated signal) must leave a log line with its reason.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ExpectedSignal:
     kind: str
     layer: int = 0
     reason: str = ""  # for "rejected": a substring of the one problem line
-    tasks: List[Tuple[int, int]] = field(default_factory=list)
+    tasks: List[Tuple[int, int, int]] = field(default_factory=list)  # (slot, chunk_offset, prefilled_token_num)
     dropped: List[Tuple[int, int, int, int]] = field(default_factory=list)  # (index, slot, offset, length)
 
 
@@ -79,7 +80,7 @@ def expected_parse(values, num_slots: int) -> ExpectedSignal:
     for index in range(count):
         slot, offset, length = values[2 + 3 * index : 5 + 3 * index]
         if 0 <= slot < num_slots and offset >= 0 and length > 0:
-            expected.tasks.append((slot, offset + length))
+            expected.tasks.append((slot, offset, offset + length))
         else:
             expected.dropped.append((index, slot, offset, length))
     return expected
@@ -331,9 +332,11 @@ def triples_of_step(draw, requests: List[Request], progress: Dict[str, int]):
             start = request.chunks[done - 1] if done else 0
             triples.append((request.slot, start, request.chunks[done] - start))
             progress[request.request_id] = done + 1
-        elif kind in ("repeat", "shrink") and done:
-            end = request.chunks[done - 1] if kind == "repeat" else draw(st.integers(1, request.chunks[done - 1]))
-            triples.append((request.slot, 0, end))
+        elif kind == "repeat" and done:  # the chunk just signalled, once more
+            start = request.chunks[done - 2] if done > 1 else 0
+            triples.append((request.slot, start, request.chunks[done - 1] - start))
+        elif kind == "shrink" and done:
+            triples.append((request.slot, 0, draw(st.integers(1, request.chunks[done - 1]))))
         else:
             triples.append(
                 (draw(small_or_extreme(-1, NUM_SLOTS)), draw(small_or_extreme(-2, 12)), draw(small_or_extreme(-2, 12)))
@@ -397,6 +400,7 @@ class Outcome:
     drops: List[Tuple[int, int]] = field(default_factory=list)
     rejected_slots: List[object] = field(default_factory=list)
     malformed: List[str] = field(default_factory=list)  # a substring of each expected "malformed kv signal" line
+    abandoned: List[str] = field(default_factory=list)  # each expected "abandoned after" line (release rule 4)
     errors: int = 0
     progress: List[dict] = field(default_factory=lambda: [dict() for _ in range(NUM_SLOTS)])
 
@@ -405,7 +409,7 @@ def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
     """Replay what the loops saw, in processing order, through OrderedRelease with only the valid items."""
     by_id = {request.request_id: request for request in requests}
     release, outcome = OrderedRelease(), Outcome()
-    last_registered: Dict[int, str] = {}  # slot -> request id of its last accepted registration
+    counted = set()  # request ids of the accepted registrations: any later one is a repeat (release rule 2)
     for entry in trace:
         released = None
         if entry[0] == "sig":
@@ -418,7 +422,7 @@ def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
                 outcome.malformed.append(expected.reason)
             for index, slot, _, _ in expected.dropped:
                 outcome.malformed.append(f"layer {expected.layer} task {index} dropped: slot {slot} ")
-            for slot, prefilled_token_num in expected.tasks:
+            for slot, _, prefilled_token_num in expected.tasks:
                 outcome.progress[slot] = {
                     "prefilled_layer_idx": expected.layer,
                     "prefilled_token_num": prefilled_token_num,
@@ -428,14 +432,15 @@ def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
         elif entry[0] == "store":
             _, slot, request_id = entry
             request = by_id[request_id]
-            if not request.valid or last_registered.get(request.slot) == request_id:  # malformed, or a repeat
+            if not request.valid or request_id in counted:  # malformed, or a repeat
                 outcome.rejected_slots.append(slot)
                 continue
-            last_registered[request.slot] = request_id
+            counted.add(request_id)
             released = release.add_registration(Registration(request.slot, request_id, request.need))
         if released is not None:
             outcome.batches += [list(batch) for batch in released.batches]
             outcome.drops += [(drop.slot, drop.prefilled_token_num) for drop in released.drops]
+            outcome.abandoned += [line for line in released.ignored if " abandoned after " in line]
     return outcome
 
 
@@ -536,6 +541,8 @@ def test_patched_loops_survive_hostile_streams_and_release_exactly_the_valid_one
     for line, slot in zip(rejected, expected.rejected_slots):
         assert f"registration for slot {slot!r} ignored" in line
     assert len(messages(records, "error in consume_signals")) == expected.errors
+    abandoned = messages(records, " abandoned after ")
+    assert abandoned == [f"fastdeploy_pd_fix: {line}" for line in expected.abandoned]
 
 
 # ---- the two bugs the fuzzing found, as plain examples ----
@@ -554,7 +561,8 @@ def test_a_repeated_cache_info_part_does_not_register_the_request_twice(
 ):
     # A (need 4) gets its decode part twice, so the registration loop stores A's task twice; then B (need 8)
     # takes slot 0 and is prefilled in two chunks. Registered twice, A stayed the slot's current registration and
-    # B's chunks were dropped as "exceeds need_prefill_tokens 4 of request A": B was never sent.
+    # B's chunks were dropped as "exceeds need_prefill_tokens 4 of request A": B was never sent. Now any repeat of
+    # a request id counted before is ignored (release rule 2), also one arriving after the slot was reused.
     reads = [
         [prefill_part("A", 0, 4), decode_part("A"), decode_part("A")],
         [prefill_part("B", 0, 8), decode_part("B")],
@@ -565,8 +573,46 @@ def test_a_repeated_cache_info_part_does_not_register_the_request_twice(
         endings = run_loops(messager, Turns(["reg", "sig", "reg", "sig", "sig"], {"sig": signals, "reg": reads}))
     assert {type(ending) for ending in endings.values()} == {StopLoop}
     assert drain(messager.cache_prefilled_engine_ids_queue) == [[(0, 4)], [(0, 6)], [(0, 8)]]
-    assert "registration for slot 0 ignored: request A is already the slot's latest registration" in caplog.text
-    assert "dropped layer-0 task" not in caplog.text
+    assert "registration for slot 0 ignored: request A was counted before and is still open" in caplog.text
+    assert "dropped layer-0 task" not in caplog.text and " abandoned after " not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "signals, batches, waiting",
+    [
+        (
+            [kv_buffer(1, 0, [(0, 0, 4)]), kv_buffer(1, 0, [(0, 0, 4)]), kv_buffer(1, 0, [(0, 4, 4)])],
+            [[(0, 4)]],
+            [((0, 0, 4),), ((0, 4, 8),)],
+        ),
+        (  # twice in one signal: its first task is bound to A, the signal waits whole
+            [kv_buffer(2, 0, [(0, 0, 4), (0, 0, 4)]), kv_buffer(1, 0, [(0, 4, 4)])],
+            [],
+            [((0, 0, 4), (0, 0, 4)), ((0, 4, 8),)],
+        ),
+    ],
+    ids=["next-signal", "same-signal"],
+)
+def test_a_duplicate_kv_signal_of_the_current_chunk_is_logged_and_no_thread_dies(
+    signals, batches, waiting, patched_fixture_class, quiet_diagnostics, caplog
+):
+    # A (need 8) has its first chunk [0, 4) signalled twice. The duplicate does not continue A, so A counts as
+    # aborted (release rule 4): abandoned with one log line, the same on every rank; the duplicate and A's second
+    # chunk wait for slot 0's next registration (a limit of the two streams, which the watchdog reports).
+    reads = [[prefill_part("A", 0, 8), decode_part("A")]]
+    messager = patched_fixture_class()
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        endings = run_loops(messager, Turns(["reg"] + ["sig"] * len(signals), {"sig": signals, "reg": reads}))
+    assert {name: type(ending) for name, ending in endings.items()} == {
+        "consume_signals": StopLoop,
+        "_add_cache_task_thread": StopLoop,
+    }
+    assert drain(messager.cache_prefilled_engine_ids_queue) == batches
+    assert messages(caplog.records, " abandoned after ") == [
+        "fastdeploy_pd_fix: request A on slot 0 abandoned after 4 of 8 tokens: chunk [0, 4) does not continue it "
+        "(aborted, its slot reused)"
+    ]
+    assert messager._fd_pd_fix_runtime.step.policy.waiting_signals() == waiting
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,10 @@ import queue
 import threading
 import time
 
+import pytest
+
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, next_sequence_hash
+from fastdeploy_pd_fix.core.messager_step import BatchJournal, make_step, next_sequence_hash
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.inject import injected_delay
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
@@ -92,3 +94,44 @@ def test_parse_injection_accepts_items_and_reports_bad_ones():
     assert len(problems) == 1 and "bogus" in problems[0]
     assert parse_injection("registration:rank=x:delay_ms=1")[1]
     assert injected_delay(injections, "registration", 1) == 0.5 and injected_delay(injections, "signal", 1) == 0
+
+
+class RecordingLogger:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def info(self, message):
+        self.lines.append(message)
+
+    warning = error = exception = info
+
+
+class StepMessager:
+    """The messager attributes a MessagerStep reads and writes."""
+
+    def __init__(self):
+        self.engine_cache_task_thread_lock = threading.Lock()
+        self.engine_cache_tasks = [dict() for _ in range(4)]
+        self.idx_cache_task_dict = {}
+        self.cache_prefilled_engine_ids_queue = queue.Queue()
+
+
+@pytest.mark.parametrize("observer_first", [True, False], ids=["observer-then-attach", "attach-then-observer"])
+def test_observer_and_attached_step_wrap_get_together(observer_first):
+    # Release modes: the step journals what it queues (the observer journals no put), the observer tracks the held
+    # batch for the watchdog, attach's wrapper shows the send thread its batch's own task; either wrapping order.
+    lines, messager = [], StepMessager()
+    step = make_step(messager, "ordered", RecordingLogger(lines), LOG_PREFIX)
+    observer = None
+    if observer_first:
+        observer = QueueObserver(messager.cache_prefilled_engine_ids_queue, step.journal, journal_puts=False)
+    step.attach()
+    if not observer_first:
+        observer = QueueObserver(messager.cache_prefilled_engine_ids_queue, step.journal, journal_puts=False)
+    messager.idx_cache_task_dict[2] = {"request_id": "A", "need_prefill_tokens": 4}
+    step.handle_buffer([1, 0, 2, 0, 4])
+    messager.idx_cache_task_dict[2] = {"request_id": "B", "need_prefill_tokens": 4}  # A aborted, B on its slot
+    batch = messager.cache_prefilled_engine_ids_queue.get()
+    assert batch == [(2, 4)] and observer.held_for()[0] is batch
+    assert messager.idx_cache_task_dict[2]["request_id"] == "A"
+    assert len([line for line in lines if "queued batch #" in line]) == 1

@@ -17,11 +17,11 @@ def signal_buffer(count, layer, triples=()):
     return buffer
 
 
-def test_valid_signal_gives_prefilled_token_numbers_in_engine_order():
+def test_valid_signal_gives_chunks_in_engine_order():
     parsed = parse_kv_signal(signal_buffer(3, 0, [(7, 0, 16), (2, 32, 8), (511, 0, 1)]).numpy())
     assert parsed.problems == []
     assert parsed.signal.layer == 0
-    assert parsed.signal.tasks == ((7, 16), (2, 40), (511, 1))
+    assert parsed.signal.tasks == ((7, 0, 16), (2, 32, 40), (511, 0, 1))  # (slot, chunk_offset, prefilled_token_num)
     assert all(type(value) is int for task in parsed.signal.tasks for value in task)
 
 
@@ -42,7 +42,7 @@ def test_signal_rejected_whole_with_reason(count, layer, expected):
 def test_bad_tasks_dropped_with_reasons_and_valid_ones_kept():
     triples = [(0, 0, 4), (512, 0, 4), (-1, 0, 4), (1, -3, 4), (2, 0, 0), (3, 4, 4)]
     parsed = parse_kv_signal(signal_buffer(len(triples), 5, triples).numpy())
-    assert parsed.signal.tasks == ((0, 4), (3, 8))
+    assert parsed.signal.tasks == ((0, 0, 4), (3, 4, 8))
     assert len(parsed.problems) == 4
     assert "task 1 dropped: slot 512" in parsed.problems[0]
 

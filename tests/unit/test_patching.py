@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastdeploy_pd_fix.analysis import analyse_class
+from fastdeploy_pd_fix.core.messager_step import BoundTaskDict
 from fastdeploy_pd_fix.plugin import runtime
 from fastdeploy_pd_fix.plugin.patching import is_patched, original_method, patch_class, unpatch_class
 
@@ -236,3 +237,35 @@ def test_instance_missing_attributes_runs_the_originals(caplog):
 
 def test_plugin_logs_into_the_messager_module_logger():
     assert runtime.messager_logger(ThreeArgs()) is logger
+
+
+def test_activation_attaches_the_step_and_coexists_with_the_queue_observer(caplog):
+    # A's final chunk is queued, A is aborted and slot 3 goes to B before the send thread takes A's batch.
+    patch_class(ThreeArgs, "ordered")
+    messager = ThreeArgs([task(3, "A", 4)])
+    caplog.set_level(logging.INFO)
+    messager._add_cache_task_thread()  # activation: the step attached before the original loop stored A
+    assert isinstance(messager.idx_cache_task_dict, BoundTaskDict)
+    SCRIPT.append((1, 0, [(3, 0, 4)]))
+    with pytest.raises(StopLoop):
+        messager.consume_signals()
+    messager.idx_cache_task_dict[3] = task(3, "B", 4)
+    batch_queue = messager.cache_prefilled_engine_ids_queue
+    assert batch_queue.get_nowait() == [(3, 4)]  # both wrappers of get ran on this one call
+    assert messager._fd_pd_fix_runtime.observer.held_for()[0] == [(3, 4)]  # the watchdog's held batch
+    assert messager.idx_cache_task_dict[3]["request_id"] == "A"  # the batch's own task, not the slot's newest
+    del messager.idx_cache_task_dict[3]  # the cleanup after A's send
+    assert dict(messager.idx_cache_task_dict) == {3: task(3, "B", 4)}
+    assert len([record for record in caplog.records if "queued batch #" in record.getMessage()]) == 1
+
+
+def test_observe_mode_keeps_a_plain_dict_and_journals_each_batch_once(caplog):
+    patch_class(ThreeArgs, "observe")
+    messager = ThreeArgs([task(3, "A", 4)])
+    caplog.set_level(logging.INFO)
+    messager._add_cache_task_thread()
+    assert type(messager.idx_cache_task_dict) is dict and messager._fd_pd_fix_runtime.step is None
+    messager.cache_prefilled_engine_ids_queue.put([(3, 4)])  # as the running release's own loop does
+    assert messager.cache_prefilled_engine_ids_queue.get_nowait() == [(3, 4)]
+    assert messager._fd_pd_fix_runtime.observer.held_for()[0] == [(3, 4)]
+    assert len([record for record in caplog.records if "queued batch #1 [(3, 4)]" in record.getMessage()]) == 1

@@ -1,16 +1,41 @@
-"""Unit tests that drive the release core directly, event by event, as one rank's two threads would."""
+"""Unit tests that drive the release core directly, event by event, as one rank's two threads would.
+
+Rules 1-7 are those of :mod:`fastdeploy_pd_fix.core.release` (docstring); the engine's slot lifecycle (aborts,
+repeated cache-info parts, slot reuse) is protocol.md's. Rule 7 (send-time binding) is also checked through the
+messager step, with the send loop in its own thread.
+"""
+
+import itertools
+import logging
+import queue
+import threading
 
 import pytest
 
+from fastdeploy_pd_fix.core import release
+from fastdeploy_pd_fix.core.messager_step import BoundTaskDict, make_step
 from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, UpstreamRelease, make_release
 
 A0 = Registration(0, "A", 8)  # slot 0, two chunks of 4
 B1 = Registration(1, "B", 4)  # slot 1, one chunk
+HANDSHAKE_TIMEOUT_S = 10.0  # only reached when a thread is stuck: the test then fails instead of hanging
+
+
+def reg(slot, request_id, need):
+    """A registration carrying its task dict, as the messager step makes it."""
+    task = {"request_id": request_id, "need_prefill_tokens": need, "current_id": slot}
+    return ("reg", Registration(slot, request_id, need, task))
 
 
 def run(policy, events):
     """Feed ("sig", tasks) / ("reg", Registration) events; return all batches and drops in release order."""
-    batches, drops = [], []
+    outcome = run_outcome(policy, events)
+    return outcome["batches"], outcome["drops"]
+
+
+def run_outcome(policy, events):
+    """Feed the events; everything released: batches, the request ids each is bound to, drops, ignored lines."""
+    outcome = {"batches": [], "bound": [], "drops": [], "ignored": []}
     registered = {}
     for kind, payload in events:
         if kind == "reg":
@@ -18,12 +43,45 @@ def run(policy, events):
             released = policy.add_registration(payload, registered)
         else:
             released = policy.add_signal(payload, registered)
-        batches += released.batches
-        drops += released.drops
-    return batches, drops
+        outcome["batches"] += released.batches
+        outcome["bound"] += [tuple(item.request_id for item in binding) for binding in released.bindings]
+        outcome["drops"] += released.drops
+        outcome["ignored"] += released.ignored
+    return outcome
 
 
-SIG_S1 = ("sig", [(0, 4), (1, 4)])
+def merges(signals, registrations):
+    """Every merge of the two streams that keeps each stream in its own order (every rank's possible view)."""
+    total = len(signals) + len(registrations)
+    for positions in itertools.combinations(range(total), len(signals)):
+        signal_iter, registration_iter = iter(signals), iter(registrations)
+        yield [next(signal_iter) if index in positions else next(registration_iter) for index in range(total)]
+
+
+def abandoned(outcome):
+    """The request ids reported abandoned (rule 4), in order."""
+    return [line.split()[1] for line in outcome["ignored"] if " abandoned after " in line]
+
+
+def repeats(outcome):
+    """How many registrations were ignored as counted before (rule 2)."""
+    return len([line for line in outcome["ignored"] if "was counted before" in line])
+
+
+def check_every_merge(signals, registrations, batches, bound, abandoned_ids=(), repeated=0):
+    """Every merge releases ``batches`` bound to ``bound``, abandons and ignores alike, and leaves no slot open."""
+    for events in merges(signals, registrations):
+        policy = OrderedRelease()
+        outcome = run_outcome(policy, events)
+        assert outcome["batches"] == batches, events
+        assert outcome["bound"] == bound, events
+        assert outcome["drops"] == [], events
+        assert abandoned(outcome) == list(abandoned_ids), events
+        assert repeats(outcome) == repeated, events
+        assert policy.open_registrations() == {} and not policy.has_waiting(), events
+
+
+SIG_S1 = ("sig", [(0, 0, 4), (1, 0, 4)])
 REG_A_S1 = ("reg", Registration(0, "A", 4))
 REG_B_S1 = ("reg", B1)
 
@@ -34,13 +92,13 @@ REG_B_S1 = ("reg", B1)
         ("s1 seed", [REG_A_S1, REG_B_S1, SIG_S1], [REG_A_S1, SIG_S1, REG_B_S1]),
         (
             "s2 chunked early",
-            [("reg", A0), ("sig", [(0, 4)]), ("sig", [(0, 8)])],
-            [("sig", [(0, 4)]), ("sig", [(0, 8)]), ("reg", A0)],
+            [("reg", A0), ("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)])],
+            [("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)]), ("reg", A0)],
         ),
         (
             "s3 cross-request order",
-            [("reg", B1), ("sig", [(0, 4), (1, 4)]), ("reg", A0), ("sig", [(0, 8)])],
-            [("reg", B1), ("reg", A0), ("sig", [(0, 4), (1, 4)]), ("sig", [(0, 8)])],
+            [("reg", B1), ("sig", [(0, 0, 4), (1, 0, 4)]), ("reg", A0), ("sig", [(0, 4, 8)])],
+            [("reg", B1), ("reg", A0), ("sig", [(0, 0, 4), (1, 0, 4)]), ("sig", [(0, 4, 8)])],
         ),
     ],
 )
@@ -49,19 +107,22 @@ def test_ordered_releases_the_same_sequence_on_both_ranks(name, rank0, rank1):
     batches1, drops1 = run(OrderedRelease(), rank1)
     assert batches0 == batches1, name
     assert drops0 == drops1 == []
-    signals = [tuple(payload) for kind, payload in rank0 if kind == "sig"]
-    assert batches0 == signals  # one batch per kv signal, the engine's own granularity
+    signals = [tuple((slot, end) for slot, _, end in payload) for kind, payload in rank0 if kind == "sig"]
+    assert batches0 == signals  # rule 1: one batch per kv signal, the engine's own granularity
 
 
 @pytest.mark.parametrize(
     "rank0, rank1",
     [
         # s2: latest-per-slot pending collapses two chunk batches into one on the rank whose signals came early.
-        ([("reg", A0), ("sig", [(0, 4)]), ("sig", [(0, 8)])], [("sig", [(0, 4)]), ("sig", [(0, 8)]), ("reg", A0)]),
+        (
+            [("reg", A0), ("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)])],
+            [("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)]), ("reg", A0)],
+        ),
         # s3: recovery order differs between the ranks.
         (
-            [("reg", B1), ("sig", [(0, 4), (1, 4)]), ("reg", A0), ("sig", [(0, 8)])],
-            [("reg", B1), ("reg", A0), ("sig", [(0, 4), (1, 4)]), ("sig", [(0, 8)])],
+            [("reg", B1), ("sig", [(0, 0, 4), (1, 0, 4)]), ("reg", A0), ("sig", [(0, 4, 8)])],
+            [("reg", B1), ("reg", A0), ("sig", [(0, 0, 4), (1, 0, 4)]), ("sig", [(0, 4, 8)])],
         ),
     ],
 )
@@ -69,82 +130,345 @@ def test_upstream_mode_diverges_on_s2_and_s3_as_documented(rank0, rank1):
     assert run(UpstreamRelease(), rank0)[0] != run(UpstreamRelease(), rank1)[0]
 
 
-def test_upstream_mode_fixes_the_seed_case():
+def test_upstream_mode_fixes_the_seed_case_and_binds_nothing():
     assert run(UpstreamRelease(), [REG_A_S1, REG_B_S1, SIG_S1])[0] == [((0, 4),), ((1, 4),)]
     assert run(UpstreamRelease(), [REG_A_S1, SIG_S1, REG_B_S1])[0] == [((0, 4),), ((1, 4),)]
+    assert run_outcome(UpstreamRelease(), [REG_A_S1, REG_B_S1, SIG_S1])["bound"] == []  # the dict at send time
+
+
+# ---- rule 5: waiting ----
 
 
 def test_nothing_is_released_before_registration_and_later_signals_wait_behind():
     policy = OrderedRelease()
-    assert policy.add_signal([(0, 4)]).batches == []
-    assert policy.add_signal([(1, 4)]).batches == []
+    assert policy.add_signal([(0, 0, 4)]).batches == []
+    assert policy.add_signal([(1, 0, 4)]).batches == []
     assert policy.add_registration(B1).batches == []  # B is registered, but the older signal for A is not
-    assert policy.waiting_signals() == [((0, 4),), ((1, 4),)]
+    assert policy.waiting_signals() == [((0, 0, 4),), ((1, 0, 4),)]
     assert policy.add_registration(Registration(0, "A", 4)).batches == [((0, 4),), ((1, 4),)]
     assert policy.waiting_signals() == []
-
-
-def test_slot_reuse_binds_each_signal_to_its_own_registration():
-    policy = OrderedRelease()
-    first, second = Registration(3, "first", 4), Registration(3, "second", 6)
-    events = [("sig", [(3, 4)]), ("sig", [(3, 6)]), ("reg", first), ("reg", second)]
-    batches, drops = run(policy, events)
-    assert batches == [((3, 4),), ((3, 6),)] and drops == []
-    assert policy.open_registrations() == {}
-
-
-def test_never_registering_task_is_judged_against_its_slots_next_registration():
-    # "lost" ran in slot 5 (10 tokens) and never registered; slot 5 then went to "next" (4 tokens).
-    events = [
-        ("sig", [(5, 10)]),
-        ("sig", [(2, 3)]),
-        ("sig", [(5, 4)]),
-        ("reg", Registration(2, "other", 3)),
-        ("reg", Registration(5, "next", 4)),
-    ]
-    batches, drops = run(OrderedRelease(), events)
-    assert [(d.slot, d.prefilled_token_num) for d in drops] == [(5, 10)]
-    assert "exceeds need_prefill_tokens 4 of request next" in drops[0].reason
-    assert batches == [((2, 3),), ((5, 4),)]
-
-
-def test_duplicate_or_shrinking_token_number_is_dropped_and_logged_once():
-    events = [("reg", A0), ("sig", [(0, 4)]), ("sig", [(0, 4)]), ("sig", [(0, 2)]), ("sig", [(0, 8)])]
-    batches, drops = run(OrderedRelease(), events)
-    assert batches == [((0, 4),), ((0, 8),)]
-    assert [(d.prefilled_token_num, "does not advance" in d.reason) for d in drops] == [(4, True), (2, True)]
-
-
-def test_signal_keeps_its_valid_tasks_when_one_is_dropped():
-    events = [("reg", Registration(0, "A", 4)), ("reg", B1), ("sig", [(0, 9), (1, 4)])]
-    batches, drops = run(OrderedRelease(), events)
-    assert batches == [((1, 4),)] and [d.slot for d in drops] == [0]
-
-
-def test_repeated_registration_of_the_latest_request_is_ignored():
-    policy = OrderedRelease()
-    assert policy.add_registration(Registration(0, "A", 4)).ignored == []
-    repeated = policy.add_registration(Registration(0, "A", 4))
-    assert len(repeated.ignored) == 1 and "repeated cache-info part" in repeated.ignored[0]
-    policy.add_registration(Registration(0, "B", 8))
-    batches, drops = run(policy, [("sig", [(0, 4)]), ("sig", [(0, 6)]), ("sig", [(0, 8)])])
-    assert batches == [((0, 4),), ((0, 6),), ((0, 8),)] and drops == []  # B is judged against B, not a stale A
 
 
 def test_waiting_signals_show_the_whole_head_signal():
     policy = OrderedRelease()
     policy.add_registration(Registration(0, "A", 4))
-    policy.add_signal([(0, 4), (1, 4)])  # A is bound, B waits: the head signal still holds both
-    assert policy.waiting_signals() == [((0, 4), (1, 4))]
+    policy.add_signal([(0, 0, 4), (1, 0, 4)])  # A is bound, B waits: the head signal still holds both
+    assert policy.waiting_signals() == [((0, 0, 4), (1, 0, 4))]
 
 
-@pytest.mark.parametrize("tasks", [[(-1, 4)], [(0, -4)], [(0, "4")], [(True, 4)], [5], [(0, 1, 2)]])
+# ---- rule 3: binding by content ----
+
+
+def test_slot_reuse_binds_each_signal_to_its_own_registration():
+    policy = OrderedRelease()
+    first, second = Registration(3, "first", 4), Registration(3, "second", 6)
+    events = [("sig", [(3, 0, 4)]), ("sig", [(3, 0, 6)]), ("reg", first), ("reg", second)]
+    outcome = run_outcome(policy, events)
+    assert outcome["batches"] == [((3, 4),), ((3, 6),)] and outcome["drops"] == []
+    assert outcome["bound"] == [("first",), ("second",)]
+    assert policy.open_registrations() == {}
+
+
+def test_first_chunk_may_start_at_a_prefix_cached_offset_later_chunks_must_be_contiguous():
+    # A's first 4 tokens were prefix-cached: its chunks are [4, 8) and [8, 12).
+    check_every_merge(
+        [("sig", [(0, 4, 8)]), ("sig", [(0, 8, 12)])], [reg(0, "A", 12)], [((0, 8),), ((0, 12),)], [("A",), ("A",)]
+    )
+    # A gap ([8, 12) after [0, 4)) does not continue A: A is abandoned and the chunk waits for the slot's next.
+    policy = OrderedRelease()
+    outcome = run_outcome(policy, [reg(0, "A", 12), ("sig", [(0, 0, 4)]), ("sig", [(0, 8, 12)])])
+    assert outcome["batches"] == [((0, 4),)] and abandoned(outcome) == ["A"]
+    assert policy.waiting_signals() == [((0, 8, 12),)] and policy.open_registrations() == {}
+
+
+# ---- rule 4: closing, and abandoning an aborted request ----
+
+
+def test_abort_between_chunks_then_reuse_abandons_the_aborted_request():
+    # A (8 tokens) is aborted after its first chunk; slot 0 goes to B (8 tokens), which starts again at 0.
+    check_every_merge(
+        [("sig", [(0, 0, 4)]), ("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)])],
+        [reg(0, "A", 8), reg(0, "B", 8)],
+        [((0, 4),), ((0, 4),), ((0, 8),)],
+        [("A",), ("B",), ("B",)],
+        abandoned_ids=["A"],
+    )
+
+
+def test_abort_then_reuse_with_a_shorter_request():
+    # A (8) aborted after [0, 4); B needs 2 only: its chunk is judged against B, not against A's need.
+    check_every_merge(
+        [("sig", [(0, 0, 4)]), ("sig", [(0, 0, 2)])],
+        [reg(0, "A", 8), reg(0, "B", 2)],
+        [((0, 4),), ((0, 2),)],
+        [("A",), ("B",)],
+        abandoned_ids=["A"],
+    )
+
+
+def test_issue_case_abort_then_three_requests_on_the_slot():
+    # The issue's measured case: A (256) on slot 3, first chunk released, A aborted; B (64), C (256, two chunks)
+    # and D (64) register on slot 3 in turn. Before: B's and D's tasks dropped, C's bound to A, the slot wedged.
+    check_every_merge(
+        [
+            ("sig", [(3, 0, 128)]),
+            ("sig", [(3, 0, 64)]),
+            ("sig", [(3, 0, 128)]),
+            ("sig", [(3, 128, 256)]),
+            ("sig", [(3, 0, 64)]),
+        ],
+        [reg(3, "A", 256), reg(3, "B", 64), reg(3, "C", 256), reg(3, "D", 64)],
+        [((3, 128),), ((3, 64),), ((3, 128),), ((3, 256),), ((3, 64),)],
+        [("A",), ("B",), ("C",), ("C",), ("D",)],
+        abandoned_ids=["A"],
+    )
+
+
+def test_duplicate_or_shrinking_chunk_abandons_the_request_and_waits_for_the_slot_next():
+    # Old rule 4 dropped a chunk that did not advance; now a chunk that does not continue a started request means
+    # that request was aborted (new rule 4): it is abandoned, reported, and the chunk waits for the next occupant.
+    for repeated_chunk in [(0, 0, 4), (0, 0, 2)]:
+        policy = OrderedRelease()
+        outcome = run_outcome(policy, [("reg", A0), ("sig", [(0, 0, 4)]), ("sig", [repeated_chunk])])
+        assert outcome["batches"] == [((0, 4),)] and outcome["drops"] == []
+        assert abandoned(outcome) == ["A"]
+        assert "abandoned after 4 of 8 tokens" in outcome["ignored"][0]
+        assert policy.waiting_signals() == [(repeated_chunk,)]
+        assert policy.add_registration(Registration(0, "B", 4)).batches == [((0, repeated_chunk[2]),)]
+
+
+# ---- rule 2: a request id counts once ----
+
+
+def test_repeated_registration_of_an_open_request_is_ignored():
+    policy = OrderedRelease()
+    assert policy.add_registration(Registration(0, "A", 4)).ignored == []
+    repeated = policy.add_registration(Registration(0, "A", 4))
+    assert len(repeated.ignored) == 1 and "was counted before and is still open" in repeated.ignored[0]
+    policy.add_registration(Registration(0, "B", 8))
+    batches, drops = run(policy, [("sig", [(0, 0, 4)]), ("sig", [(0, 0, 6)]), ("sig", [(0, 6, 8)])])
+    assert batches == [((0, 4),), ((0, 6),), ((0, 8),)] and drops == []  # B is judged against B, not a stale A
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["immediate", "late"])
+def test_repeated_d_part_after_an_abort_is_not_a_new_request(late):
+    # A (8) is aborted after [0, 4); its D-part arrives twice: right after the first, or after B took the slot.
+    # Either way the repeat is ignored (rule 2): before, a late repeat was counted and wedged the slot.
+    registrations = [reg(0, "A", 8), reg(0, "B", 8), reg(0, "A", 8)] if late else [reg(0, "A", 8)] * 2
+    registrations += [] if late else [reg(0, "B", 8)]
+    check_every_merge(
+        [("sig", [(0, 0, 4)]), ("sig", [(0, 0, 4)]), ("sig", [(0, 4, 8)])],
+        registrations,
+        [((0, 4),), ((0, 4),), ((0, 8),)],
+        [("A",), ("B",), ("B",)],
+        abandoned_ids=["A"],
+        repeated=1,
+    )
+
+
+def test_closed_request_ids_are_remembered_in_a_bounded_fifo(monkeypatch):
+    monkeypatch.setattr(release, "CLOSED_IDS_KEPT", 2)
+    policy = OrderedRelease()
+    for request_id in ("A", "B", "C"):
+        run(policy, [("reg", Registration(0, request_id, 4)), ("sig", [(0, 0, 4)])])
+    assert "already closed" in policy.add_registration(Registration(0, "C", 4)).ignored[0]
+    assert "already closed" in policy.add_registration(Registration(0, "B", 4)).ignored[0]
+    assert policy.add_registration(Registration(0, "A", 4)).ignored == []  # forgotten: counted as a new request
+    assert policy.open_registrations() == {0: ["A"]}
+
+
+# ---- rule 6: dropping ----
+
+
+def test_never_registering_task_is_judged_against_its_slots_next_registration():
+    # "lost" ran in slot 5 (10 tokens) and never registered; slot 5 then went to "next" (4 tokens).
+    events = [
+        ("sig", [(5, 0, 10)]),
+        ("sig", [(2, 0, 3)]),
+        ("sig", [(5, 0, 4)]),
+        ("reg", Registration(2, "other", 3)),
+        ("reg", Registration(5, "next", 4)),
+    ]
+    batches, drops = run(OrderedRelease(), events)
+    assert [(d.slot, d.prefilled_token_num) for d in drops] == [(5, 10)]
+    assert "chunk [0, 10) does not fit request next, which needs 4 tokens" in drops[0].reason
+    assert batches == [((2, 3),), ((5, 4),)]
+
+
+def test_signal_keeps_its_valid_tasks_when_one_is_dropped():
+    events = [("reg", Registration(0, "A", 4)), ("reg", B1), ("sig", [(0, 0, 9), (1, 0, 4)])]
+    batches, drops = run(OrderedRelease(), events)
+    assert batches == [((1, 4),)] and [d.slot for d in drops] == [0]
+
+
+def test_task_that_fits_neither_the_aborted_request_nor_the_next_is_dropped_after_abandoning():
+    policy = OrderedRelease()
+    outcome = run_outcome(policy, [reg(0, "A", 8), reg(0, "B", 4), ("sig", [(0, 0, 4)]), ("sig", [(0, 0, 6)])])
+    assert outcome["batches"] == [((0, 4),)] and abandoned(outcome) == ["A"]
+    assert [(d.slot, d.prefilled_token_num) for d in outcome["drops"]] == [(0, 6)]
+    assert policy.open_registrations() == {0: ["B"]}  # B has not started: its own chunk still binds
+
+
+# ---- rule 7: send-time binding ----
+
+
+def test_bindings_are_parallel_to_batches_and_carry_the_stored_task():
+    policy = OrderedRelease()
+    _, registration_a = reg(0, "A", 4)
+    _, registration_b = reg(1, "B", 4)
+    policy.add_registration(registration_a)
+    policy.add_registration(registration_b)
+    released = policy.add_signal([(0, 0, 4), (1, 0, 4)])
+    assert released.batches == [((0, 4), (1, 4))]
+    assert [[item.task for item in binding] for binding in released.bindings] == [
+        [registration_a.task, registration_b.task]
+    ]
+
+
+class FakeMessager:
+    """The attributes of CacheMessagerV1 that the messager step reads and writes."""
+
+    def __init__(self):
+        self.engine_cache_task_thread_lock = threading.Lock()
+        self.engine_cache_tasks = [dict() for _ in range(8)]
+        self.idx_cache_task_dict = {}
+        self.cache_prefilled_engine_ids_queue = queue.Queue()
+
+
+def signal(slot, offset, end):
+    """A kv signal buffer of one layer-0 task ``[offset, end)`` (a list: the step reads it through numpy)."""
+    return [1, 0, slot, offset, end - offset]
+
+
+def task(slot, request_id, need):
+    return {"current_id": slot, "request_id": request_id, "need_prefill_tokens": need}
+
+
+class SendLoop:
+    """The send thread: takes each batch, reads each slot's task, deletes it after the request's final chunk.
+
+    ``pause_after_get`` holds it after taking batch ``n`` until :attr:`resume` is set, so that the test can store
+    a registration while the send thread holds a batch."""
+
+    def __init__(self, messager, batches: int, pause_after_get=None):
+        self.messager, self.batches, self.pause_after_get = messager, batches, pause_after_get
+        self.holding, self.resume = threading.Event(), threading.Event()
+        self.sent, self.error = [], None
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        try:
+            for number in range(self.batches):
+                batch = self.messager.cache_prefilled_engine_ids_queue.get(timeout=HANDSHAKE_TIMEOUT_S)
+                if number == self.pause_after_get:
+                    self.holding.set()
+                    assert self.resume.wait(HANDSHAKE_TIMEOUT_S), "never resumed"
+                for slot, prefilled_token_num in batch:
+                    stored = self.messager.idx_cache_task_dict[slot]
+                    self.sent.append((stored["request_id"], slot, prefilled_token_num))
+                    if prefilled_token_num == stored["need_prefill_tokens"]:
+                        del self.messager.idx_cache_task_dict[slot]
+        except BaseException as error:  # reported by finish(): the test fails instead of hanging
+            self.error = error
+
+    def finish(self):
+        self.thread.join(HANDSHAKE_TIMEOUT_S)
+        assert not self.thread.is_alive() and self.error is None, self.error
+        return self.sent
+
+
+def attached_step(messager):
+    step = make_step(messager, "ordered", logging.getLogger("test_release.messager"), "test: ")
+    step.attach()
+    assert isinstance(messager.idx_cache_task_dict, BoundTaskDict)
+    return step
+
+
+@pytest.mark.parametrize("b_registers", ["before the send thread takes A's batch", "while it holds A's batch"])
+def test_abort_after_final_signal_send_reads_each_batch_own_task(b_registers):
+    # A's final chunk signal is in, A's batch is queued, A is aborted and slot 3 goes to B, whose registration
+    # overwrites idx_cache_task_dict[3] before A's batch is sent. Read at send time, the dict gave B's blocks for
+    # A's batch, and the cleanup after it deleted B's entry.
+    messager = FakeMessager()
+    step = attached_step(messager)
+    sender = SendLoop(messager, batches=2, pause_after_get=0 if b_registers.startswith("while") else None)
+    messager.idx_cache_task_dict[3] = task(3, "A", 4)
+    assert step.handle_buffer(signal(3, 0, 4))
+    if sender.pause_after_get is None:
+        messager.idx_cache_task_dict[3] = task(3, "B", 4)
+        sender.thread.start()
+    else:
+        sender.thread.start()
+        assert sender.holding.wait(HANDSHAKE_TIMEOUT_S), "the send thread did not take A's batch"
+        messager.idx_cache_task_dict[3] = task(3, "B", 4)
+        sender.resume.set()
+    assert step.handle_buffer(signal(3, 0, 4))
+    assert sender.finish() == [("A", 3, 4), ("B", 3, 4)]
+    assert dict(messager.idx_cache_task_dict) == {}  # A's del left B's entry; B's own del removed it
+
+
+def test_del_after_an_aborted_request_send_leaves_the_next_entry():
+    messager = FakeMessager()
+    step = attached_step(messager)
+    messager.idx_cache_task_dict[3] = task(3, "A", 4)
+    step.handle_buffer(signal(3, 0, 4))
+    messager.idx_cache_task_dict[3] = task(3, "B", 8)  # B registered, its batch not yet signalled
+    sender = SendLoop(messager, batches=1)
+    sender.thread.start()
+    assert sender.finish() == [("A", 3, 4)]
+    assert dict(messager.idx_cache_task_dict) == {3: task(3, "B", 8)}
+
+
+def test_batches_taken_before_attach_do_not_shift_later_bindings():
+    # In FastDeploy the send thread is already blocked in get() when the first registration attaches the step:
+    # that get is not wrapped, so its batch is read from the dict as it is; every later batch is still bound.
+    entered = threading.Event()
+
+    class SignallingQueue(queue.Queue):
+        def get(self, *args, **kwargs):
+            entered.set()
+            return super().get(*args, **kwargs)
+
+    messager = FakeMessager()
+    messager.cache_prefilled_engine_ids_queue = SignallingQueue()
+    sender = SendLoop(messager, batches=3, pause_after_get=0)
+    sender.thread.start()
+    assert entered.wait(HANDSHAKE_TIMEOUT_S), "the send thread did not block in get"
+    step = attached_step(messager)
+    messager.idx_cache_task_dict[3] = task(3, "A", 4)
+    step.handle_buffer(signal(3, 0, 4))  # taken by the get that started before attach
+    assert sender.holding.wait(HANDSHAKE_TIMEOUT_S)
+    messager.idx_cache_task_dict[5] = task(5, "C", 4)
+    step.handle_buffer(signal(5, 0, 4))
+    messager.idx_cache_task_dict[5] = task(5, "D", 4)  # C aborted after its final signal, D took slot 5
+    step.handle_buffer(signal(5, 0, 4))
+    sender.resume.set()
+    assert sender.finish() == [("A", 3, 4), ("C", 5, 4), ("D", 5, 4)]
+
+
+# ---- malformed input ----
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        [(-1, 0, 4)],
+        [(0, 0, -4)],
+        [(0, 0, "4")],
+        [(True, 0, 4)],
+        [5],
+        [(0, 4)],  # a (slot, prefilled_token_num) pair: signals carry the chunk's offset too
+        [(0, 4, 4)],  # an empty chunk
+        [(0, 6, 4)],  # a chunk that ends before it starts
+        [(0, -2, 4)],
+    ],
+)
 def test_malformed_tasks_raise_and_leave_state_untouched(tasks):
     policy = OrderedRelease()
     with pytest.raises(ValueError):
         policy.add_signal(tasks)
     assert policy.waiting_signals() == []
-    assert policy.add_signal([(0, 4)]).batches == []
+    assert policy.add_signal([(0, 0, 4)]).batches == []
 
 
 @pytest.mark.parametrize("slot, need", [(-1, 4), (0, 0), (0, -3), (0, None)])

@@ -2,7 +2,9 @@
 
 Every tensor-parallel rank of the prefill cache messager sees the same kv signals and the same registrations, each
 rank in its own interleaving. The release must give every rank the same batches and drop the same tasks, whatever
-the interleaving: otherwise the ranks wait on the send barriers in different orders and hang.
+the interleaving: otherwise the ranks wait on the send barriers in different orders and hang. It must also bind
+each task to the request it belongs to when the engine aborts a request mid-prefill and gives its slot to the next
+request without telling the messager, and when a cache-info part arrives twice.
 """
 
 import itertools
@@ -24,13 +26,17 @@ def kv_signal_buffer(tasks, layer=0):
     return buffer
 
 
+def cache_task(request_id, need_prefill_tokens):
+    return {"request_id": request_id, "need_prefill_tokens": need_prefill_tokens}
+
+
 class SimulatedRank:
     """What CacheMessagerV1 does around the release: parse each signal, feed layer 0 and registrations, collect."""
 
     def __init__(self, mode=release.ORDERED):
         self.policy = release.make_release(mode)
         self.registered = {}  # engine_idx -> need_prefill_tokens, the view of idx_cache_task_dict
-        self.batches, self.drops, self.problems = [], [], []
+        self.batches, self.bound, self.drops, self.ignored, self.problems = [], [], [], [], []
 
     def on_signal(self, buffer):
         parsed = kv_signal.parse_kv_signal(buffer)
@@ -40,12 +46,15 @@ class SimulatedRank:
 
     def on_registration(self, request_id, engine_idx, need_prefill_tokens):
         self.registered[engine_idx] = need_prefill_tokens
-        registration = release.Registration(engine_idx, request_id, need_prefill_tokens)
+        task = cache_task(request_id, need_prefill_tokens)
+        registration = release.Registration(engine_idx, request_id, need_prefill_tokens, task)
         self._collect(self.policy.add_registration(registration, self.registered))
 
     def _collect(self, released):
         self.batches.extend(released.batches)
+        self.bound.extend(tuple(item.task["request_id"] for item in binding) for binding in released.bindings)
         self.drops.extend(released.drops)
+        self.ignored.extend(released.ignored)
 
 
 def run_rank(scenario, schedule, mode=release.ORDERED):
@@ -71,13 +80,15 @@ def interleavings(scenario):
 
 
 # signals: one list of [engine_idx, chunk_token_offset, chunk_len] per layer-0 kv signal;
-# registrations: one list of (request_id, engine_idx, need_prefill_tokens) per get_cache_info read.
+# registrations: one list of (request_id, engine_idx, need_prefill_tokens) per get_cache_info read;
+# bound: per batch, the request each of its tasks is bound to (the task the send loop must read).
 SCENARIOS = {
     # One signal for A and B; B registers after it on one rank only.
     "s1": {
         "signals": [[[0, 0, 4], [1, 0, 4]]],
         "registrations": [[("A", 0, 4)], [("B", 1, 4)]],
         "batches": [((0, 4), (1, 4))],
+        "bound": [("A", "B")],
         "drops": [],
     },
     # Chunked prefill: A needs 8 tokens in two chunks, both chunk signals may beat A's registration.
@@ -85,6 +96,7 @@ SCENARIOS = {
         "signals": [[[0, 0, 4]], [[0, 4, 4]]],
         "registrations": [[("A", 0, 8)]],
         "batches": [((0, 4),), ((0, 8),)],
+        "bound": [("A",), ("A",)],
         "drops": [],
     },
     # Order across requests: A (two chunks) and B (one) in one signal, B registers first.
@@ -92,14 +104,46 @@ SCENARIOS = {
         "signals": [[[0, 0, 4], [1, 0, 4]], [[0, 4, 4]]],
         "registrations": [[("B", 1, 4)], [("A", 0, 8)]],
         "batches": [((0, 4), (1, 4)), ((0, 8),)],
+        "bound": [("A", "B"), ("A",)],
         "drops": [],
     },
-    # A duplicated chunk of A and a task of B beyond its need_prefill_tokens are dropped, on every rank alike.
+    # A task of B beyond its need_prefill_tokens is dropped, on every rank alike; A's tasks in the same signal stay.
     "drops": {
-        "signals": [[[0, 0, 4]], [[0, 0, 4]], [[0, 4, 4], [1, 0, 6]]],
+        "signals": [[[0, 0, 4]], [[0, 4, 4], [1, 0, 6]]],
         "registrations": [[("A", 0, 8), ("B", 1, 4)]],
         "batches": [((0, 4),), ((0, 8),)],
-        "drops": [(0, 4), (1, 6)],
+        "bound": [("A",), ("A",)],
+        "drops": [(1, 6)],
+        "open": {1: ["B"]},  # B's only task was dropped: it stays open, alike on every rank
+    },
+    # A (needs 8) is aborted after its first chunk; its slot goes to B (needs 4), whose chunk does not continue A.
+    "abort-reuse": {
+        "signals": [[[0, 0, 4]], [[0, 0, 4]]],
+        "registrations": [[("A", 0, 8)], [("B", 0, 4)]],
+        "batches": [((0, 4),), ((0, 4),)],
+        "bound": [("A",), ("B",)],
+        "drops": [],
+        "abandoned": ["A"],
+    },
+    # The measured case: A (needs 256) is aborted after its first chunk; B (64), C (256, two chunks) and D (64)
+    # take slot 3 in turn. Each request is released with its own registration, none is dropped.
+    "abort-ABCD": {
+        "signals": [[[3, 0, 128]], [[3, 0, 64]], [[3, 0, 128]], [[3, 128, 128]], [[3, 0, 64]]],
+        "registrations": [[("A", 3, 256)], [("B", 3, 64)], [("C", 3, 256)], [("D", 3, 64)]],
+        "batches": [((3, 128),), ((3, 64),), ((3, 128),), ((3, 256),), ((3, 64),)],
+        "bound": [("A",), ("B",), ("C",), ("C",), ("D",)],
+        "drops": [],
+        "abandoned": ["A"],
+    },
+    # A's D-part is repeated late, after A was aborted and B registered on its slot: the repeat is not a request.
+    "abort-late-repeat": {
+        "signals": [[[0, 0, 4]], [[0, 0, 4]], [[0, 4, 4]]],
+        "registrations": [[("A", 0, 8)], [("B", 0, 8)], [("A", 0, 8)]],
+        "batches": [((0, 4),), ((0, 4),), ((0, 8),)],
+        "bound": [("A",), ("B",), ("B",)],
+        "drops": [],
+        "abandoned": ["A"],
+        "repeats": 1,
     },
 }
 
@@ -111,8 +155,13 @@ def test_two_ranks_release_the_same_batches_in_every_interleaving(name):
     ranks = [run_rank(scenario, order) for order in orders]
     for order, rank in zip(orders, ranks):
         assert rank.batches == scenario["batches"], order
+        assert rank.bound == scenario["bound"], order  # every request released with its own registration
         assert [(drop.slot, drop.prefilled_token_num) for drop in rank.drops] == scenario["drops"], order
         assert rank.drops == ranks[0].drops, order  # the same reasons too
+        abandoned = [line for line in rank.ignored if " abandoned after " in line]
+        assert [line.split()[1] for line in abandoned] == scenario.get("abandoned", []), order
+        assert len([line for line in rank.ignored if "counted before" in line]) == scenario.get("repeats", 0), order
+        assert rank.policy.open_registrations() == scenario.get("open", {}), order  # nothing left to wedge a slot
         assert rank.problems == []
 
 
@@ -147,10 +196,10 @@ def test_malformed_signals_are_reported_alike_and_do_not_disturb_the_release():
     assert len(ranks[0].problems) == 7
 
 
-def test_parse_kv_signal_reads_progress_and_no_signal():
+def test_parse_kv_signal_reads_chunks_and_no_signal():
     parsed = kv_signal.parse_kv_signal(kv_signal_buffer([[3, 128, 64], [7, 0, 16]], layer=2))
     assert parsed.problems == []
-    assert parsed.signal == kv_signal.KvSignal(2, ((3, 192), (7, 16)))
+    assert parsed.signal == kv_signal.KvSignal(2, ((3, 128, 192), (7, 0, 16)))
     empty = kv_signal.parse_kv_signal(np.full([kv_signal.KV_SIGNAL_LENGTH], -1, dtype=np.int32))
     assert empty.signal is None and empty.problems == []
 
@@ -190,6 +239,24 @@ class RecordingLogger:
     warning = error = exception = info
 
 
+def store(messager, logger, engine_idx, task):
+    """What _add_cache_task_thread does with the fix: store the task, then attach the release (idempotent)."""
+    messager.idx_cache_task_dict[engine_idx] = task
+    messager_step.step_for(messager, release.ORDERED, logger).attach()
+
+
+def send_queued_batches(messager, sent):
+    """What the send loop reads for each batch it takes: the task per slot; a request's final chunk deletes it."""
+    batch_queue = messager.cache_prefilled_engine_ids_queue
+    while not batch_queue.empty():
+        batch = batch_queue.get()
+        for engine_idx, prefilled_token_num in batch:
+            task = messager.idx_cache_task_dict[engine_idx]
+            sent.append((task["request_id"], prefilled_token_num))
+            if prefilled_token_num == task["need_prefill_tokens"]:
+                del messager.idx_cache_task_dict[engine_idx]
+
+
 def test_messager_step_queues_and_journals_the_same_batches_on_every_rank():
     scenario = SCENARIOS["s3"]
     journals = []
@@ -202,12 +269,33 @@ def test_messager_step_queues_and_journals_the_same_batches_on_every_rank():
                 assert step.handle_buffer(kv_signal_buffer(scenario["signals"][index]))
                 continue
             for request_id, engine_idx, need_prefill_tokens in scenario["registrations"][index]:
-                task = {"request_id": request_id, "need_prefill_tokens": need_prefill_tokens}
-                messager.idx_cache_task_dict[engine_idx] = task
-                step.handle_registration(engine_idx, task)
+                store(messager, logger, engine_idx, cache_task(request_id, need_prefill_tokens))
         queued = [tuple(map(tuple, messager.cache_prefilled_engine_ids_queue.get_nowait())) for _ in range(2)]
         assert queued == scenario["batches"] and messager.cache_prefilled_engine_ids_queue.empty()
         assert messager.engine_cache_tasks[0] == {"prefilled_layer_idx": 0, "prefilled_token_num": 8}
         journals.append([line for line in logger.lines if "queued batch #" in line])
     assert len(journals[0]) == 2 and all("seq_hash=" in line for line in journals[0])
     assert all(journal == journals[0] for journal in journals)  # the same fingerprints on every rank
+
+
+@pytest.mark.parametrize("send_early", [False, True], ids=["send-after-all", "send-after-each-event"])
+def test_send_loop_reads_each_batch_own_task_after_an_abort_and_slot_reuse(send_early):
+    # abort-ABCD through the messager step: the send loop runs after every event, or only once everything was
+    # stored, when idx_cache_task_dict[3] already holds D: A's, B's and C's batches must still read their own task.
+    scenario = SCENARIOS["abort-ABCD"]
+    expected = [("A", 128), ("B", 64), ("C", 128), ("C", 256), ("D", 64)]
+    for order in interleavings(scenario):
+        messager, logger, sent = FakeMessager(), RecordingLogger(), []
+        step = messager_step.step_for(messager, release.ORDERED, logger)
+        for kind, index in order:
+            if kind == "sig":
+                step.handle_buffer(kv_signal_buffer(scenario["signals"][index]))
+            else:
+                for request_id, engine_idx, need_prefill_tokens in scenario["registrations"][index]:
+                    store(messager, logger, engine_idx, cache_task(request_id, need_prefill_tokens))
+            if send_early:
+                send_queued_batches(messager, sent)
+        send_queued_batches(messager, sent)
+        assert sent == expected, order
+        assert dict(messager.idx_cache_task_dict) == {}, order  # D's entry deleted by D's send, nobody else's
+        assert len([line for line in logger.lines if "request A on slot 3 abandoned" in line]) == 1, order

@@ -1,5 +1,5 @@
-"""What the harness and the stand-in's rank processes agree on: environment variable names, release variants and
-schedule event tokens.
+"""What the harness and the stand-in's rank processes agree on: environment variable names, release variants,
+schedule event tokens and the cache-info parts a registration entry delivers.
 
 Imported by the ranks (as ``fastdeploy._standin.contract``) and by the harness (as
 ``fastdeploy_pd_fix.standin.fastdeploy._standin.contract``), so it imports nothing and reads nothing at import time.
@@ -21,11 +21,24 @@ ENV_EXIT_AFTER_BATCHES = "FD_STANDIN_EXIT_AFTER_BATCHES"
 SIGNAL = "sig"
 REGISTRATION = "reg"
 EVENT_TOKEN = re.compile(rf"^({SIGNAL}|{REGISTRATION})(\d+)$")
+#: Schedule controls of the send thread, applied when the schedule reaches them (no thread reads them):
+#: ``stall``: the send thread takes no batch from the queue until ``go``; ``hold``: it reads no task of a batch it
+#: took until ``go``; ``go``: ends both; ``drain``: the next event is delivered only once the send thread has no
+#: batch queued or held (it sent everything released so far).
+STALL, HOLD, GO, DRAIN = "stall", "hold", "go", "drain"
+CONTROLS = (STALL, HOLD, GO, DRAIN)
+
+#: ``parts`` of a registration entry: both cache-info halves (the default), the prefill side's only (its decode side
+#: comes in a later entry, or never), or the decode side's only (a repeated or late D-part).
+BOTH_PARTS, PREFILL_PART, DECODE_PART = "both", "prefill", "decode"
+PARTS = (BOTH_PARTS, PREFILL_PART, DECODE_PART)
 
 
 def parse_event(token):
-    """``"sig3"`` -> ``("sig", 3)``."""
+    """``"sig3"`` -> ``("sig", 3)``; a control token -> ``("stall", None)``."""
+    if token in CONTROLS:
+        return token, None
     match = EVENT_TOKEN.match(str(token))
     if match is None:
-        raise ValueError(f"bad schedule event {token!r}: expected sig<N> or reg<N>")
+        raise ValueError(f"bad schedule event {token!r}: expected sig<N>, reg<N> or one of {', '.join(CONTROLS)}")
     return match.group(1), int(match.group(2))

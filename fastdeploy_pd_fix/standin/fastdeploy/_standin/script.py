@@ -5,18 +5,29 @@ which each rank sees them:
 
 * ``signals``: layer-0 kv signals, each a list of ``[slot, chunk_token_offset, current_chunk_len]``;
 * ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``
-  (every request is delivered as its two cache-info halves, prefill side and decode side, in the same read);
-* ``schedules``: per rank, e.g. ``["reg0", "sig0", "reg1"]`` (ranks beyond the list repeat the last schedule).
+  (every request is delivered as its two cache-info halves, prefill side and decode side, in the same read; an
+  entry's optional ``"parts"`` ``"prefill"`` or ``"decode"`` delivers one half only: a D-part that comes later,
+  never, or again);
+* ``schedules``: per rank, e.g. ``["reg0", "sig0", "reg1"]`` (ranks beyond the list repeat the last schedule),
+  with the send-thread controls of :mod:`.contract` (``stall``, ``hold``, ``go``, ``drain``) where a scenario
+  needs the send thread at a given point;
+* optional ``aborted``: request ids the engine aborts (their slot goes to the next request at once, they need not
+  finish), and ``owners``: the request each signal task belongs to (:mod:`.ground_truth`).
 
 Event k of a rank's schedule is delivered only after event k-1 was acknowledged: a signal by the next
 ``get_output_kv_signal`` call (the consume loop has finished with it), a registration read by the next
 ``get_cache_info`` call (processed and through its barriers). This forces one interleaving of the two threads
-without any sleep. Nothing is delivered before :func:`activate`: the engine sends no request before the
+without any sleep. A control takes effect when the schedule reaches it: put ``stall``/``hold`` before the signal
+whose batch must wait. Nothing is delivered before :func:`activate`: the engine sends no request before the
 messager has reported its cache ready.
 
 A registration read that gives a slot to a new request is due only once this rank has finished the slot's previous
 request, as the engine recycles a slot only after ``get_finished_req`` reported its request: the messager keys
-tasks by slot, and an earlier store would replace a task its send thread still needs.
+tasks by slot, and an earlier store would replace a task its send thread still needs. An aborted request's slot is
+recycled at once (the engine frees it without telling the messager), so a read reusing it is not held back.
+
+The send loop reports every batch it takes, with the task it read for each slot, to :func:`check_sent_tasks`;
+ground-truth violations are logged and written to the progress file (``{"event": "violation"}``).
 
 ``FD_STANDIN_EXIT_AFTER_BATCHES=R:N`` (tests only, inert unless set) makes rank R die by SIGKILL right after its send
 loop took its N-th batch, before that batch's ``begin_send_cache_barrier``: a rank process lost mid-transfer.
@@ -29,7 +40,22 @@ import os
 import signal
 import threading
 
-from .contract import ENV_EXIT_AFTER_BATCHES, ENV_OUT, ENV_SCENARIO, REGISTRATION, SIGNAL, parse_event
+from .contract import (
+    BOTH_PARTS,
+    DECODE_PART,
+    DRAIN,
+    ENV_EXIT_AFTER_BATCHES,
+    ENV_OUT,
+    ENV_SCENARIO,
+    GO,
+    HOLD,
+    PREFILL_PART,
+    REGISTRATION,
+    SIGNAL,
+    STALL,
+    parse_event,
+)
+from .ground_truth import GroundTruth, block_ids, registered_requests
 
 #: How long a non-blocking read waits for its event before reporting "nothing" (keeps polling loops cool).
 NON_BLOCKING_WAIT_S = 0.005
@@ -43,21 +69,22 @@ def schedule_of_rank(scenario, rank):
     return [parse_event(token) for token in schedules[min(rank, len(schedules) - 1)]]
 
 
-def cache_info_parts(request, block_size):
-    """The two halves of one request's cache info: the prefill side's, then the decode side's."""
-    num_blocks = max(1, -(-int(request["need_prefill_tokens"]) // block_size))
+def cache_info_parts(request, block_size, blocks=None):
+    """The halves of one request's cache info the entry delivers: the prefill side's, then the decode side's."""
+    blocks = block_ids(0, request["need_prefill_tokens"], block_size) if blocks is None else blocks
     prefill_part = {
         "request_id": request["request_id"],
-        "src_block_ids": list(range(num_blocks)),
+        "src_block_ids": list(blocks),
         "current_id": int(request["slot"]),
         "need_prefill_tokens": int(request["need_prefill_tokens"]),
     }
     decode_part = {
         "request_id": request["request_id"],
-        "dest_block_ids": list(range(num_blocks)),
+        "dest_block_ids": list(blocks),
         "decode_cached_tokens": 0,
     }
-    return [prefill_part, decode_part]
+    parts = request.get("parts", BOTH_PARTS)
+    return {PREFILL_PART: [prefill_part], DECODE_PART: [decode_part]}.get(parts, [prefill_part, decode_part])
 
 
 class ScriptedStreams:
@@ -73,12 +100,23 @@ class ScriptedStreams:
         self._unacknowledged = None  # kind of the event delivered and not yet acknowledged
         self._recycled_requests = []  # per read: the requests whose slots it hands on (must be finished first)
         self._finished = set()
+        self._ground_truth = None
+        # The send thread: the queue it takes batches from, whether it holds one, and the stall/hold controls.
+        self._send_queue = None
+        self._sending = False
+        self._stalled = False
+        self._held = False
+        self._has_stall = False
 
-    def activate(self, events, signals, reads, recycled_requests=None):
+    def activate(self, events, signals, reads, recycled_requests=None, ground_truth=None, send_queue=None):
         with self._condition:
             self._events, self._signals, self._reads = list(events), signals, reads
             self._recycled_requests = recycled_requests or [[] for _ in reads]
+            self._ground_truth = ground_truth
+            self._send_queue = send_queue
+            self._has_stall = any(kind == STALL for kind, _ in self._events)
             self._active = True
+            self._pass_controls()
             self._condition.notify_all()
 
     def note_finished(self, request_id):
@@ -95,6 +133,48 @@ class ScriptedStreams:
         infos = self._next(REGISTRATION, timeout=NON_BLOCKING_WAIT_S)
         return [] if infos is None else infos
 
+    def wait_to_take(self):
+        """The send loop, before it takes its next batch: wait while stalled (only once a batch is queued, so that
+        a ``stall`` reached before a signal keeps that signal's batch in the queue). Without a ``stall`` in the
+        schedule the send loop blocks in the queue's ``get`` as upstream's does."""
+        if not self._has_stall:
+            return
+        with self._condition:
+            while self._stalled or self._send_queue is None or self._send_queue.empty():
+                self._condition.wait(NON_BLOCKING_WAIT_S)
+
+    def took_batch(self):
+        with self._condition:
+            self._sending = True
+            self._condition.notify_all()
+
+    def wait_to_send(self):
+        """The send loop, after the batch's begin barrier and before it reads its tasks: wait while held."""
+        with self._condition:
+            self._condition.wait_for(lambda: not self._held)
+
+    def batch_done(self):
+        with self._condition:
+            self._sending = False
+            self._condition.notify_all()
+
+    def _send_idle(self):
+        return not self._sending and (self._send_queue is None or self._send_queue.empty())
+
+    def _pass_controls(self):
+        """Apply the controls the schedule has reached; a ``drain`` is passed once the send thread is idle."""
+        while self._next_event < len(self._events):
+            kind = self._events[self._next_event][0]
+            if kind == DRAIN and not self._send_idle():
+                return
+            if kind not in (STALL, HOLD, GO, DRAIN):
+                return
+            self._stalled = kind == STALL or (self._stalled and kind != GO)
+            self._held = kind == HOLD or (self._held and kind != GO)
+            logger.info(f"standin: control {kind} (event {self._next_event} of this rank's schedule)")
+            self._next_event += 1
+            self._condition.notify_all()
+
     def _next(self, kind, timeout):
         with self._condition:
             if self._unacknowledged == kind:
@@ -108,9 +188,13 @@ class ScriptedStreams:
             position = self._next_event
             _, index = self._events[position]
             logger.info(f"standin: delivering {kind}{index} (event {position} of this rank's schedule)")
+            if kind == SIGNAL and self._ground_truth is not None:
+                self._ground_truth.note_delivered(index)
             return copy.deepcopy((self._signals if kind == SIGNAL else self._reads)[index])
 
     def _is_due(self, kind):
+        if self._active and self._unacknowledged is None:
+            self._pass_controls()
         if not (
             self._active
             and self._unacknowledged is None
@@ -154,6 +238,7 @@ class ProgressFile:
 _streams = ScriptedStreams()
 _progress = ProgressFile()
 _death = {"after_batches": None, "taken": 0}  # this rank's FD_STANDIN_EXIT_AFTER_BATCHES, and batches taken
+_ground_truth = {"checker": None}
 
 
 def batches_before_death(rank):
@@ -165,33 +250,51 @@ def batches_before_death(rank):
     return after_batches if dying_rank == rank else None
 
 
-def recycled_requests(registrations):
-    """Per registration read: the earlier requests whose slots it hands to a new request."""
+def recycled_requests(registrations, aborted=()):
+    """Per registration read: the earlier requests whose slots it hands to a new request (aborted ones excepted:
+    their slot is free at once). An entry without a prefill part hands no slot on."""
     last_request_of_slot, recycled = {}, []
     for read in registrations:
-        recycled.append([last_request_of_slot[r["slot"]] for r in read if r["slot"] in last_request_of_slot])
-        last_request_of_slot.update({r["slot"]: r["request_id"] for r in read})
+        handing = [r for r in read if r.get("parts") != DECODE_PART]
+        recycled.append(
+            [
+                last_request_of_slot[r["slot"]]
+                for r in handing
+                if last_request_of_slot.get(r["slot"], r["request_id"]) not in (r["request_id"], *aborted)
+            ]
+        )
+        last_request_of_slot.update({r["slot"]: r["request_id"] for r in handing})
     return recycled
 
 
-def activate(rank, block_size):
-    """Load this rank's scenario, report "ready" and start delivering events. Returns False without a scenario."""
+def activate(rank, block_size, send_queue=None):
+    """Load this rank's scenario, report "ready" and start delivering events. Returns False without a scenario.
+    ``send_queue``: the messager's batch queue (the ``stall`` and ``drain`` controls look at it)."""
     scenario_path = os.getenv(ENV_SCENARIO)
     if not scenario_path:
         logger.info(f"standin: {ENV_SCENARIO} not set, no kv signal or cache info will arrive")
         return False
     with open(scenario_path, encoding="utf-8") as scenario_file:
         scenario = json.load(scenario_file)
-    request_ids = [request["request_id"] for read in scenario["registrations"] for request in read]
+    aborted = scenario.get("aborted", [])
+    ground_truth = GroundTruth(scenario, block_size)
+    _ground_truth["checker"] = ground_truth
+    must_finish = [
+        request_id for request_id in registered_requests(scenario["registrations"]) if request_id not in aborted
+    ]
     reads = [
-        [part for request in read for part in cache_info_parts(request, block_size)]
+        [
+            part
+            for request in read
+            for part in cache_info_parts(request, block_size, ground_truth.blocks_of(request["request_id"]))
+        ]
         for read in scenario["registrations"]
     ]
-    _progress.open(os.path.join(os.getenv(ENV_OUT, "."), f"rank{rank}.jsonl"), request_ids)
+    _progress.open(os.path.join(os.getenv(ENV_OUT, "."), f"rank{rank}.jsonl"), must_finish)
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
-    recycled = recycled_requests(scenario["registrations"])
-    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads, recycled)
+    recycled = recycled_requests(scenario["registrations"], aborted)
+    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads, recycled, ground_truth, send_queue)
     return True
 
 
@@ -205,12 +308,37 @@ def next_cache_infos():
 
 def record_batch(batch):
     """Called by the send loop right after it took a batch from the queue (before the barrier)."""
+    _streams.took_batch()
     _progress.write("batch", batch=[[int(slot), int(token_num)] for slot, token_num in batch])
     _death["taken"] += 1
     if _death["taken"] == _death["after_batches"]:
         _progress.write("dying", batches=_death["taken"])
         logger.warning(f"standin: {ENV_EXIT_AFTER_BATCHES}: killing this rank after {_death['taken']} batches")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wait_to_take():
+    """Called by the send loop before it takes a batch from the queue (the ``stall`` control)."""
+    _streams.wait_to_take()
+
+
+def wait_to_send():
+    """Called by the send loop after the begin barrier, before it reads the batch's tasks (the ``hold`` control)."""
+    _streams.wait_to_send()
+
+
+def check_sent_tasks(batch, tasks):
+    """The send loop read ``tasks`` (None: no task) for the ``(slot, prefilled_token_num)`` of ``batch``: report every
+    ground-truth violation to the rank's log and progress file."""
+    checker = _ground_truth["checker"]
+    for violation in checker.check_batch(batch, tasks) if checker is not None else []:
+        logger.error(f"standin: GROUND TRUTH VIOLATION {violation}")
+        _progress.write("violation", violation=violation)
+
+
+def batch_sent():
+    """Called by the send loop when it is done with a batch (the ``drain`` control waits for this)."""
+    _streams.batch_done()
 
 
 def record_finished(request_id):

@@ -4,8 +4,9 @@
 
 so that ``CacheMessagerV1`` lives in ``__main__``. Written from the protocol facts (docs/protocol.md), not from
 upstream code. The three loops, their locks, barriers and engine-facing calls follow the facts; the RDMA/IPC
-transfer itself is not modelled: the send loop records each batch it takes (``$FD_STANDIN_OUT/rank{R}.jsonl``) and
-exits the process with code 0 once every request of the scenario has finished.
+transfer itself is not modelled: the send loop records each batch it takes (``$FD_STANDIN_OUT/rank{R}.jsonl``),
+has the task it read for each slot checked against the scenario's ground truth, and exits the process with code 0
+once every request of the scenario that the engine does not abort has finished.
 
 The release variant is chosen at import time (:mod:`fastdeploy._standin.variant`). Methods that differ between
 releases are defined once per variant in the class body, so that each variant's source has the shape of that
@@ -333,18 +334,25 @@ class CacheMessagerV1:
 
     # ---- send loop: #7724 waits for the registration instead of asserting it ----
 
+    def prefill_layerwise_send_cache_thread(self):
+        while True:
+            standin_script.wait_to_take()
+            batch_engine_signals = self.cache_prefilled_engine_ids_queue.get()
+            standin_script.record_batch(batch_engine_signals)
+            self.engine_worker_queue.begin_send_cache_barrier.wait()
+            standin_script.wait_to_send()
+            # The (not modelled) transfer sends the blocks of the task each slot holds now, once per batch.
+            tasks = [self._cache_task_to_send(engine_idx) for engine_idx, _ in batch_engine_signals]
+            standin_script.check_sent_tasks(batch_engine_signals, tasks)
+            self._finish_sent_tasks(batch_engine_signals, tasks)
+            standin_script.batch_sent()
+            if standin_script.all_requests_finished():
+                standin_script.exit_process()
+
     if WITH_7724:
 
-        def prefill_layerwise_send_cache_thread(self):
-            while True:
-                batch_engine_signals = self.cache_prefilled_engine_ids_queue.get()
-                standin_script.record_batch(batch_engine_signals)
-                self.engine_worker_queue.begin_send_cache_barrier.wait()
-                for engine_idx, _ in batch_engine_signals:
-                    self._maybe_wait_for_cache_task(engine_idx)
-                self._finish_sent_tasks(batch_engine_signals)
-                if standin_script.all_requests_finished():
-                    standin_script.exit_process()
+        def _cache_task_to_send(self, engine_idx):
+            return self._maybe_wait_for_cache_task(engine_idx)
 
         def _maybe_wait_for_cache_task(self, engine_idx):
             """#7724: registration may lag the layer-0 signal; wait for it instead of asserting."""
@@ -354,21 +362,13 @@ class CacheMessagerV1:
 
     else:
 
-        def prefill_layerwise_send_cache_thread(self):
-            while True:
-                batch_engine_signals = self.cache_prefilled_engine_ids_queue.get()
-                standin_script.record_batch(batch_engine_signals)
-                self.engine_worker_queue.begin_send_cache_barrier.wait()
-                for engine_idx, _ in batch_engine_signals:
-                    assert engine_idx in self.idx_cache_task_dict, f"engine_idx {engine_idx} has no cache task"
-                self._finish_sent_tasks(batch_engine_signals)
-                if standin_script.all_requests_finished():
-                    standin_script.exit_process()
+        def _cache_task_to_send(self, engine_idx):
+            assert engine_idx in self.idx_cache_task_dict, f"engine_idx {engine_idx} has no cache task"
+            return self.idx_cache_task_dict[engine_idx]
 
-    def _finish_sent_tasks(self, batch_engine_signals):
+    def _finish_sent_tasks(self, batch_engine_signals, tasks):
         """After the (not modelled) layer-by-layer send: report each request whose transfer is complete."""
-        for engine_idx, prefilled_token_num in batch_engine_signals:
-            task = self.idx_cache_task_dict[engine_idx]
+        for (engine_idx, prefilled_token_num), task in zip(batch_engine_signals, tasks):
             task["sended_layer_id"] = self.num_layers - 1
             task["sended_block_num"] = -(-prefilled_token_num // self.block_size)
             if prefilled_token_num < task["need_prefill_tokens"]:
@@ -376,9 +376,10 @@ class CacheMessagerV1:
             task["status"] = "finished"
             self.engine_worker_queue.finish_send_cache_barrier.wait()
             self.engine_worker_queue.put_finished_req([[task["request_id"], task["status"]]])
-            standin_script.record_finished(task["request_id"])
             logger.info(f"finished request {task['request_id']} (engine_idx={engine_idx})")
             self._clean_finished_task(engine_idx, task["request_id"])
+            # The engine may reuse the slot from here on (the stand-in's gate for its next registration).
+            standin_script.record_finished(task["request_id"])
 
     if RELEASE == "pre7872":
 
@@ -421,7 +422,11 @@ def main():
         rdma_port=args.rdma_port,
     )
     # Upstream sets cache_ready_signal here; the engine sends requests only after that, so events start now.
-    standin_script.activate(rank=args.rank, block_size=block_size)
+    standin_script.activate(
+        rank=args.rank,
+        block_size=block_size,
+        send_queue=getattr(cache_messager, "cache_prefilled_engine_ids_queue", None),
+    )
     if args.splitwise_role == "mixed":
         threading.Event().wait()
     cache_messager.prefill_layerwise_send_cache_thread()

@@ -1,0 +1,362 @@
+"""One rank through the slot lifecycle: signal thread x registration thread x send thread, every interleaving.
+
+The classic explorer (:mod:`.search`) assumes that the send thread sends a batch the moment it is released. Here the
+send thread is an actor of its own, with two steps: *take* (take the oldest queued batch, wait on
+``begin_send_cache_barrier`` and read, for each task, the registration to send with) and *finish* (for each task
+that completes its request: wait on ``finish_send_cache_barrier``, report the request finished, and clean its
+``cache_info`` entry and its ``idx_cache_task_dict`` entry up). Registrations can land between the two, which is
+where an aborted request's batch meets its slot's next request.
+
+What the send thread reads:
+
+* ``ordered``: the registration the batch is bound to (``Released.bindings``; in the plugin ``BoundTaskDict``
+  shows it to the send thread), and the cleanup deletes the slot's entry only if it still is that registration;
+* ``upstream`` and ``pr7872``: ``idx_cache_task_dict[slot]`` at send time, a plain dict that holds every completed
+  registration (stale repeats included) and loses the slot's entry at every cleanup.
+
+Every interleaving of the three actors that the engine gates allow (:mod:`.lifecycle`) is explored, memoised on the
+whole rank state; each distinct end is an :class:`~.checks.Outcome`, weighted by the interleavings reaching it, so
+that the cross-rank checks of :mod:`.checks` apply unchanged. Per-rank findings (ground truth from the workload):
+
+* ``send-binding`` / ``send-early`` (invariant 6): a task is sent with another request's registration; *early*
+  when that request had not computed the chunk yet (its blocks go out before they exist);
+* ``send-missing``: the slot has no registration at send time;
+* ``liveness`` (invariant 5): a request that registers and completes in the engine is never sent completely with
+  its own registration, or never finished; ``hang``: the engine can never free a slot, so the slot's later requests
+  never appear; ``stuck``: a signal is held at the head of the log for ever (it blocks every later signal);
+* ``dropped-live``: a task of such a request was dropped; ``phantom``: a released or dropped task no signal gave.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from fastdeploy_pd_fix.core.release import ORDERED, OrderedRelease, Registration, Released
+from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
+from fastdeploy_pd_fix.verify.checks import (
+    CRASH,
+    DROPPED_LIVE,
+    HANG,
+    LIVENESS,
+    PHANTOM,
+    SEND_BINDING,
+    SEND_EARLY,
+    SEND_MISSING,
+    STUCK,
+    Outcome,
+)
+from fastdeploy_pd_fix.verify.lifecycle import DECODE_PART, PREFILL_PART, LifecycleWorkload
+from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot
+from fastdeploy_pd_fix.verify.search import RankExploration
+from fastdeploy_pd_fix.verify.workloads import batch_bindings, switches
+
+SIGNAL, CACHE_INFO, TAKE, FINISH_SEND = "S", "C", "X", "Y"
+ACTORS = {SIGNAL: "signal thread", CACHE_INFO: "registration thread", TAKE: "send: take", FINISH_SEND: "send: finish"}
+
+#: A registration as the send thread reads it: (request id, need_prefill_tokens).
+Read = Optional[Tuple[str, int]]
+
+
+class LifecycleRank:
+    """One rank's state: the policy, stream positions, the queue and the send thread, the modelled dicts, outputs."""
+
+    __slots__ = (
+        "policy",
+        "signals_fed",
+        "cache_fed",
+        "queue",
+        "holding",
+        "task_dict",
+        "cache_info",
+        "finished",
+        "unmatched",
+        "batches",
+        "drops",
+        "waits",
+        "sent",
+        "findings",
+        "trace",
+    )
+
+    def key(self) -> tuple:
+        return (
+            policy_snapshot(self.policy),
+            self.signals_fed,
+            self.cache_fed,
+            self.queue,
+            self.holding,
+            tuple(sorted(self.task_dict.items())),
+            tuple(sorted(self.cache_info)),
+            tuple(sorted(self.finished)),
+            tuple(sorted(self.unmatched.items())),
+            self.batches,
+            self.drops,
+            self.waits,
+            tuple(sorted(self.sent.items())),
+            self.findings,
+        )
+
+    def branch(self, actor: str) -> "LifecycleRank":
+        twin = LifecycleRank()
+        twin.policy = clone_policy(self.policy)
+        twin.signals_fed, twin.cache_fed, twin.queue, twin.holding = (
+            self.signals_fed,
+            self.cache_fed,
+            self.queue,
+            self.holding,
+        )
+        twin.task_dict, twin.cache_info, twin.finished = dict(self.task_dict), set(self.cache_info), set(self.finished)
+        twin.unmatched, twin.sent = dict(self.unmatched), dict(self.sent)
+        twin.batches, twin.drops, twin.waits, twin.findings = self.batches, self.drops, self.waits, self.findings
+        twin.trace = self.trace + actor
+        return twin
+
+
+class LifecycleExplorer:
+    """Every interleaving of one rank's three actors over one workload, for one release mode."""
+
+    def __init__(self, workload: LifecycleWorkload, mode: str):
+        self.workload = workload
+        self.mode = mode
+        self.occupancies = workload.occupancies
+        self.earlier = [
+            [j for j in range(i) if self.occupancies[j].slot == occupancy.slot]
+            for i, occupancy in enumerate(self.occupancies)
+        ]
+        self.memo: Dict[tuple, Dict[tuple, list]] = {}
+
+    def start(self) -> LifecycleRank:
+        rank = LifecycleRank()
+        rank.policy = make_policy(self.mode)
+        rank.signals_fed = rank.cache_fed = 0
+        rank.queue, rank.holding = (), None
+        rank.task_dict, rank.cache_info, rank.finished, rank.unmatched, rank.sent = {}, set(), set(), {}, {}
+        rank.batches, rank.drops, rank.waits, rank.findings, rank.trace = (), (), (), frozenset(), ""
+        return rank
+
+    # -- engine gates and enabled actors ------------------------------------------------------------------------
+    def _admitted(self, rank: LifecycleRank, occupancy: int) -> bool:
+        """The engine has freed the slot for ``occupancy``: every earlier transferring request on it finished."""
+        return all(
+            self.occupancies[j].request_id in rank.finished
+            for j in self.earlier[occupancy]
+            if self.occupancies[j].transfers
+        )
+
+    def enabled(self, rank: LifecycleRank) -> List[str]:
+        actors = []
+        workload = self.workload
+        if rank.signals_fed < len(workload.signals):
+            if all(self._admitted(rank, owner) for owner in workload.signal_gates(rank.signals_fed)):
+                actors.append(SIGNAL)
+        if rank.cache_fed < len(workload.cache) and self._admitted(rank, workload.cache_gate[rank.cache_fed]):
+            actors.append(CACHE_INFO)
+        if rank.holding is not None:
+            actors.append(FINISH_SEND)
+        elif rank.queue:
+            actors.append(TAKE)
+        return actors
+
+    # -- the actors ---------------------------------------------------------------------------------------------
+    def step(self, rank: LifecycleRank, actor: str) -> LifecycleRank:
+        rank = rank.branch(actor)
+        try:
+            if actor == SIGNAL:
+                self._signal(rank)
+            elif actor == CACHE_INFO:
+                self._cache_info(rank)
+            elif actor == TAKE:
+                self._take(rank)
+            else:
+                self._finish(rank)
+        except Exception as error:  # a crash on valid input is itself a finding
+            rank.findings = rank.findings | {(CRASH, f"{type(error).__name__}: {error}")}
+        return rank
+
+    def _registered(self, rank: LifecycleRank) -> Dict[int, int]:
+        return {slot: need for slot, (_, need) in rank.task_dict.items()}
+
+    def _signal(self, rank: LifecycleRank) -> None:
+        index = rank.signals_fed
+        rank.signals_fed += 1
+        tasks = self.workload.signals[index]
+        for (slot, _, end), tid in zip(tasks, self.workload.signal_tids[index]):
+            rank.unmatched[slot] = rank.unmatched.get(slot, ()) + ((end, tid),)
+        self._publish(rank, rank.policy.add_signal(tasks, self._registered(rank)))
+
+    def _cache_info(self, rank: LifecycleRank) -> None:
+        kind, index = self.workload.cache[rank.cache_fed]
+        rank.cache_fed += 1
+        occupancy = self.occupancies[index]
+        if kind == PREFILL_PART:
+            rank.cache_info.add(occupancy.request_id)
+        elif kind == DECODE_PART and occupancy.request_id in rank.cache_info:
+            # the messager stores every completed task, whatever the policy makes of it, then the policy sees it
+            rank.task_dict[occupancy.slot] = (occupancy.request_id, occupancy.need)
+            registration = Registration(occupancy.slot, occupancy.request_id, occupancy.need, occupancy.request_id)
+            self._publish(rank, rank.policy.add_registration(registration, self._registered(rank)))
+
+    def _match(self, rank: LifecycleRank, slot: int, end: int) -> Optional[int]:
+        """Which delivered task a released or dropped ``(slot, end)`` is. The ordered policy decides strictly in
+        signal order (the earliest unmatched one); a latest-per-slot pending buffer keeps the latest."""
+        entries = rank.unmatched.get(slot, ())
+        positions = [position for position, (number, _) in enumerate(entries) if number == end]
+        if not positions:
+            return None
+        position = positions[0] if isinstance(rank.policy, OrderedRelease) else positions[-1]
+        rank.unmatched[slot] = entries[:position] + entries[position + 1 :]
+        return entries[position][1]
+
+    def _publish(self, rank: LifecycleRank, released: Released) -> None:
+        findings = set(rank.findings)
+        queued = []
+        for number, batch in enumerate(released.batches):
+            entries = []
+            for (slot, end), bound in zip(batch, batch_bindings(released, number)):
+                read = None if bound is None else (bound.request_id, bound.need_prefill_tokens)
+                entries.append((slot, end, self._match(rank, slot, end), read))
+            queued.append(tuple(entries))
+        for drop in released.drops:
+            tid = self._match(rank, drop.slot, drop.prefilled_token_num)
+            task = f"task ({drop.slot},{drop.prefilled_token_num})"
+            if tid is None:
+                findings.add((PHANTOM, f"{task} dropped but never signalled (or handled twice)"))
+            elif self.occupancies[self.workload.tid_owner[tid]].transfers:
+                owner = self.occupancies[self.workload.tid_owner[tid]].request_id
+                findings.add((DROPPED_LIVE, f"{task} of {owner} dropped: {drop.reason}"))
+        rank.queue = rank.queue + tuple(queued)
+        rank.batches = rank.batches + tuple(released.batches)
+        rank.drops = rank.drops + tuple((drop.slot, drop.prefilled_token_num) for drop in released.drops)
+        rank.findings = frozenset(findings)
+
+    def _computed(self, rank: LifecycleRank, request_id: str, end: int) -> bool:
+        """Whether ``request_id`` had computed its chunk ending at ``end`` (a signal of it delivered so far)."""
+        workload = self.workload
+        return any(
+            self.occupancies[workload.tid_owner[tid]].request_id == request_id and task[2] >= end
+            for tasks, tids in zip(workload.signals[: rank.signals_fed], workload.signal_tids)
+            for task, tid in zip(tasks, tids)
+        )
+
+    def _take(self, rank: LifecycleRank) -> None:
+        batch, rank.queue = rank.queue[0], rank.queue[1:]
+        findings = set(rank.findings)
+        reads = []
+        for slot, end, tid, bound in batch:
+            read: Read = bound if bound is not None else rank.task_dict.get(slot)
+            reads.append((slot, end, read))
+            task = f"task ({slot},{end})"
+            if tid is None:
+                findings.add((PHANTOM, f"{task} released but never signalled (or released twice)"))
+                continue
+            origin = self.occupancies[self.workload.tid_owner[tid]]
+            what = f"{task} of {'orphan ' if not origin.registers else ''}{origin.request_id}"
+            if read is None:
+                findings.add((SEND_MISSING, f"{what}: slot {slot} has no registration at send time"))
+                continue
+            rank.sent[tid] = read[0]
+            if read[0] != origin.request_id:
+                if self._computed(rank, read[0], end):
+                    findings.add((SEND_BINDING, f"{what} sent with {read[0]}'s registration"))
+                else:
+                    findings.add((SEND_EARLY, f"{what} sent as {read[0]}'s blocks before {read[0]} computed them"))
+        rank.waits = rank.waits + (Wait(BEGIN),)
+        rank.holding = tuple(reads)
+        rank.findings = frozenset(findings)
+
+    def _finish(self, rank: LifecycleRank) -> None:
+        waits = []
+        for slot, end, read in rank.holding:
+            if read is None or end != read[1]:
+                continue
+            waits.append(Wait(FINISH, read[0]))
+            rank.finished.add(read[0])
+            rank.cache_info.discard(read[0])
+            if self.mode != ORDERED or rank.task_dict.get(slot) == read:
+                rank.task_dict.pop(slot, None)  # BoundTaskDict leaves a newer occupant's entry in place
+        rank.waits = rank.waits + tuple(waits)
+        rank.holding = None
+
+    # -- the search ---------------------------------------------------------------------------------------------
+    def end_findings(self, rank: LifecycleRank) -> frozenset:
+        findings = set(rank.findings)
+        workload = self.workload
+        if rank.signals_fed < len(workload.signals) or rank.cache_fed < len(workload.cache):
+            if rank.signals_fed < len(workload.signals):
+                blocked = workload.signal_gates(rank.signals_fed)[0]
+            else:
+                blocked = workload.cache_gate[rank.cache_fed]
+            request = self.occupancies[blocked].request_id
+            findings.add((HANG, f"the engine never frees slot {self.occupancies[blocked].slot} for {request}"))
+        for index, occupancy in enumerate(self.occupancies):
+            if not occupancy.transfers:
+                continue
+            # the final chunk's send covers every block not sent yet, so a skipped intermediate batch is no loss
+            # by itself (a dropped one is dropped-live)
+            if rank.sent.get(workload.final_tid(index)) != occupancy.request_id:
+                findings.add((LIVENESS, f"{occupancy.request_id}'s final chunk is never sent with its registration"))
+            elif occupancy.request_id not in rank.finished:
+                findings.add((LIVENESS, f"{occupancy.request_id} is never reported finished"))
+        if isinstance(rank.policy, OrderedRelease) and rank.policy.has_waiting():
+            findings.add((STUCK, f"signal {rank.policy.waiting_signals()[0]} is held for ever"))
+        return frozenset(findings)
+
+    def outcomes(self, rank: LifecycleRank) -> Dict[tuple, list]:
+        """Outcome key -> [interleavings reaching it, shortest-switching witness trace], from ``rank`` on."""
+        key = rank.key()
+        known = self.memo.get(key)
+        if known is not None:
+            return known
+        actors = self.enabled(rank)
+        if not actors:
+            result = {(rank.batches, rank.drops, rank.waits, self.end_findings(rank)): [1, rank.trace]}
+        else:
+            result = {}
+            for actor in actors:
+                for outcome, (count, trace) in self.outcomes(self.step(rank, actor)).items():
+                    if outcome in result:
+                        result[outcome][0] += count
+                        result[outcome][1] = min(result[outcome][1], trace, key=lambda t: (switches(t), t))
+                    else:
+                        result[outcome] = [count, trace]
+        self.memo[key] = result
+        return result
+
+
+def explore_lifecycle_rank(workload: LifecycleWorkload, mode: str) -> RankExploration:
+    """All outcomes of one rank over every interleaving of its three actors."""
+    explorer = LifecycleExplorer(workload, mode)
+    results = explorer.outcomes(explorer.start())
+    outcomes = [
+        Outcome(batches, drops, waits, findings, count, trace)
+        for (batches, drops, waits, findings), (count, trace) in results.items()
+    ]
+    outcomes.sort(key=lambda o: (switches(o.witness), o.witness))
+    return RankExploration(outcomes, sum(o.weight for o in outcomes), len(explorer.memo))
+
+
+def replay_lifecycle(workload: LifecycleWorkload, mode: str, trace: str) -> List[str]:
+    """Re-run one interleaving and describe, step by step, what each actor did."""
+    explorer = LifecycleExplorer(workload, mode)
+    rank = explorer.start()
+    lines = []
+    for position, actor in enumerate(trace):
+        if actor == SIGNAL:
+            event = "signal " + ",".join(f"({s},{o}-{e})" for s, o, e in workload.signals[rank.signals_fed])
+        elif actor == CACHE_INFO:
+            kind, index = workload.cache[rank.cache_fed]
+            event = f"{kind}-part of {workload.occupancies[index].request_id}"
+        elif actor == TAKE:
+            event = "take " + ",".join(f"({slot},{end})" for slot, end, _, _ in rank.queue[0])
+        else:
+            event = "finish " + ",".join(
+                f"({slot},{end}) as {read[0] if read else '-'}" for slot, end, read in rank.holding
+            )
+        before = (len(rank.batches), len(rank.drops), len(rank.findings))
+        rank = explorer.step(rank, actor)
+        out = [f"batch {list(batch)}" for batch in rank.batches[before[0] :]]
+        out += [f"drop {drop}" for drop in rank.drops[before[1] :]]
+        if actor == TAKE:
+            out.append("reads " + ", ".join(read[0] if read else "nothing" for _, _, read in rank.holding))
+        lines.append(f"{position:>2} {ACTORS[actor]:<19} {event:<34} -> {'; '.join(out) or '-'}")
+    return lines

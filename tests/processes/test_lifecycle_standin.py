@@ -1,0 +1,194 @@
+"""The engine's slot lifecycle on the stand-in (real rank processes): l1-l13 without the plugin, in upstream mode and
+in ordered mode, with the send thread's ground-truth checks.
+
+Every scenario runs once per mode on the default #7872 variant, all concurrently in one module fixture; each test
+reads the results. Outcomes and violation counts are the scenarios' documented ``expected`` values; the tests add
+what each case shows beyond them (identical sequences and violations on every rank, the log lines the rules write,
+the watchdog's report).
+"""
+
+import pytest
+
+from fastdeploy_pd_fix import _bootstrap, config
+from fastdeploy_pd_fix.standin.fastdeploy._standin.ground_truth import GroundTruth, normal_flow_owners
+from fastdeploy_pd_fix.standin.fastdeploy._standin.script import ScriptedStreams, recycled_requests
+from fastdeploy_pd_fix.standin.harness import run_many
+from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
+from fastdeploy_pd_fix.standin.scenarios import SCENARIOS, resolve_scenario
+
+pytestmark = pytest.mark.timeout(600)
+
+MODES = (config.OFF, config.UPSTREAM, config.ORDERED)
+DEADLINE_S = 2.0  # after every rank is ready; a finishing run needs well under a second
+WATCHDOG_S = "0.5"
+LIMITS = sorted(name for name, scenario in LIFECYCLE_SCENARIOS.items() if not scenario["decidable"])
+DECIDABLE = sorted(name for name, scenario in LIFECYCLE_SCENARIOS.items() if scenario["decidable"])
+
+
+@pytest.fixture(scope="module")
+def results():
+    assert _bootstrap.state["installed"], "install the plugin (pip install -e .) so that its .pth runs"
+    jobs = [
+        dict(scenario=name, mode=mode, deadline_s=DEADLINE_S, env={"FD_PD_FIX_WATCHDOG_S": WATCHDOG_S})
+        for name in LIFECYCLE_SCENARIOS
+        for mode in MODES
+    ]
+    return {(job["scenario"], job["mode"]): result for job, result in zip(jobs, run_many(jobs, parallel=6))}
+
+
+def describe(result):
+    return result.summary() + "".join(f"\n--- rank {rank} ---\n{text}" for rank, text in result.logs.items())
+
+
+def messager_log(result, rank):
+    return result.logs[rank].split("\n----- stdout/stderr of rank", 1)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS, key=lambda name: int(name[1:])))
+def test_outcome_and_ground_truth_as_documented(results, name, mode):
+    result = results[(name, mode)]
+    outcome, violations = LIFECYCLE_SCENARIOS[name]["expected"][mode]
+    assert (result.outcome, result.ground_truth_violations()) == (outcome, violations), describe(result)
+    if mode != config.OFF:
+        assert all(f"(mode={mode}" in log for log in result.logs.values()), "the plugin patched every rank"
+
+
+@pytest.mark.parametrize("name", DECIDABLE)
+def test_ordered_finishes_decidable_cases_alike_on_every_rank_without_violation(results, name):
+    result = results[(name, config.ORDERED)]
+    assert result.outcome == "finished" and result.same_batches_on_all_ranks(), describe(result)
+    assert result.violations == {0: [], 1: []}
+    one_batch_per_signal = [
+        [[slot, offset + length] for slot, offset, length in signal] for signal in LIFECYCLE_SCENARIOS[name]["signals"]
+    ]
+    assert result.batches[0] == one_batch_per_signal[: len(result.batches[0])]
+
+
+@pytest.mark.parametrize("name", LIMITS)
+def test_ordered_errs_alike_on_every_rank_where_the_streams_cannot_decide(results, name):
+    result = results[(name, config.ORDERED)]
+    assert result.same_batches_on_all_ranks(), describe(result)
+    assert result.violations[0] == result.violations[1], describe(result)
+
+
+def test_l1_the_issues_abort_then_reuse_finishes_with_and_without_the_plugin(results):
+    for mode in MODES:
+        result = results[("l1", mode)]
+        assert result.finished == {0: ["B", "C", "D"], 1: ["B", "C", "D"]}, describe(result)
+    ordered = messager_log(results[("l1", config.ORDERED)], 0)
+    assert "request A on slot 3 abandoned after 128 of 256 tokens: chunk [0, 64) does not continue it" in ordered
+    assert "does not advance past" not in ordered, "the old rule 4 dropped B's only task and hung"
+
+
+@pytest.mark.parametrize("name", ["l2", "l3", "l7"])
+def test_dict_read_sends_the_next_requests_task_for_an_aborted_requests_chunk(results, name):
+    for mode in (config.OFF, config.UPSTREAM):
+        result = results[(name, mode)]
+        end = result.batches[0][0][0][1]
+        expected = [f"batch #1 task (0, {end}): the chunk is A's, the send thread read B's task"]
+        assert result.violations[0] == result.violations[1] == expected, describe(result)
+
+
+def test_l3_l4_ordered_sends_the_aborted_requests_batch_with_its_own_task(results):
+    for name in ("l3", "l4"):
+        assert results[(name, config.ORDERED)].finished == {0: ["A", "B"], 1: ["A", "B"]}
+    off = results[("l4", config.OFF)]
+    assert off.finished == {0: ["B"], 1: ["B"]} and off.batches[0] == [[[0, 4]]], "B finished with A's chunk"
+    assert "sends B's blocks up to token 4 before that chunk was computed" in off.violations[0][1]
+
+
+def test_limits_show_what_the_user_sees(results):
+    l5 = results[("l5", config.ORDERED)]
+    assert l5.finished == {0: ["A"], 1: ["A"]} and l5.violations[0] == [
+        "batch #1 task (0, 4): the chunk is B's, the send thread read A's task",
+        "batch #1 task (0, 4): sends A's blocks up to token 4 before that chunk was computed",
+    ]
+    l6 = results[("l6", config.ORDERED)]
+    assert l6.finished == {0: [], 1: []} and "the chunk is B's, the send thread read A's task" in l6.violations[0][0]
+    for name in ("l10", "l13"):
+        violations = {mode: results[(name, mode)].violations for mode in MODES}
+        assert violations[config.OFF] == violations[config.UPSTREAM] == violations[config.ORDERED], name
+    assert "the chunk is O's, the send thread read B's task" in results[("l10", config.ORDERED)].violations[0][0]
+    l11 = results[("l11", config.ORDERED)]
+    assert l11.batches == {0: [], 1: []}
+    assert all(
+        "the oldest layer-0 signal has waited" in messager_log(l11, rank) and "((0, 0, 4),)" in messager_log(l11, rank)
+        for rank in (0, 1)
+    ), describe(l11)
+
+
+def test_repeats_are_ignored_once_counted(results):
+    l8 = messager_log(results[("l8", config.ORDERED)], 0)
+    assert "registration for slot 0 ignored: request A was counted before and is still open" in l8
+    l9 = results[("l9", config.ORDERED)]
+    assert l9.finished == {0: ["B"], 1: ["B"]}
+    assert "request A was counted before" in messager_log(l9, 0)
+    assert "the chunk is B's, the send thread read A's task" in results[("l9", config.OFF)].violations[0][0]
+
+
+def test_lifecycle_scenarios_are_registered_and_valid():
+    assert {f"l{number}" for number in range(1, 14)} <= set(SCENARIOS)
+    for name in LIFECYCLE_SCENARIOS:
+        scenario = resolve_scenario(name)
+        assert set(scenario["expected"]) == set(MODES), name
+
+
+def test_aborted_requests_hand_their_slot_on_at_once_and_repeats_hand_nothing_on():
+    registrations = [
+        [{"request_id": "A", "slot": 0}],
+        [{"request_id": "B", "slot": 0}],
+        [{"request_id": "A", "slot": 0, "parts": "decode"}],
+        [{"request_id": "C", "slot": 0}],
+    ]
+    assert recycled_requests(registrations) == [[], ["A"], [], ["B"]]
+    assert recycled_requests(registrations, aborted=["A"]) == [[], [], [], ["B"]]
+
+
+def test_ground_truth_prefers_the_read_requests_chunk_and_checks_computation():
+    scenario = {
+        "signals": [[[0, 0, 4]], [[0, 0, 4]]],
+        "owners": [["O"], ["B"]],
+        "registrations": [[{"request_id": "B", "slot": 0, "need_prefill_tokens": 4}]],
+    }
+    truth = GroundTruth(scenario, block_size=64)
+    b_task = {"request_id": "B", "need_prefill_tokens": 4, "src_block_ids": truth.blocks_of("B")}
+    truth.note_delivered(0)
+    assert truth.check_batch([(0, 4)], [b_task]) == [
+        "batch #1 task (0, 4): the chunk is O's, the send thread read B's task",
+        "batch #1 task (0, 4): sends B's blocks up to token 4 before that chunk was computed",
+    ]
+    truth = GroundTruth(scenario, block_size=64)
+    truth.note_delivered(0)
+    truth.note_delivered(1)
+    assert truth.check_batch([(0, 4)], [b_task]) == [], "B's own identical chunk was delivered: counted as B's"
+    truth = GroundTruth(scenario, block_size=64)
+    truth.note_delivered(1)
+    assert truth.check_batch([(0, 4)], [dict(b_task, src_block_ids=[7])]) == [
+        "batch #1 task (0, 4): B's task read has need and blocks (4, [7]), registered were (4, [1000])"
+    ]
+
+
+def test_normal_flow_owners_follow_registration_order_per_slot():
+    registrations = [
+        [{"request_id": "A", "slot": 0, "need_prefill_tokens": 8}],
+        [{"request_id": "B", "slot": 0, "need_prefill_tokens": 4}],
+    ]
+    signals = [[[0, 0, 4], [1, 0, 4]], [[0, 4, 4]], [[0, 0, 4]]]
+    assert normal_flow_owners(signals, registrations) == [["A", None], ["A"], ["B"]]
+
+
+def test_controls_stall_and_hold_the_send_thread_until_go():
+    import queue
+
+    batches = queue.Queue()
+    streams = ScriptedStreams()
+    streams.activate([("stall", None), ("hold", None), ("reg", 0), ("go", None)], [], [["r0"]], send_queue=batches)
+    batches.put("batch")
+    assert streams._stalled and streams._held
+    assert streams.next_cache_infos() == ["r0"]
+    assert streams._stalled, "go comes only after reg0 was acknowledged"
+    assert streams.next_cache_infos() == []
+    assert not streams._stalled and not streams._held
+    streams.wait_to_take()
+    streams.wait_to_send()
