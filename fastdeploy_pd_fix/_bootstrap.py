@@ -1,19 +1,24 @@
 """Start-up hook run from ``fastdeploy_pd_fix.pth`` in every interpreter of the environment (as coverage.py does).
 
 It must be cheap and must never fail the interpreter: at import it loads only :mod:`fastdeploy_pd_fix.config` and
-:mod:`fastdeploy_pd_fix.target` (the plugin itself is imported when there is something to patch), reads the
-environment and ``sys.argv`` and, where FastDeploy can be involved, installs one of two hooks:
+:mod:`fastdeploy_pd_fix.target` (stdlib modules the interpreter has already loaded, nothing else; the plugin itself
+is imported when there is something to patch), reads ``FD_PD_FIX`` first (off: it returns right there), then
+``sys.argv`` and, where FastDeploy can be involved, installs one of two hooks:
 
 * FastDeploy runs the cache messager as a script (``python .../fastdeploy/cache_manager/cache_messager.py``), so
   its classes are built in ``__main__`` and no import hook ever sees them. In that process only, we wrap
   ``builtins.__build_class__`` until ``CacheMessagerV1`` has been built, patch it right there (before ``main()``
   creates the instance and its threads), and put the original ``__build_class__`` back.
-* Anywhere the ``fastdeploy`` package is importable, a wrapt post-import hook patches
-  ``fastdeploy.cache_manager.cache_messager`` when it is imported (upstream's unit tests, tools).
+* Anywhere the ``fastdeploy`` package is importable at start-up, a post-import hook patches
+  ``fastdeploy.cache_manager.cache_messager`` right after it has been executed (upstream's unit tests, tools):
+  :class:`PatchAfterImport`, a ``sys.meta_path`` finder built like wrapt's post-import hooks. Not wrapt itself:
+  importing wrapt (2.x pulls asyncio, ssl, inspect, typing) costs 60-130 ms in every interpreter of a FastDeploy
+  environment, and the budget there is 10 ms (``benchmarks/startup.py`` measures it).
 """
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import os
 import sys
@@ -68,6 +73,80 @@ def _configure_logging() -> None:
         logger.propagate = False
 
 
+class PatchingLoader:
+    """Wraps the loader of the target module: runs the original ``exec_module``, then the callback."""
+
+    def __init__(self, loader, callback):
+        self.loader = loader
+        self.callback = callback
+
+    def create_module(self, spec):
+        create_module = getattr(self.loader, "create_module", None)
+        return create_module(spec) if create_module is not None else None
+
+    def exec_module(self, module) -> None:
+        # The module keeps the original loader (inspect, linecache and reloads use it), as with wrapt.
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self.loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self.loader
+        self.loader.exec_module(module)
+        self.callback(module)
+
+    def __getattr__(self, name):  # get_source, get_filename, is_package, ... of the original loader
+        return getattr(self.loader, name)
+
+
+class PatchAfterImport:
+    """A ``sys.meta_path`` finder that calls ``callback(module)`` once module ``name`` has been executed.
+
+    For every other name it returns None at once (one string comparison per import). For ``name`` it asks the
+    finders after it for the spec, as the import system would, and wraps the spec's loader in a
+    :class:`PatchingLoader`; a loader without ``exec_module`` (legacy) is left alone, so the module is imported as
+    usual, unpatched."""
+
+    def __init__(self, name: str, callback):
+        self.name = name
+        self.callback = callback
+        self._finding = set()  # threads inside find_spec for name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        thread = _thread.get_ident()
+        if thread in self._finding:  # a finder after us called importlib.util.find_spec, which came back here
+            return None
+        self._finding.add(thread)
+        try:
+            for finder in list(sys.meta_path):
+                find_spec = getattr(finder, "find_spec", None) if finder is not self else None
+                spec = find_spec(fullname, path, target) if find_spec is not None else None
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._finding.discard(thread)
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = PatchingLoader(spec.loader, self.callback)
+        return spec
+
+
+def findable(name: str) -> bool:
+    """Whether top-level module ``name`` can be imported, without importing it (nor :mod:`importlib.util`)."""
+    if name in sys.modules:
+        return True
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        try:
+            if find_spec is not None and find_spec(name, None) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
+
+
 def install() -> None:
     """Entry point of the ``.pth`` file; idempotent."""
     if state["installed"]:
@@ -77,23 +156,23 @@ def install() -> None:
     if config.switched_off():
         state["disabled"] = True
         if is_script:
-            print("fastdeploy_pd_fix: disabled by FD_PD_FIX=0; FastDeploy runs unpatched", file=sys.stderr)
+            value = os.environ.get(config.ENV_SWITCH, "").strip()
+            print(
+                f"fastdeploy_pd_fix: disabled by {config.ENV_SWITCH}={value}; FastDeploy runs unpatched",
+                file=sys.stderr,
+            )
         return
+    # An FD_PD_FIX value that is not understood keeps the plugin on; patching.patch_class logs its warning with the
+    # decision line (the messager log) and ``status`` prints it.
     if is_script:
         builtins.__build_class__ = _build_class_and_patch
         state["script_hook"] = True
-
-    import importlib.util
-
-    try:
-        fastdeploy_present = importlib.util.find_spec("fastdeploy") is not None
-    except (ImportError, ValueError):
-        fastdeploy_present = False
-    if fastdeploy_present:  # wrapt costs ~60 ms to import: pay it only where FastDeploy is
-        import wrapt
-
-        wrapt.register_post_import_hook(_patch_imported_module, TARGET_MODULE)
+    if findable("fastdeploy"):
+        sys.meta_path.insert(0, PatchAfterImport(TARGET_MODULE, _patch_imported_module))
         state["import_hook"] = True
+        module = sys.modules.get(TARGET_MODULE)
+        if module is not None:  # imported before us (not at start-up; install() called again by hand)
+            _patch_imported_module(module)
 
 
 def safe_install() -> None:

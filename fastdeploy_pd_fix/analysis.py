@@ -9,6 +9,11 @@ same rules decide in both cases (see :func:`_analyse_methods`):
 * ``_add_cache_task_thread`` stores tasks by ``self.idx_cache_task_dict[...] = ...``;
 * a release that already uses ``layer0_release`` (the fix, upstreamed) is left alone.
 
+The release features reported besides come from calls, not from definitions: a method's presence is not its use.
+A call counts where it runs in every deployment: in the method itself or in a ``self.<method>(...)`` it calls, but
+not under an ``if`` on the storage transfer switch (:data:`STORAGE_SWITCH`), which some releases guard
+``_maybe_wait_for_cache_task`` with (see :func:`_calls_from`).
+
 What a live class needs besides (its methods are the ones the interpreter runs) and what a file needs besides (one
 unconditional definition of each method, the attributes the rewritten methods use) is checked where it applies.
 Nothing here imports FastDeploy or runs its code, and no function raises: a surprise is an unrecognised target.
@@ -17,11 +22,12 @@ Nothing here imports FastDeploy or runs its code, and no function raises: a surp
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import linecache
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from fastdeploy_pd_fix.target import (
     FINISH_ADD_BARRIER,
@@ -38,6 +44,12 @@ ANALYSED_METHODS = PATCHED_METHODS + ("__init__",)
 #: The store the registration hook follows, as written in ``_add_cache_task_thread``.
 TASK_DICT = "self.idx_cache_task_dict"
 ALREADY_FIXED = f"FastDeploy already carries the rank-invariant release (it uses {UPSTREAMED_PACKAGE})"
+#: The send loop, and the registration wait #7724 made it call (some releases: only on the storage transfer path).
+SEND_LOOP = "prefill_layerwise_send_cache_thread"
+REGISTRATION_WAIT = "_maybe_wait_for_cache_task"
+#: The switch of the storage transfer path (``envs.FD_PD_TRANSFER_VIA_STORAGE``), matched case-insensitively in
+#: the test of an ``if``: code only under it does not run in an RDMA/IPC deployment.
+STORAGE_SWITCH = "via_storage"
 
 
 @dataclass(frozen=True)
@@ -92,8 +104,12 @@ class TargetAnalysis:
     #: ``X`` of a ``from X import get_output_kv_signal`` inside ``consume_signals``; None: the op is a module global.
     op_import_module: Optional[str] = None
     has_pending_buffer: bool = False
-    #: ``_add_cache_task_thread`` waits at ``finish_add_cache_task_barrier`` (before #7724 removed it).
+    #: ``_add_cache_task_thread`` calls ``finish_add_cache_task_barrier`` (``.wait()``, before #7724 removed it).
     reports_finished_add: bool = False
+    #: The send loop calls ``_maybe_wait_for_cache_task`` (#7724), outside the storage transfer branch.
+    waits_for_registration: bool = False
+    #: The send loop calls ``_maybe_wait_for_cache_task`` only in the storage transfer branch.
+    waits_for_registration_via_storage_only: bool = False
     #: The release already uses ``layer0_release`` (then ``recognised`` is False).
     already_fixed: bool = False
     #: The op as called, e.g. ``get_output_kv_signal`` or ``ops.get_output_kv_signal``.
@@ -119,7 +135,13 @@ class TargetAnalysis:
         registration = (
             f"{FINISH_ADD_BARRIER} (pre-#7724)" if self.reports_finished_add else f"no {FINISH_ADD_BARRIER} (#7724+)"
         )
-        return f"{self.op_call()}; {buffer}; {registration}"
+        if self.waits_for_registration:
+            send_loop = "send loop waits for registration (#7724+)"
+        elif self.waits_for_registration_via_storage_only:
+            send_loop = "send loop waits for registration only via storage (FD_PD_TRANSFER_VIA_STORAGE)"
+        else:
+            send_loop = "send loop does not wait for registration"
+        return f"{self.op_call()}; {buffer}; {registration}; {send_loop}"
 
 
 def unrecognised(reason: str, already_fixed: bool = False) -> TargetAnalysis:
@@ -176,12 +198,89 @@ def _op_calls(consume: ast.AST) -> List[ast.Call]:
     ]
 
 
+def _mentions_storage_switch(test: ast.AST) -> bool:
+    """Whether an ``if`` test refers to the storage transfer switch (a name, attribute or string, any case)."""
+    for child in ast.walk(test):
+        names = [getattr(child, "id", None), getattr(child, "attr", None)]
+        if isinstance(child, ast.Constant) and isinstance(child.value, str):
+            names.append(child.value)
+        if any(isinstance(name, str) and STORAGE_SWITCH in name.lower() for name in names):
+            return True
+    return False
+
+
+def _nodes(node: ast.AST, include_storage: bool):
+    """``node`` and everything under it; without ``include_storage``, not what only the storage path runs: of an
+    ``if`` (or ``x if c else y``) on the switch its ``else`` (its body when the test is ``not <switch>``)."""
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if not include_storage and isinstance(current, (ast.If, ast.IfExp)) and _mentions_storage_switch(current.test):
+            negated = isinstance(current.test, ast.UnaryOp) and isinstance(current.test.op, ast.Not)
+            kept = current.body if negated else current.orelse
+            yield current.test
+            pending += kept if isinstance(kept, list) else [kept]
+            continue
+        yield current
+        pending += list(ast.iter_child_nodes(current))
+
+
+#: Resolves a method name of the analysed class to its definitions (none: unknown or not Python source).
+Resolver = Callable[[str], List[ast.AST]]
+
+
+def _calls_from(roots: List[ast.AST], resolve: Resolver, include_storage: bool = False) -> List[ast.Call]:
+    """Every call the ``roots`` make, also in the ``self.<method>(...)`` they call (transitively, through
+    ``resolve``); without ``include_storage``, only the calls made outside the storage transfer branch."""
+    calls: List[ast.Call] = []
+    followed = set()
+    pending = list(roots)
+    while pending:
+        for node in _nodes(pending.pop(), include_storage):
+            if not isinstance(node, ast.Call):
+                continue
+            calls.append(node)
+            function = node.func
+            if (
+                isinstance(function, ast.Attribute)
+                and isinstance(function.value, ast.Name)
+                and function.value.id == "self"
+                and function.attr not in followed
+            ):
+                followed.add(function.attr)
+                pending += resolve(function.attr)
+    return calls
+
+
+def _calls_method(calls: List[ast.Call], name: str) -> bool:
+    """Whether one of ``calls`` is ``self.<name>(...)``."""
+    return any(
+        isinstance(call.func, ast.Attribute)
+        and call.func.attr == name
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == "self"
+        for call in calls
+    )
+
+
+def _calls_barrier(calls: List[ast.Call], barrier: str) -> bool:
+    """Whether one of ``calls`` is on the barrier (``....<barrier>.wait()``) or is the barrier itself."""
+    return any(barrier in {getattr(node, "attr", None) for node in ast.walk(call.func)} for call in calls)
+
+
+def _no_methods(name: str) -> List[ast.AST]:
+    return []
+
+
 def _stores_task(node: ast.AST) -> bool:
     return isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and ast.unparse(node.value) == TASK_DICT
 
 
-def _analyse_methods(module: ast.Module, init: ast.AST, consume: ast.AST, register: ast.AST) -> TargetAnalysis:
-    """The rules every target must meet, on the syntax trees of its three methods and of their module."""
+def _analyse_methods(
+    module: ast.Module, init: ast.AST, consume: ast.AST, register: ast.AST, resolve: Resolver = _no_methods
+) -> TargetAnalysis:
+    """The rules every target must meet, on the syntax trees of its three methods and of their module; ``resolve``
+    gives the class's other methods (the send loop and what the methods call), for the release features."""
     top_level = _top_level_statements(module.body)
     top_imports = [node for node in top_level if isinstance(node, (ast.Import, ast.ImportFrom))]
     if any(_uses_upstreamed_package(node) for node in [consume, register] + top_imports):
@@ -212,13 +311,19 @@ def _analyse_methods(module: ast.Module, init: ast.AST, consume: ast.AST, regist
         ),
         None,
     )
+    send_loop = resolve(SEND_LOOP)
+    send_calls = _calls_from(send_loop, resolve)
+    waits = _calls_method(send_calls, REGISTRATION_WAIT)
     return TargetAnalysis(
         True,
         "recognised",
         op_arguments=tuple(OpArgument(ast.unparse(arg)) for arg in call.args[1:]),
         op_import_module=op_import_module,
         has_pending_buffer=any(getattr(node, "attr", None) == PENDING_BUFFER for node in ast.walk(init)),
-        reports_finished_add=any(getattr(node, "attr", None) == FINISH_ADD_BARRIER for node in ast.walk(register)),
+        reports_finished_add=_calls_barrier(_calls_from([register], resolve), FINISH_ADD_BARRIER),
+        waits_for_registration=waits,
+        waits_for_registration_via_storage_only=not waits
+        and _calls_method(_calls_from(send_loop, resolve, include_storage=True), REGISTRATION_WAIT),
         op_function=ast.unparse(call.func),
         consume=consume,
         register=register,
@@ -283,7 +388,11 @@ def analyse_source(source: str) -> TargetAnalysis:
     if missing:
         return unrecognised(f"missing methods {', '.join(missing)}")
     analysis = _analyse_methods(
-        module, methods["__init__"], methods["consume_signals"], methods["_add_cache_task_thread"]
+        module,
+        methods["__init__"],
+        methods["consume_signals"],
+        methods["_add_cache_task_thread"],
+        functools.partial(_definitions, cls),
     )
     if not analysis.recognised:
         return analysis
@@ -365,6 +474,20 @@ def analyse_class(cls) -> TargetAnalysis:
                 return unrecognised(str(error))
             return unrecognised(f"source of the methods is not readable ({error})")
         module = modules[functions["consume_signals"].__code__.co_filename]
-        return _analyse_methods(module, trees["__init__"], trees["consume_signals"], trees["_add_cache_task_thread"])
+
+        def resolve(name: str) -> List[ast.AST]:
+            """The running definition of the class's method ``name``; none when it has no readable source."""
+            try:
+                function = _live_function(cls, name)
+                key = function.__code__.co_filename
+                if key not in modules:
+                    modules[key] = ast.parse(_module_source(function))
+                return [_running_definition(modules[key], function)]
+            except Exception:
+                return []
+
+        return _analyse_methods(
+            module, trees["__init__"], trees["consume_signals"], trees["_add_cache_task_thread"], resolve
+        )
     except Exception as error:  # an unexpected shape must not break FastDeploy: the caller stands aside
         return unrecognised(f"check failed: {error!r}")

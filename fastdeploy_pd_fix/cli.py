@@ -1,4 +1,4 @@
-"""Command line: ``fastdeploy-pd-fix status|demo|diagnose|verify|make-patch`` (or ``python -m fastdeploy_pd_fix``).
+"""Command line: ``fastdeploy-pd-fix status|demo|preflight|diagnose|verify|make-patch`` (or ``-m fastdeploy_pd_fix``).
 
 Argument parsing only: each subcommand calls one function of the module that owns it.
 """
@@ -6,6 +6,7 @@ Argument parsing only: each subcommand calls one function of the module that own
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -37,16 +38,29 @@ def make_patch(argv: List[str]) -> int:
     return make_patch_main(argv)
 
 
-def diagnose(args) -> int:
-    from fastdeploy_pd_fix.tools.diagnose import diagnose as diagnose_logs
+def preflight(argv: List[str]) -> int:
+    from fastdeploy_pd_fix.tools.preflight import main as preflight_main
 
-    code, report = diagnose_logs(args.log_dir)
-    print(report)
-    return code
+    return preflight_main(argv)
+
+
+def diagnose(argv: List[str]) -> int:
+    from fastdeploy_pd_fix.tools.diagnose import main as diagnose_main
+
+    return diagnose_main(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one subcommand; a reader that closes the pipe early (``status | head -1``) ends it quietly."""
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # As the Python docs advise: point stdout at devnull so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastdeploy-pd-fix", description="Rank-invariant layer-0 release for FastDeploy's PD cache messager."
     )
@@ -56,24 +70,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo_parser = commands.add_parser("demo", help="run the race scenarios on the stand-in: off/upstream/ordered")
     demo_parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     demo_parser.add_argument("--deadline", type=float, default=3.0, help="seconds after start-up before a hang")
-    diagnose_parser = commands.add_parser("diagnose", help="first divergence of the ranks' batch sequences in logs")
-    diagnose_parser.add_argument("log_dir", help="directory holding cache_messager_rank*.log (searched recursively)")
+    commands.add_parser(
+        "diagnose",
+        help="first divergence of the ranks' batch sequences in logs (--help for its options)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "preflight", help="run your FastDeploy's cache_messager.py with the plugin off and on (--help)", add_help=False
+    )
     commands.add_parser("verify", help="exhaustive interleaving explorer (--help for its options)", add_help=False)
     commands.add_parser(
         "make-patch", help="apply the fix to a FastDeploy checkout (--help for its options)", add_help=False
     )
 
-    # These two own their argument parsing: hand them the rest of the command line untouched.
+    # These own their argument parsing: hand them the rest of the command line untouched.
     if argv[:1] == ["verify"]:
         return verify(argv[1:])
     if argv[:1] == ["make-patch"]:
         return make_patch(argv[1:])
+    if argv[:1] == ["diagnose"]:
+        return diagnose(argv[1:])
+    if argv[:1] == ["preflight"]:
+        return preflight(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "status":
         return status(args)
     if args.command == "demo":
         return demo(args)
-    if args.command == "diagnose":
-        return diagnose(args)
     parser.print_help()
     return 2

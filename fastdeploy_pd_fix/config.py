@@ -1,7 +1,9 @@
 """Every ``FD_PD_FIX*`` environment variable, read and validated here and nowhere else.
 
-Each reader takes the environment as an argument (``os.environ`` by default) and returns the value it understood
-and, where the variable held something it did not understand, the warning to log: a bad value never raises.
+Each reader takes the environment as an argument (``os.environ`` by default) and returns ``(value, warning)``: the
+value it understood and, where the variable held something it did not understand, the warning to log once (None
+otherwise); a bad value never raises. Each fallback is the documented safe one: an unknown ``FD_PD_FIX`` keeps the
+plugin on, an unknown mode is ``ordered``, a bad watchdog deadline is no watchdog, a bad injection item is skipped.
 
 The start-up hook imports this module in every interpreter, so it imports nothing the interpreter has not already
 loaded at start-up (``os``, ``collections``).
@@ -31,13 +33,37 @@ MAX_INJECTED_DELAY_MS = 3_600_000
 Injection = namedtuple("Injection", "stage rank delay_s")
 
 
+#: ``FD_PD_FIX`` spellings (compared after ``strip().lower()``); unset or empty is on.
+SWITCH_OFF_VALUES = ("0", "false", "off", "no")
+SWITCH_ON_VALUES = ("1", "true", "on", "yes", "")
+
+#: ``FD_PD_FIX_WATCHDOG_S`` below this is raised to it: the watchdog polls every ``min(1, deadline / 4)`` seconds.
+MIN_WATCHDOG_S = 0.5
+
+
+def switch(environ=os.environ):
+    """``(on, warning)`` from ``FD_PD_FIX``: 0/false/off/no (any case, surrounding whitespace ignored) is off;
+    1/true/on/yes, empty or unset is on; anything else is on, with a warning (the safe side: the fix stays)."""
+    raw = environ.get(ENV_SWITCH)
+    value = (raw or "").strip().lower()
+    if value in SWITCH_OFF_VALUES:
+        return False, None
+    if value in SWITCH_ON_VALUES:
+        return True, None
+    return True, (
+        f"{ENV_SWITCH}={raw!r} is not understood (off: {'/'.join(SWITCH_OFF_VALUES)}, on: "
+        f"{'/'.join(SWITCH_ON_VALUES[:-1])}); the plugin stays on"
+    )
+
+
 def switched_off(environ=os.environ) -> bool:
-    """``FD_PD_FIX=0``: the plugin imports and patches nothing."""
-    return environ.get(ENV_SWITCH, "1").strip() == "0"
+    """``FD_PD_FIX`` says off: the plugin installs no hook and patches nothing."""
+    return not switch(environ)[0]
 
 
 def switch_value(environ=os.environ) -> str:
-    return environ.get(ENV_SWITCH, "1")
+    """``FD_PD_FIX`` as set (``<unset>`` when it is not)."""
+    return environ.get(ENV_SWITCH, "<unset>")
 
 
 def selected_mode(environ=os.environ):
@@ -48,14 +74,32 @@ def selected_mode(environ=os.environ):
     return DEFAULT_MODE, f"{ENV_MODE}={value!r} is not one of {', '.join(PLUGIN_MODES)}; using {DEFAULT_MODE}"
 
 
-def watchdog_deadline(environ=os.environ):
-    """``FD_PD_FIX_WATCHDOG_S`` as seconds, or None when unset or not a positive number."""
-    value = environ.get(ENV_WATCHDOG, "").strip()
+def watchdog_setting(environ=os.environ):
+    """``(seconds or None, warning)`` from ``FD_PD_FIX_WATCHDOG_S``.
+
+    Unset, empty or ``0``: no watchdog, no warning. A positive finite number of seconds: that deadline, raised to
+    :data:`MIN_WATCHDOG_S` with a warning when below it. Anything else (``30s``, ``nan``, ``inf``, ``-1``): no
+    watchdog, with a warning."""
+    raw = environ.get(ENV_WATCHDOG, "")
+    value = raw.strip()
+    if not value:
+        return None, None
     try:
-        deadline = float(value) if value else None
+        deadline = float(value)
     except ValueError:
-        return None
-    return deadline if deadline and deadline > 0 else None
+        deadline = float("nan")
+    if deadline == 0:
+        return None, None
+    if not 0 < deadline < float("inf"):  # also false for nan
+        return None, f"{ENV_WATCHDOG}={raw!r} is not a positive number of seconds; the watchdog is off"
+    if deadline < MIN_WATCHDOG_S:
+        return MIN_WATCHDOG_S, f"{ENV_WATCHDOG}={raw!r} is below the minimum; using {MIN_WATCHDOG_S:g} s"
+    return deadline, None
+
+
+def watchdog_deadline(environ=os.environ):
+    """``FD_PD_FIX_WATCHDOG_S`` as seconds, or None (see :func:`watchdog_setting`, which also gives the warning)."""
+    return watchdog_setting(environ)[0]
 
 
 def parse_injection(value: str):
@@ -77,7 +121,7 @@ def parse_injection(value: str):
 
 
 def injections(environ=os.environ):
-    """``FD_PD_FIX_INJECT`` parsed: ``(injections, problems)``."""
+    """``FD_PD_FIX_INJECT`` parsed: ``(injections, problems)``; a bad item is skipped with its problem."""
     return parse_injection(environ.get(ENV_INJECT, ""))
 
 

@@ -8,7 +8,7 @@ signal as a numpy array: indexing a paddle tensor element by element costs ~100x
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -34,8 +34,11 @@ class ParsedSignal:
     problems: List[str] = field(default_factory=list)
 
 
-def parse_kv_signal(values: np.ndarray, num_slots: int = MAX_TASKS) -> ParsedSignal:
-    """Validate one kv signal buffer; malformed tasks are dropped with a reason, valid ones kept in order."""
+def parse_kv_signal(values: np.ndarray, num_slots: int = MAX_TASKS, num_layers: Optional[int] = None) -> ParsedSignal:
+    """Validate one kv signal buffer; malformed tasks are dropped with a reason, valid ones kept in order.
+
+    A signal whose layer is negative or, when ``num_layers`` is given, ``>= num_layers`` is dropped whole: its
+    progress would be recorded for a layer the model does not have."""
     values = np.asarray(values).reshape(-1)
     if values.size < 2:
         return ParsedSignal(problems=[f"kv signal buffer has {values.size} entries, expected {KV_SIGNAL_LENGTH}"])
@@ -47,6 +50,10 @@ def parse_kv_signal(values: np.ndarray, num_slots: int = MAX_TASKS) -> ParsedSig
         return ParsedSignal(problems=[f"tasks_count {tasks_count} out of range [0, {capacity}]; signal dropped"])
     if layer < 0:
         return ParsedSignal(problems=[f"layer {layer} is negative; signal of {tasks_count} tasks dropped"])
+    if num_layers is not None and layer >= num_layers:
+        return ParsedSignal(
+            problems=[f"layer {layer} out of range [0, {num_layers - 1}]; signal of {tasks_count} tasks dropped"]
+        )
 
     triples = values[2 : 2 + 3 * tasks_count].astype(np.int64).reshape(tasks_count, 3)
     slots, offsets, lengths = triples[:, 0], triples[:, 1], triples[:, 2]

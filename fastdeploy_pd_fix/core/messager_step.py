@@ -20,6 +20,7 @@ Standard library and numpy only: no paddle (the caller reads the op's buffer int
 from __future__ import annotations
 
 import hashlib
+import numbers
 import re
 import threading
 import time
@@ -151,6 +152,29 @@ class BoundTaskDict(dict):
         return bound
 
 
+class BoundProgressList(list):
+    """The messager's ``engine_cache_tasks`` (per-slot progress) under a :class:`MessagerStep`.
+
+    After sending a request's final chunk the send loop resets its slot's progress (``engine_cache_tasks[slot] =
+    dict()``). When that request was aborted and its slot already carries a later request's layer-0 signal, the reset
+    would wipe the later request's progress and its batch would fail for ever: the send thread's reset of such a slot
+    is skipped (and logged). Every other access is a plain list's.
+    """
+
+    def __init__(self, progress: list, step: "MessagerStep"):
+        super().__init__(progress)
+        self._step = step
+
+    def __setitem__(self, slot, value):
+        if isinstance(slot, int) and self._step.superseded_progress(slot):
+            self._step.logger.info(
+                f"{self._step.log_prefix}kept slot {slot}'s progress: it belongs to a later request than the batch "
+                "just sent (an aborted request's send would have reset it)"
+            )
+            return
+        super().__setitem__(slot, value)
+
+
 class MessagerStep:
     """One messager's release state and what each of its two prefill threads does with a new input.
 
@@ -172,6 +196,11 @@ class MessagerStep:
         # batch from the queue (the send thread), the bound tasks of the batch it holds.
         self._queued_bindings: deque = deque()
         self._held_bindings: Dict[int, Dict[int, object]] = {}
+        # Layer-0 signals handed to the policy so far, and per slot the number of the latest one that had a task
+        # for it; per send thread, the number of the signal its held batch is (see BoundProgressList).
+        self._layer0_signals = 0
+        self._latest_layer0_signal: Dict[int, int] = {}
+        self._held_signal: Dict[int, int] = {}
         self.policy = policy
         self.logger = logger
         self.log_prefix = log_prefix
@@ -183,9 +212,15 @@ class MessagerStep:
         self.after_release = after_release
 
     def handle_buffer(self, values) -> bool:
-        """Handle one kv signal buffer (as numpy); False when it held no signal and no problem (back off then)."""
+        """Handle one kv signal buffer (as numpy); False when it held no signal and no problem (back off then).
+
+        A signal for a layer ``>=`` the messager's ``num_layers`` (when it has a positive integer one) is logged and
+        dropped whole, like any other malformed signal."""
         engine_cache_tasks = self.messager.engine_cache_tasks
-        parsed = parse_kv_signal(values, num_slots=len(engine_cache_tasks))
+        num_layers = getattr(self.messager, "num_layers", None)  # a messager without it: no layer bound
+        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers <= 0:
+            num_layers = None
+        parsed = parse_kv_signal(values, num_slots=len(engine_cache_tasks), num_layers=num_layers)
         for problem in parsed.problems:
             self.logger.warning(f"{self.log_prefix}malformed kv signal: {problem}")
         signal = parsed.signal
@@ -199,18 +234,24 @@ class MessagerStep:
             if self.before_layer0 is not None:
                 self.before_layer0()
             with self.lock:
-                self.publish(self.policy.add_signal(signal.tasks, self.registered), "kv signal")
+                released = self.policy.add_signal(signal.tasks, self.registered)
+                for slot, _, _ in signal.tasks:
+                    self._latest_layer0_signal[slot] = self._layer0_signals
+                self._layer0_signals += 1
+                self.publish(released, "kv signal")
         return True
 
     def attach(self) -> None:
         """Watch the messager's registrations and batch queue (idempotent): ``idx_cache_task_dict`` becomes a
-        :class:`BoundTaskDict` (tasks already in it are handled as registrations, in their order) and the queue's
-        ``get`` tells which batch the send thread holds."""
+        :class:`BoundTaskDict` (tasks already in it are handled as registrations, in their order),
+        ``engine_cache_tasks`` a :class:`BoundProgressList`, and the queue's ``get`` tells which batch the send
+        thread holds."""
         with self.lock:
             if isinstance(self.messager.idx_cache_task_dict, BoundTaskDict):
                 return
             existing = dict(self.messager.idx_cache_task_dict)
             self.messager.idx_cache_task_dict = BoundTaskDict(existing, self)
+            self.messager.engine_cache_tasks = BoundProgressList(self.messager.engine_cache_tasks, self)
             batch_queue = self.messager.cache_prefilled_engine_ids_queue
             original_get = batch_queue.get
 
@@ -230,14 +271,21 @@ class MessagerStep:
         :meth:`attach` wrapped it (the send thread is usually blocked in ``get`` already when the first registration
         attaches the step) and have been read from the dict as they were."""
         with self.lock:
-            bound = {}
-            for position, (queued, bound_tasks) in enumerate(self._queued_bindings):
+            bound, signal_number = {}, None
+            for position, (queued, bound_tasks, number) in enumerate(self._queued_bindings):
                 if queued is batch:
                     for _ in range(position + 1):
                         self._queued_bindings.popleft()
-                    bound = bound_tasks
+                    bound, signal_number = bound_tasks, number
                     break
             self._held_bindings[threading.get_ident()] = bound
+            self._held_signal[threading.get_ident()] = signal_number
+
+    def superseded_progress(self, slot) -> bool:
+        """Whether a layer-0 signal for ``slot`` arrived after the one the calling thread's held batch is: that
+        slot's progress in ``engine_cache_tasks`` then belongs to a later request (the held one was aborted)."""
+        held = self._held_signal.get(threading.get_ident())
+        return held is not None and self._latest_layer0_signal.get(slot, -1) > held
 
     def bound_task(self, slot):
         """The task the calling thread's held batch is bound to for ``slot``, or None (read the dict then)."""
@@ -270,7 +318,7 @@ class MessagerStep:
             queued = list(batch)
             if index < len(released.bindings):
                 bound = {slot: registration.task for (slot, _), registration in zip(batch, released.bindings[index])}
-                self._queued_bindings.append((queued, bound))
+                self._queued_bindings.append((queued, bound, released.signal_numbers[index]))
             self.messager.cache_prefilled_engine_ids_queue.put(queued)
         if self.after_release is not None:
             self.after_release(released)

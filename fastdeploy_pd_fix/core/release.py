@@ -113,12 +113,15 @@ class Released:
     #: Parallel to :attr:`batches`: the registration each task of the batch is bound to (rule 7). Empty when the
     #: policy leaves the send thread to read ``idx_cache_task_dict`` at send time (upstream's semantics).
     bindings: List[Tuple[Registration, ...]] = field(default_factory=list)
+    #: Parallel to :attr:`bindings`: the number (0-based, in arrival order) of the layer-0 signal each batch is.
+    signal_numbers: List[int] = field(default_factory=list)
     drops: List[Drop] = field(default_factory=list)
     ignored: List[str] = field(default_factory=list)  # registrations not counted, occupants abandoned, and why
 
     def extend(self, other: "Released") -> None:
         self.batches.extend(other.batches)
         self.bindings.extend(other.bindings)
+        self.signal_numbers.extend(other.signal_numbers)
         self.drops.extend(other.drops)
         self.ignored.extend(other.ignored)
 
@@ -211,6 +214,8 @@ class OrderedRelease:
         self._waiting_signals: Deque[List[SignalTask]] = deque()
         # Tasks of the oldest signal already bound, with the registration each is bound to.
         self._bound_head: List[Tuple[SignalTask, Registration]] = []
+        # Signals released or dropped so far: the oldest waiting signal's number (rule 1 keeps arrival order).
+        self._signals_done = 0
         # Rule 2: open occupants per slot, oldest first.
         self._occupants: Dict[int, List[_Occupant]] = {}
         # Request ids of the open occupants (-> slot), and of the closed ones still remembered, oldest first.
@@ -268,7 +273,9 @@ class OrderedRelease:
             if self._bound_head:
                 released.batches.append(tuple((slot, end) for (slot, _, end), _ in self._bound_head))
                 released.bindings.append(tuple(registration for _, registration in self._bound_head))
+                released.signal_numbers.append(self._signals_done)
             self._bound_head = []
+            self._signals_done += 1
         return released
 
     def _bind(self, task: SignalTask, released: Released):

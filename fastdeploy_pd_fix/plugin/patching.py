@@ -11,10 +11,11 @@ FastDeploy runs the file as a script (one process per tensor-parallel rank), of
 not recognised, and otherwise replaces the two methods by the factories of :mod:`.runtime`. What it did is kept in
 one frozen :class:`PatchState` on the class (the originals stay reachable there and as ``__wrapped__``).
 
-Switches (read by :mod:`fastdeploy_pd_fix.config`): ``FD_PD_FIX=0`` turns everything off (nothing is imported or
-patched). ``FD_PD_FIX_MODE`` selects what the patched methods do: ``ordered`` (default) the rank-invariant release;
-``upstream`` reproduces #8034 for A/B runs; ``observe`` keeps the running release's own methods and only adds the
-batch journal, watchdog and fault injection (to diagnose an unfixed deployment).
+Switches (read by :mod:`fastdeploy_pd_fix.config`): ``FD_PD_FIX=0`` (or false/off/no) turns everything off (the
+start-up hook installs nothing and nothing is patched). ``FD_PD_FIX_MODE`` selects what the patched methods do:
+``ordered`` (default) the rank-invariant release; ``upstream`` reproduces #8034 for A/B runs; ``observe`` keeps the
+running release's own methods and only adds the batch journal, watchdog and fault injection (to diagnose an unfixed
+deployment).
 """
 
 from __future__ import annotations
@@ -163,9 +164,11 @@ def original_method(cls, name: str) -> Callable:
 def patch_class(cls, mode: Optional[str] = None) -> PatchRecord:
     """Patch ``cls`` in place if it is recognised; otherwise leave it untouched. Idempotent; never raises."""
     target = f"{cls.__module__}.{cls.__qualname__}"
-    mode_warning = None
+    warnings = [config.switch()[1]]  # an FD_PD_FIX value not understood (the plugin stays on)
     if mode is None:
         mode, mode_warning = config.selected_mode()
+        warnings.append(mode_warning)
+    config_warning = "; ".join(filter(None, warnings))  # logged once, with this decision line
     with _patch_lock:
         state = patch_state(cls)
         if state is not None:
@@ -176,10 +179,11 @@ def patch_class(cls, mode: Optional[str] = None) -> PatchRecord:
             analysis = unrecognised(f"check failed: {error!r}")
         version = fastdeploy_version()
         if not analysis.recognised:
-            record = PatchRecord(target, "stood aside", analysis.reason, mode, version, analysis.features())
+            reason = analysis.reason + (f" ({config_warning})" if config_warning else "")
+            record = PatchRecord(target, "stood aside", reason, mode, version, analysis.features())
         else:
             reason = "observing only, upstream release kept" if mode == config.OBSERVE else "layer-0 release replaced"
-            reason += f" ({mode_warning})" if mode_warning else ""
+            reason += f" ({config_warning})" if config_warning else ""
             record = PatchRecord(target, "patched", reason, mode, version, analysis.features())
             originals = {name: vars(cls).get(name) or getattr(cls, name) for name in PATCHED_METHODS}
             state = PatchState(MappingProxyType(originals), mode, analysis, record)
@@ -187,7 +191,7 @@ def patch_class(cls, mode: Optional[str] = None) -> PatchRecord:
             cls.consume_signals = runtime.make_consume_signals(originals["consume_signals"], state)
             cls._add_cache_task_thread = runtime.make_add_cache_task_thread(originals["_add_cache_task_thread"], state)
         RECORDS.append(record)
-    log = logger.warning if record.decision == "stood aside" or mode_warning else logger.info
+    log = logger.warning if record.decision == "stood aside" or config_warning else logger.info
     log(record.describe())
     return record
 

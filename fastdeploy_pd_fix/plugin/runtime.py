@@ -56,7 +56,9 @@ class MessagerRuntime:
         self.logger = logger
         self.rank = getattr(messager, "rank", None)
         before_layer0 = apply_injections(messager, mode, self.rank, logger)
-        deadline = config.watchdog_deadline()
+        deadline, deadline_warning = config.watchdog_setting()
+        if deadline_warning:  # once per messager: the watchdog is built here only
+            logger.warning(f"{LOG_PREFIX}{deadline_warning}")
         self.step = None
         if mode in RELEASE_MODES:
             after_release = self.note_release if deadline else None
@@ -132,7 +134,11 @@ def activate(messager, state):
             op = resolve_op(state.originals["consume_signals"], state.analysis)
             runtime = MessagerRuntime(messager, state.mode, op, op_arguments, logger)
             # The decision line again, now into the messager's own log (the first one went to its stderr).
-            logger.info(f"{state.record.describe()}; active on rank_id={getattr(messager, 'rank_id', '?')}")
+            # rank and nranks let `diagnose` group the ranks of one DP group (rank_id = rank + dp * nranks).
+            logger.info(
+                f"{state.record.describe()}; active on rank_id={getattr(messager, 'rank_id', '?')} "
+                f"rank={getattr(messager, 'rank', '?')} nranks={getattr(messager, 'nranks', '?')}"
+            )
         except Exception as error:
             logger.warning(f"{LOG_PREFIX}stood aside for this messager, original methods run: {error!r}")
         setattr(messager, RUNTIME_ATTRIBUTE, runtime)

@@ -17,18 +17,36 @@ def bootstrap_line(state) -> str:
             "this environment?)"
         )
     if state["disabled"]:
-        return "installed, switched off by FD_PD_FIX=0: nothing is patched"
+        return f"installed, switched off by {config.ENV_SWITCH}={config.switch_value()}: nothing is patched"
     hooks = "import hook on" if state["import_hook"] else "no import hook (fastdeploy not importable at start-up)"
     return f"active ({hooks}; the cache messager script is patched as its class is built)"
+
+
+def warned(warning) -> str:
+    return f" (warning: {warning})" if warning else ""
 
 
 def print_status() -> int:
     """Print the status report; the exit code is always 0."""
     mode, mode_warning = config.selected_mode()
+    on, switch_warning = config.switch()
+    deadline, deadline_warning = config.watchdog_setting()
+    unused = "" if on else " (not used: the plugin is switched off)"
     print(f"fastdeploy-pd-fix {__version__}")
     print(f"bootstrap:   {bootstrap_line(_bootstrap.state)}")
-    print(f"switch:      {config.ENV_SWITCH}={config.switch_value()}")
-    print(f"mode:        {mode}" + (f" ({mode_warning})" if mode_warning else ""))
+    print(
+        f"switch:      {config.ENV_SWITCH}={config.switch_value()}: {'on' if on else 'off'}" + warned(switch_warning)
+    )
+    print(f"mode:        {mode}{unused}" + warned(mode_warning))
+    watchdog = f"{deadline:g} s" if deadline else "off"
+    print(f"watchdog:    {watchdog}{unused if deadline else ''}" + warned(deadline_warning))
+    for problem in config.injections()[1]:
+        print(f"injection:   {problem}")
+    if on:
+        print(
+            "check:       a patched prefill messager logs 'active on rank_id=N' in its cache_messager_rank*.log "
+            "(one per TP rank); 'patched' alone is the class, not a running messager"
+        )
     try:
         from fastdeploy.cache_manager import cache_messager
     except Exception as error:  # FastDeploy absent, or its import needs a GPU build

@@ -185,6 +185,15 @@ def _wait_for_ranks(ranks: Dict[int, subprocess.Popen], deadline_s: float, watch
         time.sleep(POLL_S)
 
 
+def standin_arguments(rank: int, nranks: int, port: int, num_layers: int) -> List[str]:
+    """The stand-in's command line after the script path, as FastDeploy's engine launches a cache messager."""
+    return [
+        *("--splitwise_role", "prefill", "--rank", str(rank), "--device_id", str(rank)),
+        *("--mp_num", str(nranks), "--num_layers", str(num_layers)),
+        *("--pod_ip", "127.0.0.1", "--engine_worker_queue_port", str(port), "--protocol", "ipc"),
+    ]
+
+
 def run_scenario(
     scenario,
     *,
@@ -200,6 +209,7 @@ def run_scenario(
     startup_timeout_s: float = 120.0,
     standin_root=None,
     watch_survivors: bool = False,
+    rank_arguments=None,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
     stand-in release variant. ``mode`` (one of :data:`config.RUN_MODES`, e.g. :data:`config.OFF`) sets the
@@ -210,7 +220,9 @@ def run_scenario(
     its ``fastdeploy/cache_manager/cache_messager.py`` launched), e.g. a patched checkout; default the built-in
     stand-in. The engine process always runs the built-in one. ``watch_survivors``: when a rank exits non-zero, keep
     the others running until they exit or ``deadline_s`` passes (the outcome is "error" either way), to see what the
-    survivors of a dead rank do."""
+    survivors of a dead rank do. ``rank_arguments``: ``(rank, nranks, port, num_layers) -> list`` of the command-line
+    arguments after the script path (default :func:`standin_arguments`), for a ``cache_messager.py`` whose
+    ``parse_args`` differs from the stand-in's (``fastdeploy-pd-fix preflight``)."""
     scenario = resolve_scenario(scenario)
     if release not in RELEASES:
         raise ValueError(f"release {release!r}: expected one of {', '.join(RELEASES)}")
@@ -251,13 +263,8 @@ def run_scenario(
         engine, port = _start_engine(python, nranks, run_env, log_dir, engine_record, startup_timeout_s)
         num_layers = int(scenario.get("num_layers", 1))
         for rank in range(nranks):
-            command = [
-                python,
-                str(cache_messager_script),
-                *("--splitwise_role", "prefill", "--rank", str(rank), "--device_id", str(rank)),
-                *("--mp_num", str(nranks), "--num_layers", str(num_layers)),
-                *("--pod_ip", "127.0.0.1", "--engine_worker_queue_port", str(port), "--protocol", "ipc"),
-            ]
+            arguments = (rank_arguments or standin_arguments)(rank, nranks, port, num_layers)
+            command = [python, str(cache_messager_script), *arguments]
             with open(log_dir / f"launch_cache_messager_{rank}.log", "wb") as launch_log:
                 ranks[rank] = subprocess.Popen(
                     command,

@@ -3,18 +3,115 @@
 Every queued batch is logged as a :data:`~fastdeploy_pd_fix.core.messager_step.QUEUED_LINE` with a rolling
 ``seq_hash`` that is equal on every rank until their sequences diverge, by the plugin (``fastdeploy_pd_fix:``) and by
 a FastDeploy that carries the upstreamed fix (``layer0_release:``) alike, so one reader serves both.
+
+Which files: every messager log under the folder, searched recursively, in each naming scheme FastDeploy releases
+have used (:data:`RANK_LOG_NAMES`), and the launch logs (:data:`LAUNCH_LOG`, the messagers' stderr, where the
+plugin's first decision line goes). Which ranks are compared: those of one data-parallel group in one folder. A
+messager's ``rank_id`` is ``rank + dp * tp``; only the ranks of one DP group take part in the same barriers, so
+only they must queue the same batches. The tensor-parallel size ``tp`` is read from the logs (the plugin's decision
+line ``active on rank_id=R rank=r nranks=N``, FastDeploy's own ``Namespace(... mp_num=N ...)`` or
+``[rank r/N]`` lines) or given with ``--tp``; without either, all ranks of a folder are one group (right for DP 1).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
 
-RANK_LOG = re.compile(r"cache_messager_rank(?P<rank>\d+)\.log$")
+#: Exit codes (also in the command help).
+NO_DIVERGENCE, DIVERGENCE, NOT_DIAGNOSED = 0, 1, 2
+EXIT_CODES = f"""\
+exit codes:
+  {NO_DIVERGENCE}  no divergence: in every DP group, the ranks' batch sequences agree (a rank that is only behind
+     does not count: a dead or lost rank's log just stops)
+  {DIVERGENCE}  divergence: in at least one DP group two ranks queued different batches (the report names the first)
+  {NOT_DIAGNOSED}  nothing diagnosed: the folder is missing, a log is unreadable, no log holds 'queued batch' lines,
+     no DP group has two ranks to compare, a bad argument, or diagnose itself failed
+"""
+
+#: Messager log names, each with what its number is: ``cache_messager_rank{rank_id}.log``, ``cache_messager_{rank_id}
+#: .log`` (releases with more than one rank) and ``cache_messager_device{device_id}.log``.
+RANK_LOG_NAMES = (
+    (re.compile(r"^cache_messager_rank(?P<number>\d+)\.log$"), "rank_id"),
+    (re.compile(r"^cache_messager_(?P<number>\d+)\.log$"), "rank_id"),
+    (re.compile(r"^cache_messager_device(?P<number>\d+)\.log$"), "device"),
+)
+#: The messager's launch log (its stdout/stderr): ``launch_cache_messager_{i}.log`` or ``..._tprank{i}.log``.
+LAUNCH_LOG = re.compile(r"^launch_cache_messager_(?P<kind>tprank)?(?P<number>\d+)\.log$")
+#: The import-time default log of the messager module, shared by every process that logs before ``main`` names its
+#: own: its lines do not tell the ranks apart.
+SHARED_LOG = "cache_messager.log"
+
+#: The journal prefix of a FastDeploy that carries the fix (no plugin, so no decision lines).
+UPSTREAMED_PREFIX = "layer0_release: "
+#: The plugin's decision line (``fastdeploy_pd_fix.plugin.patching.PatchRecord.describe``).
+DECISION = re.compile(
+    r"fastdeploy_pd_fix \S+: (?P<decision>patched|stood aside|already patched) \S+ \(mode=(?P<mode>[^,)]+)[^)]*\)"
+    r"(?:: (?P<reason>[^;]*))?"
+)
+#: Its activation suffix in the messager's own log: ``active on rank_id=R``, from later versions also with
+#: ``rank=r nranks=N`` (in any order, after it on the same line).
+ACTIVE = re.compile(r"active on rank_id=(?P<rank_id>\d+|\?)(?P<rest>.*)$")
+STOOD_ASIDE_FOR_MESSAGER = re.compile(r"stood aside for this messager, original methods run: (?P<reason>.*)$")
+#: FastDeploy's own lines: ``logger.info(f"{args}")`` in ``main`` and ``[rank {rank}/{args.mp_num}] ...``.
+NAMESPACE = re.compile(r"Namespace\((?P<arguments>.*)\)")
+RANK_OF = re.compile(r"\[rank (?P<rank>\d+)/(?P<tp>\d+)\]")
+
+
+def _field(text: str, name: str) -> Optional[int]:
+    match = re.search(rf"(?<![\w.]){name}=(?P<value>\d+)\b", text)
+    return int(match["value"]) if match else None
+
+
+class LogError(Exception):
+    """A log that cannot be read (exit code 2)."""
+
+
+@dataclass
+class RankLog:
+    """What one messager log says: who wrote it and the batches it queued (of its last run)."""
+
+    path: Path
+    rank_id: Optional[int] = None
+    device: Optional[int] = None
+    rank: Optional[int] = None  # the tensor-parallel rank
+    tp: Optional[int] = None
+    dp: Optional[int] = None
+    plugin: str = ""  # "active (mode=ordered)", "stood aside: ...", "" (no plugin line)
+    entries: List[Tuple[str, str]] = field(default_factory=list)
+    runs: int = 0  # journals that start at batch #1 (a restarted messager appends to its log)
+    upstreamed: bool = False  # its journal is the upstreamed fix's (``layer0_release:``), not the plugin's
+
+    @property
+    def label(self) -> str:
+        if self.rank_id is not None:
+            return f"rank {self.rank_id}"
+        return f"device {self.device}"
+
+    @property
+    def sort_key(self):
+        return (self.rank_id if self.rank_id is not None else sys.maxsize, self.device or 0, str(self.path))
+
+
+@dataclass
+class LaunchLog:
+    """The plugin's decision as a messager's launch log shows it."""
+
+    path: Path
+    index: int
+    tprank: bool
+    decision: str = ""  # "patched", "stood aside", "already patched", "" (no decision line)
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{'tp rank' if self.tprank else 'launch'} {self.index} ({self.path.name})"
 
 
 @dataclass
@@ -25,19 +122,111 @@ class Divergence:
     batches: Dict[int, Optional[str]]
 
 
-def read_rank_sequences(log_dir) -> Dict[int, List[Tuple[str, str]]]:
-    """Per rank: the queued batches ``(batch, seq_hash)`` in order, from ``cache_messager_rank{R}.log`` files."""
-    sequences: Dict[int, List[Tuple[str, str]]] = {}
-    for path in sorted(Path(log_dir).rglob("cache_messager_rank*.log")):
-        match = RANK_LOG.search(path.name)
-        if not match:
+def _read_lines(path: Path) -> List[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as error:
+        raise LogError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def read_rank_log(path: Path, kind: str, number: int) -> RankLog:
+    """Parse one messager log named ``kind`` (``rank_id`` or ``device``) ``number``."""
+    log = RankLog(path, rank_id=number if kind == "rank_id" else None, device=number if kind == "device" else None)
+    for line in _read_lines(path):
+        queued = QUEUED_LINE.search(line)
+        if queued:
+            if queued["number"] == "1":
+                log.entries, log.runs = [], log.runs + 1
+            log.upstreamed = line[: queued.start()].endswith(UPSTREAMED_PREFIX)
+            log.entries.append((queued["batch"], queued["hash"]))
             continue
-        entries = sequences.setdefault(int(match["rank"]), [])
-        for line in path.read_text(errors="replace").splitlines():
-            queued = QUEUED_LINE.search(line)
-            if queued:
-                entries.append((queued["batch"], queued["hash"]))
-    return sequences
+        active = ACTIVE.search(line)
+        if active:
+            decision = DECISION.search(line)
+            log.plugin = f"active (mode={decision['mode']})" if decision else "active"
+            if active["rank_id"] != "?":
+                _learn(log, rank_id=int(active["rank_id"]))
+            _learn(log, rank=_field(active["rest"], "rank"), tp=_field(active["rest"], "nranks"))
+            continue
+        aside = STOOD_ASIDE_FOR_MESSAGER.search(line)
+        if aside and "fastdeploy_pd_fix" in line:
+            log.plugin = f"stood aside: {aside['reason']}"
+            continue
+        decision = DECISION.search(line)
+        if decision and decision["decision"] == "stood aside" and not log.plugin.startswith("active"):
+            log.plugin = f"stood aside: {decision['reason'] or 'no reason logged'}"
+            continue
+        namespace = NAMESPACE.search(line)
+        if namespace:
+            arguments = namespace["arguments"]
+            _learn(
+                log,
+                rank=_field(arguments, "rank"),
+                tp=_field(arguments, "mp_num"),
+                dp=_field(arguments, "local_data_parallel_id"),
+                device=_field(arguments, "device_id"),
+            )
+            continue
+        rank_of = RANK_OF.search(line)
+        if rank_of:
+            _learn(log, rank=int(rank_of["rank"]), tp=int(rank_of["tp"]))
+    if log.rank_id is None and None not in (log.rank, log.tp, log.dp):
+        log.rank_id = log.rank + log.dp * log.tp
+    if log.dp is None and None not in (log.rank_id, log.rank, log.tp) and log.tp > 0:
+        log.dp = (log.rank_id - log.rank) // log.tp
+    return log
+
+
+def _learn(log: RankLog, **facts) -> None:
+    """Keep the first value found for each fact (the plugin's line comes first among the sources it is read from)."""
+    for name, value in facts.items():
+        if value is not None and getattr(log, name) is None:
+            setattr(log, name, value)
+
+
+def read_launch_log(path: Path, index: int, tprank: bool) -> LaunchLog:
+    log = LaunchLog(path, index, tprank)
+    for line in _read_lines(path):
+        decision = DECISION.search(line)
+        if decision:
+            log.decision, log.reason = decision["decision"], (decision["reason"] or "").strip()
+    return log
+
+
+@dataclass
+class Logs:
+    """Every log found under a folder."""
+
+    ranks: List[RankLog] = field(default_factory=list)
+    launches: List[LaunchLog] = field(default_factory=list)
+    shared_with_batches: List[Path] = field(default_factory=list)
+
+
+def find_logs(log_dir: Path) -> Logs:
+    """Every messager and launch log under ``log_dir`` (recursively), parsed; LogError for an unreadable one."""
+    logs = Logs()
+    for path in sorted(log_dir.rglob("*.log")):
+        if not path.is_file():
+            continue
+        for pattern, kind in RANK_LOG_NAMES:
+            match = pattern.match(path.name)
+            if match:
+                logs.ranks.append(read_rank_log(path, kind, int(match["number"])))
+                break
+        else:
+            launch = LAUNCH_LOG.match(path.name)
+            if launch:
+                logs.launches.append(read_launch_log(path, int(launch["number"]), bool(launch["kind"])))
+            elif path.name == SHARED_LOG and any(QUEUED_LINE.search(line) for line in _read_lines(path)):
+                logs.shared_with_batches.append(path)
+    return logs
+
+
+def read_rank_sequences(log_dir) -> Dict[int, List[Tuple[str, str]]]:
+    """Per rank_id (device id where the log does not tell the rank): the queued batches ``(batch, seq_hash)``."""
+    return {
+        log.rank_id if log.rank_id is not None else log.device: log.entries for log in find_logs(Path(log_dir)).ranks
+    }
 
 
 def first_divergence(sequences: Dict[int, List[Tuple[str, str]]]) -> Optional[Divergence]:
@@ -49,17 +238,217 @@ def first_divergence(sequences: Dict[int, List[Tuple[str, str]]]) -> Optional[Di
     return None
 
 
-def diagnose(log_dir) -> Tuple[int, str]:
-    """Exit code and report: 0 no divergence, 1 divergence, 2 no usable logs."""
-    sequences = read_rank_sequences(log_dir)
-    if not sequences or not any(sequences.values()):
-        return 2, f"no 'queued batch' lines in cache_messager_rank*.log under {log_dir} (is the plugin installed?)"
-    counts = ", ".join(f"rank {rank}: {len(entries)} batches" for rank, entries in sorted(sequences.items()))
-    if len(sequences) < 2:
-        return 2, f"only one rank's log found ({counts}); nothing to compare"
-    divergence = first_divergence(sequences)
-    if divergence is None:
-        return 0, f"none: the ranks' batch sequences agree ({counts})"
-    lines = [f"first divergence at batch #{divergence.number} ({counts}):"]
-    lines += [f"  rank {rank}: {batch}" for rank, batch in sorted(divergence.batches.items())]
-    return 1, "\n".join(lines)
+@dataclass
+class Group:
+    """The ranks of one DP group in one folder: those whose batch sequences must agree."""
+
+    folder: Path
+    dp: Optional[int]
+    logs: List[RankLog]
+
+
+def resolve_tp(logs: Sequence[RankLog], tp: Optional[int]) -> Tuple[Dict[Path, Optional[int]], List[str]]:
+    """Per folder, the tensor-parallel size used to group its ranks, and notes (conflicts, unknown size)."""
+    notes: List[str] = []
+    sizes: Dict[Path, Optional[int]] = {}
+    for folder in sorted({log.path.parent for log in logs}):
+        found = sorted({log.tp for log in logs if log.path.parent == folder and log.tp})
+        if tp is not None:
+            sizes[folder] = tp
+            if found and found != [tp]:
+                notes.append(f"--tp {tp} used for {folder}, although its logs say tp={'/'.join(map(str, found))}")
+        elif len(found) == 1:
+            sizes[folder] = found[0]
+        else:
+            sizes[folder] = None
+            if len(found) > 1:
+                notes.append(f"logs in {folder} disagree on the tp size ({', '.join(map(str, found))}): pass --tp N")
+    return sizes, notes
+
+
+#: The note for a folder whose tp size is unknown (shown with a divergence: it may be one across DP groups).
+TP_UNKNOWN = (
+    "tp size unknown (no 'nranks=' in the plugin's decision line, no FastDeploy 'mp_num=' line): all ranks of the "
+    "folder compared as one DP group; with more than one DP group, pass --tp N"
+)
+
+
+def group_ranks(logs: Sequence[RankLog], tp: Optional[int]) -> Tuple[List[Group], List[str]]:
+    """The DP groups to compare (``dp = rank_id // tp`` unless a log states its DP id) and notes."""
+    sizes, notes = resolve_tp(logs, tp)
+    unknown = {folder for folder, size in sizes.items() if size is None}
+    groups: Dict[Tuple[Path, Optional[int]], List[RankLog]] = {}
+    for log in logs:
+        size = sizes[log.path.parent]
+        dp = None
+        if size is not None:
+            dp = log.dp if tp is None and log.dp is not None else None
+            if dp is None and log.rank_id is not None:
+                dp = log.rank_id // size
+        groups.setdefault((log.path.parent, dp), []).append(log)
+    if any(len(members) > 1 for (folder, _), members in groups.items() if folder in unknown):
+        notes.append(TP_UNKNOWN)
+    for log in logs:
+        if log.rank_id is None and sizes[log.path.parent] is not None:
+            notes.append(
+                f"{log.path}: the log does not say its rank_id (no decision or FastDeploy args line): DP group unknown"
+            )
+    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), -1 if item[0][1] is None else item[0][1]))
+    return [
+        Group(folder, dp, sorted(members, key=lambda log: log.sort_key)) for (folder, dp), members in ordered
+    ], notes
+
+
+def _counts(logs: Iterable[RankLog]) -> str:
+    return ", ".join(f"{log.label}: {len(log.entries)} batches" for log in logs)
+
+
+def _plugin_problems(logs: Logs) -> List[str]:
+    """Where the logs say the plugin is not active: per rank log and per launch log."""
+    problems = []
+    for log in sorted(logs.ranks, key=lambda log: log.sort_key):
+        if log.plugin.startswith("stood aside"):
+            problems.append(f"plugin not active on {log.label} ({log.path.name}): {log.plugin}")
+        elif not log.plugin and not log.entries:
+            problems.append(f"plugin not active on {log.label}: no fastdeploy_pd_fix line in {log.path.name}")
+    if (
+        logs.ranks
+        and all(log.upstreamed for log in logs.ranks if log.entries)
+        and any(log.entries for log in logs.ranks)
+    ):
+        return problems  # FastDeploy with the fix upstreamed: no plugin, its launch logs say nothing of it
+    for launch in sorted(logs.launches, key=lambda launch: (launch.index, str(launch.path))):
+        if launch.decision == "stood aside":
+            problems.append(f"plugin stood aside on {launch.label}: {launch.reason}")
+        elif not launch.decision:
+            problems.append(
+                f"plugin not loaded on {launch.label}: no fastdeploy_pd_fix decision line "
+                "(not installed in that Python, or FD_PD_FIX off)"
+            )
+    return problems
+
+
+def diagnose_logs(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
+    """Exit code (:data:`EXIT_CODES`) and report for the logs under ``log_dir``; may raise LogError."""
+    folder = Path(log_dir)
+    if not folder.exists():
+        return NOT_DIAGNOSED, f"{folder}: no such folder"
+    if not folder.is_dir():
+        return NOT_DIAGNOSED, f"{folder}: not a folder (give the folder that holds the cache messager logs)"
+    logs = find_logs(folder)
+    problems = _plugin_problems(logs)
+    with_batches = [log for log in logs.ranks if log.entries]
+    if not with_batches:
+        if not logs.ranks:
+            message = f"no cache messager log under {folder} (looked for cache_messager_rank*.log, "
+            message += "cache_messager_<N>.log, cache_messager_device*.log, recursively)"
+            if logs.shared_with_batches:
+                shared = ", ".join(str(path) for path in logs.shared_with_batches)
+                message += f"; {shared} has 'queued batch' lines, but they do not tell the ranks apart"
+        else:
+            names = ", ".join(log.path.name for log in sorted(logs.ranks, key=lambda log: log.sort_key))
+            message = f"no 'queued batch' lines in the {len(logs.ranks)} cache messager logs under {folder} ({names})"
+        return NOT_DIAGNOSED, "\n".join([message] + [f"  {problem}" for problem in problems])
+
+    groups, notes = group_ranks(with_batches, tp)
+    several_folders = len({group.folder for group in groups}) > 1
+    several = len(groups) > 1
+    compared, diverged, sections = 0, 0, []
+    for group in groups:
+        where = [f"DP group {group.dp}" if group.dp is not None else "ranks"]
+        if several_folders:
+            where.append(f"in {group.folder}")
+        heading = f"{' '.join(where)}: " if several else ""
+        counts = _counts(group.logs)
+        if len(group.logs) < 2:
+            sections.append(f"{heading}only one rank's log found ({counts}); nothing to compare")
+            continue
+        compared += 1
+        divergence = first_divergence({index: log.entries for index, log in enumerate(group.logs)})
+        if divergence is None:
+            sections.append(f"{heading}none: the ranks' batch sequences agree ({counts})")
+            continue
+        diverged += 1
+        lines = [f"{heading}first divergence at batch #{divergence.number} ({counts}):"]
+        lines += [f"  {group.logs[index].label}: {batch}" for index, batch in sorted(divergence.batches.items())]
+        sections.append("\n".join(lines))
+    if not diverged and TP_UNKNOWN in notes:
+        notes.remove(TP_UNKNOWN)  # agreement across all ranks holds within every DP group too
+    restarted = [log for log in with_batches if log.runs > 1]
+    notes += [f"{log.path}: {log.runs} runs in one log, the last compared" for log in restarted]
+    if not compared:
+        code = NOT_DIAGNOSED
+    else:
+        code = DIVERGENCE if diverged else NO_DIVERGENCE
+    if code == NO_DIVERGENCE and several:
+        sections.insert(0, f"none: the ranks' batch sequences agree in every one of the {compared} DP groups compared")
+    elif code == DIVERGENCE and several:
+        sections.insert(0, f"divergence in {diverged} of the {compared} DP groups compared")
+    report = sections + [f"note: {note}" for note in notes]
+    report += [f"note: {problem}" for problem in problems]
+    return code, "\n".join(report)
+
+
+def diagnose(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
+    """Exit code and report: 0 no divergence, 1 divergence, 2 not diagnosed (:data:`EXIT_CODES`). Never raises: an
+    unreadable log or a failure of its own is exit code 2 with a message, never 1 (which means divergence found)."""
+    if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+        return NOT_DIAGNOSED, f"--tp {tp!r}: expected a positive integer (the tensor-parallel size)"
+    try:
+        return diagnose_logs(log_dir, tp)
+    except LogError as error:
+        return NOT_DIAGNOSED, str(error)
+    except Exception as error:  # a bug of ours must not read as "divergence found"
+        return NOT_DIAGNOSED, f"diagnose failed: {error!r}"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command's arguments (``fastdeploy-pd-fix diagnose``), its description and exit codes."""
+    parser.description = (
+        "First divergence of the ranks' batch sequences ('queued batch #N [...] seq_hash=H' lines) in the cache "
+        "messager logs, compared within each data-parallel group."
+    )
+    parser.epilog = EXIT_CODES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "log_dir",
+        help="folder holding the logs (FD_LOG_DIR), searched recursively: cache_messager_rank<R>.log, "
+        "cache_messager_<R>.log, cache_messager_device<N>.log, launch_cache_messager_[tprank]<i>.log",
+    )
+    parser.add_argument(
+        "--tp",
+        type=positive_int,
+        metavar="N",
+        help="tensor-parallel size: ranks rank_id // N form one DP group (default: read from the logs; unknown: "
+        "all ranks of a folder are one group)",
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``fastdeploy-pd-fix diagnose [--tp N] LOG_DIR`` (or ``python -m fastdeploy_pd_fix.tools.diagnose``)."""
+    parser = add_arguments(argparse.ArgumentParser(prog="fastdeploy-pd-fix diagnose"))
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit:  # argparse: 0 for --help, 2 for a bad argument
+        return int(exit.code or 0)
+    code, report = diagnose(args.log_dir, tp=args.tp)
+    try:
+        print(report)
+    except BrokenPipeError:  # `diagnose ... | head -1`
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

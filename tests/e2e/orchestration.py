@@ -30,7 +30,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 LOOPBACK = "127.0.0.1"
 ROLES = ("mixed", "prefill", "decode")
-CACHE_MESSAGER_LOG_PATTERNS = ("cache_messager_rank*.log", "launch_cache_messager_*.log", "cache_messager.log")
+# Every naming scheme of the releases (rank_id, device, tprank launch logs), as `diagnose` reads them.
+CACHE_MESSAGER_LOG_PATTERNS = ("cache_messager_*.log", "launch_cache_messager_*.log", "cache_messager.log")
 KILL_WAIT_S = 10.0
 POLL_S = 0.02
 LOG_TAIL_LINES = 40

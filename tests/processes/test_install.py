@@ -1,8 +1,9 @@
-"""``pip install -e .`` and ``pip install .`` put ``fastdeploy_pd_fix.pth`` into site-packages, and the start-up hook
-then runs in every fresh interpreter of that environment.
+"""``pip install -e .``, ``pip install .`` and the built artefacts (sdist and wheel, as ``python -m build`` makes
+them) put ``fastdeploy_pd_fix.pth`` into site-packages, the start-up hook then runs in every fresh interpreter of that
+environment and patches a stand-in messager run, and ``pip uninstall`` removes all of it.
 
 Each test installs a copy of the project into a temporary venv, offline: the venv sees this interpreter's packages
-(setuptools, wheel, pip, wrapt, numpy; not the project, which may be installed here too) through a path file, and
+(setuptools, wheel, pip, numpy, paddle; not the project, which may be installed here too) through a path file, and
 pip builds without isolation and without an index.
 """
 
@@ -13,16 +14,20 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
+
+from fastdeploy_pd_fix.standin.harness import run_scenario
 
 pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[2]
 PTH_FILE = "fastdeploy_pd_fix.pth"
-#: Sorts before every other path file, so that the hook finds wrapt and numpy when it runs.
+#: Sorts before every other path file, so that the plugin finds numpy (and the stand-in paddle) when it runs.
 PARENT_PATH_FILE = "00_parent_site_packages.pth"
 #: Entries of this interpreter's site-packages the venv must not see: the project itself, installed here too.
 PROJECT_ENTRIES = ("fastdeploy_pd_fix", "__editable__")
@@ -123,3 +128,73 @@ def test_regular_install_puts_the_pth_into_site_packages_and_the_hook_runs(tmp_p
     assert (site_packages / PTH_FILE).read_text() == (REPO / PTH_FILE).read_text()
     assert bootstrap["state"]["installed"] is True and bootstrap["state"]["disabled"] is False
     assert Path(bootstrap["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "_bootstrap.py").resolve()
+
+
+#: What ``python -m build --no-isolation`` does: the sdist from the tree, then the wheel from the unpacked sdist (so
+#: the wheel shows what the sdist carries). The backend is called directly: ``build`` is not a test requirement.
+BUILD_SDIST = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+BUILD_WHEEL = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+
+
+def last_line(completed: subprocess.CompletedProcess) -> str:
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return completed.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    """``{"sdist": path, "wheel": path}`` built from a copy of the project."""
+    root = tmp_path_factory.mktemp("artefacts")
+    python, _ = offline_venv(root / "build-venv")  # skips where an offline build is impossible
+    project, dist = copy_project(root / "project"), root / "dist"
+    dist.mkdir()
+    sdist = dist / last_line(run([python, "-c", BUILD_SDIST, dist], project))
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[-1] for name in archive.getnames()}
+        archive.extractall(root / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    assert {PTH_FILE, "LICENSE", "MANIFEST.in", "fastdeploy_pd_fix/_bootstrap.py"} <= names
+    unpacked = root / "unpacked" / sdist.name[: -len(".tar.gz")]
+    wheel = dist / last_line(run([python, "-c", BUILD_WHEEL, dist], unpacked))
+    with zipfile.ZipFile(wheel) as archive:
+        assert PTH_FILE in archive.namelist() and "fastdeploy_pd_fix/standin/harness.py" in archive.namelist()
+    return {"sdist": sdist, "wheel": wheel}
+
+
+def installed_files(venv_dir: Path, site_packages: Path):
+    """What of the project is in the venv: site-packages entries and the console script."""
+    entries = sorted(path.name for path in site_packages.iterdir() if path.name.startswith("fastdeploy_pd_fix"))
+    script = venv_dir / "bin" / "fastdeploy-pd-fix"
+    return entries + ([script.name] if script.exists() else [])
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+def test_each_artefact_installs_patches_a_standin_messager_run_and_uninstalls_cleanly(
+    kind, artefacts, tmp_path, monkeypatch
+):
+    venv_dir = tmp_path / "venv"
+    python, site_packages = offline_venv(venv_dir)
+    installed = run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", artefacts[kind]], tmp_path
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert (site_packages / PTH_FILE).read_text() == (REPO / PTH_FILE).read_text()
+    probe = json.loads(last_line(run([python, "-c", BOOTSTRAP_PROBE], tmp_path)))
+    assert probe["state"]["installed"] is True and probe["state"]["disabled"] is False
+    assert Path(probe["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "_bootstrap.py").resolve()
+
+    # A stand-in messager run with the venv's interpreter: its rank processes find the plugin only in the venv.
+    for name in [key for key in os.environ if key == "PYTHONPATH" or key.startswith("FD_PD_FIX")]:
+        monkeypatch.delenv(name)
+    result = run_scenario(
+        "s2", release="8034", python=str(python), standin_root=site_packages / "fastdeploy_pd_fix" / "standin"
+    )
+    assert result.outcome == "finished" and result.same_batches_on_all_ranks(), result.summary()
+    for rank, log in result.logs.items():
+        assert "patched __main__.CacheMessagerV1 (mode=ordered" in log and "active on rank_id=" in log, (rank, log)
+
+    assert set(installed_files(venv_dir, site_packages)) >= {"fastdeploy_pd_fix", PTH_FILE, "fastdeploy-pd-fix"}
+    removed = run([python, "-m", "pip", "uninstall", "-y", "fastdeploy-pd-fix"], tmp_path)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert installed_files(venv_dir, site_packages) == []
+    after = run([python, "-c", "import sys; print('fastdeploy_pd_fix' in sys.modules)"], tmp_path)
+    assert last_line(after) == "False" and after.stderr == ""

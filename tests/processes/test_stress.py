@@ -10,7 +10,7 @@ import pytest
 from fastdeploy_pd_fix import _bootstrap
 from fastdeploy_pd_fix.standin.harness import ScenarioResult
 from fastdeploy_pd_fix.standin.scenarios import parse_event, validate_scenario
-from fastdeploy_pd_fix.tools import stress
+from fastdeploy_pd_fix.tools import stress, stress_workload
 
 ORDERED_SEEDS = (1, 8)  # first seed, runs: 2-4 requests, chunks, slot reuse, reads of two, several tasks per signal
 UPSTREAM_SEEDS = (4, 4)  # seed 5 hangs under upstream #8034 semantics (no slot reuse: the hang is schedule-forced)
@@ -69,8 +69,10 @@ def check_generated(scenario):
 def test_generated_scenarios_are_valid_reproducible_and_varied():
     seen = set()
     for seed in range(400):
-        scenario = stress.generate_scenario(seed, nranks=2 + seed % 2, lifecycle=False)
-        assert scenario == stress.generate_scenario(seed, nranks=2 + seed % 2, lifecycle=False), "one per seed"
+        scenario = stress_workload.generate_scenario(seed, nranks=2 + seed % 2, lifecycle=False)
+        assert scenario == stress_workload.generate_scenario(
+            seed, nranks=2 + seed % 2, lifecycle=False
+        ), "one per seed"
         check_generated(scenario)
         assert len(scenario["schedules"]) == 2 + seed % 2
         seen.add(stress.workload_class(scenario))
@@ -89,9 +91,9 @@ def test_generated_scenarios_are_valid_reproducible_and_varied():
 def test_lifecycle_aborts_and_repeats_keep_the_base_workload_and_its_ground_truth():
     seen = set()
     for seed in range(200):
-        base = stress.generate_scenario(seed, lifecycle=False)
-        scenario = stress.generate_scenario(seed)
-        assert scenario == stress.generate_scenario(seed), "a seed gives one scenario"
+        base = stress_workload.generate_scenario(seed, lifecycle=False)
+        scenario = stress_workload.generate_scenario(seed)
+        assert scenario == stress_workload.generate_scenario(seed), "a seed gives one scenario"
         assert [len(tasks) for tasks in scenario["owners"]] == [len(signal) for signal in scenario["signals"]]
         assert stress.first_registrations(scenario) == stress.first_registrations(base), "every request registers"
         for request_id in scenario.get("aborted", []):
@@ -120,11 +122,11 @@ def test_lifecycle_aborts_and_repeats_keep_the_base_workload_and_its_ground_trut
 
 def test_the_short_runs_cover_the_interesting_workloads():
     first, runs = ORDERED_SEEDS
-    scenarios = [stress.generate_scenario(seed) for seed in range(first, first + runs)]
+    scenarios = [stress_workload.generate_scenario(seed) for seed in range(first, first + runs)]
     classes = {stress.workload_class(scenario) for scenario in scenarios}
     assert any("reuse" in name for name in classes) and any(name.startswith("4req") for name in classes)
     assert any(len(read) == 2 for scenario in scenarios for read in scenario["registrations"])
-    assert not stress.reuses_slot(stress.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False))
+    assert not stress.reuses_slot(stress_workload.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False))
 
 
 def fake_result(batches, outcome="finished", mode="ordered"):
@@ -167,7 +169,7 @@ def test_evaluate_reports_a_messager_the_plugin_did_not_patch():
 
 
 def test_run_kwargs_carry_the_mode_and_no_timing_margin():
-    reuse = stress.generate_scenario(4)
+    reuse = stress_workload.generate_scenario(4)
     assert stress.reuses_slot(reuse)
     kwargs = stress.run_kwargs(reuse, stress.parse_args(["--nranks", "3"]))
     assert kwargs["env"] == {"FD_PD_FIX_MODE": "ordered"} and kwargs["deadline_s"] == 3.0 and kwargs["nranks"] == 3
@@ -201,7 +203,7 @@ def test_upstream_mode_hang_is_detected_with_seed_and_scenario(capsys, tmp_path)
     scenario_line = next(line for line in output.splitlines() if line.startswith(f"FAIL seed={UPSTREAM_HANG_SEED}"))
     block = output[output.index(scenario_line) :]
     scenario = json.loads(block.split("scenario JSON (save it for --replay FILE): ", 1)[1].splitlines()[0])
-    assert scenario == stress.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False)
+    assert scenario == stress_workload.generate_scenario(UPSTREAM_HANG_SEED, lifecycle=False)
     replay = tmp_path / "hang.json"
     replay.write_text(json.dumps({"scenario": scenario}))
     assert stress.load_replay(str(replay), nranks=2) == scenario

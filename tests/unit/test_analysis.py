@@ -16,7 +16,11 @@ from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.standin.scenarios import RELEASES
 
 STANDIN_SOURCE = (STANDIN_ROOT / "fastdeploy" / "cache_manager" / "cache_messager.py").read_text(encoding="utf-8")
-UPSTREAM_FILES = Path("/work/shared/upstream")
+#: The real upstream files: ``../shared/upstream`` beside the repository root (see its README).
+UPSTREAM_FILES = Path(__file__).resolve().parents[2].parent / "shared" / "upstream"
+needs_upstream = pytest.mark.skipif(
+    not UPSTREAM_FILES.is_dir(), reason="no ../shared/upstream: the real upstream files are absent"
+)
 #: What each real upstream file holds (see its README): op arguments, or None where there is no CacheMessagerV1.
 UPSTREAM_OP_ARGUMENTS = {
     "cache_messager@PaddlePaddle_37363c28.py": ("self.rank_id", "0"),
@@ -57,9 +61,12 @@ def test_every_rendered_standin_release_is_recognised_with_its_features(variant)
     assert result.features().startswith(f"get_output_kv_signal(buf, {', '.join(expected)}); ")
     assert ("(#7724+)" in result.features()) == variant["with_7724"]
     assert ("(#7872+)" in result.features()) == (variant["release"] != "pre7872")
+    # The #7724 send loop waits through a helper (_cache_task_to_send): followed through self-calls.
+    assert result.waits_for_registration == variant["with_7724"]
+    assert not result.waits_for_registration_via_storage_only
 
 
-@pytest.mark.skipif(not UPSTREAM_FILES.is_dir(), reason="no /work/shared/upstream: the real upstream files are absent")
+@needs_upstream
 def test_real_upstream_files_are_recognised_with_their_op_arguments():
     files = sorted(UPSTREAM_FILES.glob("cache_messager@*.py"))
     assert {path.name for path in files} == set(UPSTREAM_OP_ARGUMENTS)
@@ -73,6 +80,126 @@ def test_real_upstream_files_are_recognised_with_their_op_arguments():
         assert sources(result) == expected, path.name
         assert not result.has_pending_buffer and result.reports_finished_add, path.name  # all pre-#7872, pre-#7724
         assert len(result.task_stores) == 1, path.name
+        assert not result.waits_for_registration and not result.waits_for_registration_via_storage_only
+        assert result.features().endswith(
+            "; no pending buffer (pre-#7872); finish_add_cache_task_barrier (pre-#7724); "
+            "send loop does not wait for registration"
+        ), (path.name, result.features())
+
+
+# ---- release features come from calls, not definitions (real files, edited in memory) ----
+
+REAL_FILE = "cache_messager@PaddlePaddle_37363c28.py"
+WAIT_METHOD = """\
+def _maybe_wait_for_cache_task(self, engine_idx):
+    return self.idx_cache_task_dict.get(engine_idx)
+
+def _task_to_send(self, engine_idx):
+    return self._maybe_wait_for_cache_task(engine_idx)
+
+"""
+#: What the send loop does first, per case: (statements, waits, waits only via storage).
+SEND_LOOP_STARTS = {
+    "defined, never called": ("pass", False, False),
+    "called only under FD_PD_TRANSFER_VIA_STORAGE": (
+        "if envs.FD_PD_TRANSFER_VIA_STORAGE:\n    self._maybe_wait_for_cache_task(0)",
+        False,
+        True,
+    ),
+    "called only in a storage ternary": (
+        "x = self._maybe_wait_for_cache_task(0) if envs.FD_PD_TRANSFER_VIA_STORAGE else None",
+        False,
+        True,
+    ),
+    "called under `not` the switch": (
+        "if not envs.FD_PD_TRANSFER_VIA_STORAGE:\n    self._maybe_wait_for_cache_task(0)",
+        True,
+        False,
+    ),
+    "called in the else of the switch": (
+        "if envs.FD_PD_TRANSFER_VIA_STORAGE:\n    pass\nelse:\n    self._maybe_wait_for_cache_task(0)",
+        True,
+        False,
+    ),
+    "called unconditionally": ("self._maybe_wait_for_cache_task(0)", True, False),
+    "called through a helper": ("self._task_to_send(0)", True, False),
+    "called under another condition": ("if self.rank == 0:\n    self._maybe_wait_for_cache_task(0)", True, False),
+}
+
+
+def edit_real_method(source: str, name: str, before: str = "", start: str = "") -> str:
+    """``source`` with ``before`` (class-level code) inserted above ``CacheMessagerV1.<name>`` and ``start``
+    (statements) at the start of its body, each indented to fit."""
+    cls = analysis.target_class_node(ast.parse(source))
+    method = next(node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == name)
+    lines = source.splitlines(keepends=True)
+    indent = " " * method.col_offset
+
+    def indented(text, prefix):
+        return "".join(f"{prefix}{line}\n" if line else "\n" for line in text.splitlines())
+
+    body = method.body[0].lineno - 1
+    lines[body:body] = [indented(start, indent + "    ")]
+    lines[method.lineno - 1 : method.lineno - 1] = [indented(before, indent)]
+    return "".join(lines)
+
+
+@needs_upstream
+@pytest.mark.parametrize("case", SEND_LOOP_STARTS)
+def test_the_send_loop_waits_for_registration_only_where_it_calls_the_wait(case):
+    start, waits, storage_only = SEND_LOOP_STARTS[case]
+    source = (UPSTREAM_FILES / REAL_FILE).read_text(encoding="utf-8")
+    assert analysis.REGISTRATION_WAIT not in source  # pre-#7724: the case is built on the real file
+    edited = edit_real_method(source, analysis.SEND_LOOP, before=WAIT_METHOD, start=start)
+    result = analyse_source(edited)
+    assert result.recognised, result.reason
+    assert (result.waits_for_registration, result.waits_for_registration_via_storage_only) == (waits, storage_only)
+    features = result.features()
+    assert ("send loop waits for registration (#7724+)" in features) == waits, features
+    assert ("only via storage (FD_PD_TRANSFER_VIA_STORAGE)" in features) == storage_only, features
+    assert features.endswith("send loop does not wait for registration") == (not waits and not storage_only)
+
+
+@needs_upstream
+@pytest.mark.parametrize(
+    "old, new, reports",
+    [
+        (None, None, True),
+        ("self.engine_worker_queue.finish_add_cache_task_barrier.wait()", "pass", False),
+        (
+            "self.engine_worker_queue.finish_add_cache_task_barrier.wait()",
+            "barrier = self.engine_worker_queue.finish_add_cache_task_barrier",
+            False,  # named, never waited at
+        ),
+        (
+            "self.engine_worker_queue.finish_add_cache_task_barrier.wait()",
+            "if envs.FD_PD_TRANSFER_VIA_STORAGE: self.engine_worker_queue.finish_add_cache_task_barrier.wait()",
+            False,
+        ),
+        (
+            "self.engine_worker_queue.finish_add_cache_task_barrier.wait()",
+            "self._finish_add()",
+            True,  # through a helper of the class
+        ),
+    ],
+)
+def test_the_registration_barrier_counts_where_the_registration_loop_waits_at_it(old, new, reports):
+    source = (UPSTREAM_FILES / REAL_FILE).read_text(encoding="utf-8")
+    helper = "def _finish_add(self):\n    self.engine_worker_queue.finish_add_cache_task_barrier.wait()\n\n"
+    source = edit_real_method(source, "_add_cache_task_thread", before=helper)
+    if old is not None:
+        cls = analysis.target_class_node(ast.parse(source))
+        register = next(node for node in cls.body if getattr(node, "name", None) == "_add_cache_task_thread")
+        lines = source.splitlines(keepends=True)
+        index = next(
+            number for number in range(register.lineno, register.end_lineno) if old in lines[number]
+        )  # the loop's own wait, not the helper's
+        lines[index] = lines[index].replace(old, new)
+        source = "".join(lines)
+    result = analyse_source(source)
+    assert result.recognised, result.reason
+    assert result.reports_finished_add == reports
+    assert ("finish_add_cache_task_barrier (pre-#7724)" in result.features()) == reports
 
 
 def test_the_raw_standin_defines_its_methods_conditionally():
@@ -252,3 +379,40 @@ def test_analyse_class_never_raises():
 
     assert analyse_class(Hostile).recognised  # class attributes, not instance ones
     assert not analyse_class(42).recognised
+
+
+class Env:
+    FD_PD_TRANSFER_VIA_STORAGE = False
+
+
+envs = Env()
+
+
+class WaitsOnlyViaStorage(ThreeArgs):
+    """#7724 shape in a release that waits for the registration only on the storage transfer path."""
+
+    def prefill_layerwise_send_cache_thread(self):
+        if envs.FD_PD_TRANSFER_VIA_STORAGE:
+            self._maybe_wait_for_cache_task(0)
+
+    def _maybe_wait_for_cache_task(self, slot):
+        pass
+
+
+class WaitsThroughAHelper(WaitsOnlyViaStorage):
+    def prefill_layerwise_send_cache_thread(self):
+        self._task(0)
+
+    def _task(self, slot):
+        return self._maybe_wait_for_cache_task(slot)
+
+
+def test_a_live_class_waits_for_registration_by_the_calls_its_running_send_loop_makes():
+    storage = analyse_class(WaitsOnlyViaStorage)
+    assert (
+        storage.recognised and not storage.waits_for_registration and storage.waits_for_registration_via_storage_only
+    )
+    assert "send loop waits for registration (#7724+)" not in storage.features()
+    helper = analyse_class(WaitsThroughAHelper)
+    assert helper.waits_for_registration and "send loop waits for registration (#7724+)" in helper.features()
+    assert not analyse_class(ThreeArgs).waits_for_registration  # no send loop at all

@@ -481,3 +481,30 @@ def test_make_release_rejects_unknown_mode():
     assert make_release("ordered").mode == "ordered" and make_release("upstream").mode == "upstream"
     with pytest.raises(ValueError, match="unknown release mode"):
         make_release("fast")
+
+
+def test_send_of_an_aborted_request_keeps_the_next_request_progress():
+    # Real releases reset a slot's progress after sending its request's final chunk (engine_cache_tasks[slot] =
+    # dict()). A aborted after its final signal, B's first signal already in on slot 3: the reset after A's send
+    # would wipe B's progress and B's batch would fail for ever. The reset of a superseded slot is skipped.
+    messager = FakeMessager()
+    step = attached_step(messager)
+    messager.idx_cache_task_dict[3] = task(3, "A", 4)
+    step.handle_buffer(signal(3, 0, 4))  # A's batch queued
+    step.handle_buffer(signal(3, 0, 2))  # B's first chunk: waits for B's registration, its progress is recorded
+    batch = messager.cache_prefilled_engine_ids_queue.get(timeout=HANDSHAKE_TIMEOUT_S)
+    assert batch == [(3, 4)]
+    messager.engine_cache_tasks[3] = dict()  # the send loop's cleanup after A's final chunk
+    assert messager.engine_cache_tasks[3]["prefilled_token_num"] == 2, "B's progress was wiped"
+    messager.engine_cache_tasks[5] = dict()  # another slot, nothing newer there: reset as usual
+    assert messager.engine_cache_tasks[5] == {}
+
+
+def test_send_of_a_request_resets_its_slot_when_nothing_newer_arrived():
+    messager = FakeMessager()
+    step = attached_step(messager)
+    messager.idx_cache_task_dict[3] = task(3, "A", 4)
+    step.handle_buffer(signal(3, 0, 4))
+    messager.cache_prefilled_engine_ids_queue.get(timeout=HANDSHAKE_TIMEOUT_S)
+    messager.engine_cache_tasks[3] = dict()
+    assert messager.engine_cache_tasks[3] == {}

@@ -1,0 +1,388 @@
+"""``fastdeploy-pd-fix preflight [--source FILE_OR_CHECKOUT] [--json]``: prove the fix on *your* FastDeploy release.
+
+It takes the release's ``fastdeploy/cache_manager/cache_messager.py`` (default: the one of the FastDeploy installed
+in this environment, found without importing FastDeploy), copies it unmodified into a temporary tree beside our
+stubs for everything it imports (:mod:`fastdeploy_pd_fix.tools.preflight_tree`,
+:mod:`fastdeploy_pd_fix.tools.preflight_stubs`), and runs it as a script in two real rank processes on the CPU,
+with the stand-in's engine process serving real cross-rank barriers, once with the plugin off (``FD_PD_FIX=0``) and
+once on (``ordered``), for every race scenario and every decidable slot-lifecycle scenario of the stand-in. Batches
+are observed on the messager's queue, never in the file.
+
+Exit codes: :data:`EXIT_PASS` (0) every scenario finished with identical batches on every rank with the plugin;
+:data:`EXIT_FAIL` (1) one did not; :data:`EXIT_USAGE` (2) no file to check (not found, FastDeploy not installed,
+unreadable); :data:`EXIT_STANDS_ASIDE` (3) the plugin stands aside on this release (no ``CacheMessagerV1``, a shape
+it does not recognise, or a release that already carries the fix): it would leave FastDeploy as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.analysis import analyse_source
+from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
+from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
+from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
+from fastdeploy_pd_fix.tools import preflight_tree
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
+OFF, ON = config.OFF, config.ORDERED
+MODES = (OFF, ON)
+RACE_SCENARIOS = tuple(name for name in SCENARIOS if name not in LIFECYCLE_SCENARIOS)
+DECIDABLE_SCENARIOS = tuple(name for name, scenario in LIFECYCLE_SCENARIOS.items() if scenario["decidable"])
+DEFAULT_SCENARIOS = RACE_SCENARIOS + DECIDABLE_SCENARIOS
+DEFAULT_DEADLINE_S = 4.0
+#: A plugin decision line in a rank's logs (bootstrap stderr or the messager's own log).
+DECISION = re.compile(r"fastdeploy_pd_fix[^\n]*?(?:: (?:patched|stood aside|already patched) |disabled by)[^\n]*")
+RANK_OF_LOG = re.compile(r"(?:_|rank|device)(\d+)\.log$")
+ERROR_LINE = re.compile(r"Error|exception|Traceback|GROUND TRUTH VIOLATION")
+
+
+class PreflightError(Exception):
+    """No file to check: the message says why."""
+
+
+def installed_cache_messager() -> Path:
+    """The ``cache_messager.py`` of the FastDeploy installed here, located without importing FastDeploy (the spec
+    of the top-level package is found without running its ``__init__``)."""
+    try:
+        spec = importlib.util.find_spec("fastdeploy")
+    except (ImportError, ValueError) as error:
+        raise PreflightError(f"cannot locate FastDeploy: {error!r}")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise PreflightError("FastDeploy is not installed in this environment: pass --source FILE_OR_CHECKOUT")
+    for location in locations:
+        candidate = Path(location) / "cache_manager" / "cache_messager.py"
+        if candidate.is_file():
+            return candidate
+    raise PreflightError(f"FastDeploy at {locations[0]} has no cache_manager/cache_messager.py")
+
+
+def locate_source(source: Optional[str]) -> Path:
+    """The file to check: ``source`` (a file, a checkout, or a ``fastdeploy`` package directory) or the installed."""
+    if source is None:
+        return installed_cache_messager()
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        for candidate in (
+            path / SCRIPT_PATH,
+            path / "cache_manager" / "cache_messager.py",
+            path / "cache_messager.py",
+        ):
+            if candidate.is_file():
+                return candidate.resolve()
+        raise PreflightError(f"{path}: no {SCRIPT_PATH} in this directory")
+    raise PreflightError(f"{path}: no such file or directory")
+
+
+def defines_target_class(text: str) -> bool:
+    """The file defines a ``CacheMessagerV1`` somewhere: the plugin's target, patched or not at run time."""
+    return any(isinstance(node, ast.ClassDef) and node.name == TARGET_CLASS for node in ast.walk(ast.parse(text)))
+
+
+def fastdeploy_version(source: Path) -> str:
+    """The installed FastDeploy's version when ``source`` is its file, without importing it; else unknown."""
+    from importlib import metadata
+
+    for distribution in ("fastdeploy-gpu", "fastdeploy"):
+        try:
+            files = metadata.files(distribution) or []
+            if any(Path(file.locate()).resolve() == source for file in files if str(file).endswith(SCRIPT_PATH)):
+                return metadata.version(distribution)
+        except (metadata.PackageNotFoundError, OSError):
+            continue
+    return "unknown (preflight stubs)"
+
+
+def _rank_logs(run_dir: Optional[str]) -> Dict[int, Dict[str, str]]:
+    """Each rank's logs, whatever the release names them: rank -> file name -> text."""
+    logs: Dict[int, Dict[str, str]] = {}
+    for path in sorted(Path(run_dir, "log").glob("*.log")) if run_dir else []:
+        match = RANK_OF_LOG.search(path.name)
+        if match:
+            logs.setdefault(int(match.group(1)), {})[path.name] = path.read_text(encoding="utf-8", errors="replace")
+    return logs
+
+
+def _error_lines(texts: Dict[str, str], limit: int = 10) -> List[str]:
+    found: List[str] = []
+    for text in texts.values():
+        for line in text.splitlines():
+            if ERROR_LINE.search(line) and line.strip() not in found:
+                found.append(line.strip())
+    return found[:limit]
+
+
+def _run_record(result, logs: Dict[int, Dict[str, str]]) -> dict:
+    decisions = {rank: DECISION.findall("\n".join(texts.values())) for rank, texts in logs.items()}
+    return {
+        "outcome": result.outcome,
+        "identical": result.same_batches_on_all_ranks(),
+        "batches": {str(rank): batches for rank, batches in result.batches.items()},
+        "finished": {str(rank): finished for rank, finished in result.finished.items()},
+        "violations": result.ground_truth_violations(),
+        "elapsed_s": round(result.elapsed_s, 2),
+        "startup_s": round(result.startup_s, 2),
+        "error": result.error,
+        "decisions": {str(rank): lines for rank, lines in decisions.items()},
+        "patched": bool(logs)
+        and all(any(": patched " in line for line in lines) for lines in decisions.values())
+        and not any("stood aside" in line for lines in decisions.values() for line in lines),
+        "errors": {str(rank): _error_lines(texts) for rank, texts in logs.items()},
+        "log_tail": {
+            str(rank): [f"{name}: {line}" for name, text in texts.items() for line in text.splitlines()[-6:]]
+            for rank, texts in logs.items()
+        },
+    }
+
+
+def run_good(record: dict) -> bool:
+    """A run with the plugin passes: finished, identical batches on every rank, no ground-truth violation."""
+    return record["outcome"] == "finished" and record["identical"] and record["violations"] == 0
+
+
+def play(tree, scenarios, deadline_s: float, parallel: int, runs_dir: Path, progress) -> Dict[str, dict]:
+    """Run every scenario in both modes on the tree; ``progress(line)`` once per scenario as it completes."""
+    from fastdeploy_pd_fix.standin.harness import run_scenario
+
+    def rank_arguments(rank, nranks, port, num_layers):
+        return preflight_tree.command_line(tree.options, rank, nranks, port, num_layers)
+
+    def one(name, mode):
+        result = run_scenario(
+            name,
+            mode=mode,
+            deadline_s=deadline_s,
+            workdir=runs_dir,
+            standin_root=tree.root,
+            rank_arguments=rank_arguments,
+        )
+        record = _run_record(result, _rank_logs(result.workdir))
+        if result.workdir:
+            shutil.rmtree(result.workdir, ignore_errors=True)
+        return record
+
+    records: Dict[str, dict] = {name: {} for name in scenarios}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = {pool.submit(one, name, mode): (name, mode) for name in scenarios for mode in MODES}
+        done = 0
+        for future in as_completed(futures):
+            name, mode = futures[future]
+            records[name][mode] = future.result()
+            if len(records[name]) == len(MODES):
+                done += 1
+                cells = " | ".join(f"{mode} {cell(records[name][mode])}" for mode in MODES)
+                progress(f"[{done:>2}/{len(scenarios)}] {name}: {cells}")
+    return records
+
+
+def cell(record: dict) -> str:
+    text = f"{record['outcome']}, {'identical' if record['identical'] else 'DIFFERENT'} batches"
+    if record["violations"]:
+        text += f", {record['violations']} ground-truth violations"
+    return text
+
+
+def _kind(name: str) -> str:
+    return "lifecycle" if name in LIFECYCLE_SCENARIOS else "race"
+
+
+def preflight(
+    source: Optional[str] = None,
+    scenarios=DEFAULT_SCENARIOS,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    parallel: Optional[int] = None,
+    keep: Optional[str] = None,
+    progress=print,
+) -> dict:
+    """The whole check as one JSON-ready report; ``report["exit_code"]`` is the command's exit code."""
+    started = time.monotonic()
+    report: dict = {"source": source, "scenarios": {}, "exit_code": EXIT_USAGE}
+    try:
+        path = locate_source(source)
+        text = path.read_text(encoding="utf-8")
+        ast.parse(text, filename=str(path))
+    except (PreflightError, OSError, UnicodeDecodeError, SyntaxError) as error:
+        report["verdict"] = f"NO CHECK: {error}"
+        return report
+    analysis = analyse_source(text)
+    report.update(
+        source=str(path),
+        sha256=preflight_tree.sha256(path),
+        lines=text.count("\n"),
+        analysis={
+            "recognised": analysis.recognised,
+            "reason": analysis.reason,
+            "features": analysis.features(),
+            "already_fixed": analysis.already_fixed,
+        },
+    )
+    if not defines_target_class(text):
+        why = analysis.reason
+        report["decision"] = f"stands aside: {why}"
+        report["verdict"] = (
+            f"PLUGIN STANDS ASIDE: {why}. FastDeploy would run as released; nothing to roll out for this file "
+            f"(exit {EXIT_STANDS_ASIDE})"
+        )
+        report["exit_code"] = EXIT_STANDS_ASIDE
+        report["elapsed_s"] = round(time.monotonic() - started, 1)
+        return report
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="fd-pd-fix-preflight-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        tree = preflight_tree.build_tree(path, work / "tree", fastdeploy_version(path))
+        report.update(
+            stubbed_modules=tree.stubbed_modules,
+            missing_third_party=tree.missing_third_party,
+            command=f"{SCRIPT_PATH} {preflight_tree.describe_command(tree.options)}",
+            options=len(tree.options),
+            required_options=[option.flag for option in tree.options if option.required],
+        )
+        progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(MODES)} on 2 rank processes each ...")
+        workers = parallel or max(2, min(8, 2 * (os.cpu_count() or 1)))
+        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report["scenarios"] = {name: {"kind": _kind(name), **records[name]} for name in scenarios}
+    _conclude(report, records)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _conclude(report: dict, records: Dict[str, dict]) -> None:
+    on_runs = [record[ON] for record in records.values()]
+    decision_lines = [line for record in on_runs for lines in record["decisions"].values() for line in lines]
+    stood_aside = [line for line in decision_lines if "stood aside" in line]
+    patched = [line for line in decision_lines if ": patched " in line]
+    report["decision"] = (stood_aside or patched or ["no decision line in the rank logs"])[0]
+    failing = [name for name, record in records.items() if not run_good(record[ON])]
+    off_bad = [name for name, record in records.items() if not run_good(record[OFF])]
+    without = f"without the plugin {len(off_bad)} of {len(records)} fail ({', '.join(off_bad) or 'none'})"
+    if stood_aside or not all(record["patched"] for record in on_runs):
+        why = stood_aside[0].split("stood aside", 1)[-1].strip(" :") if stood_aside else "no rank logged a patch"
+        report["verdict"] = (
+            f"PLUGIN STANDS ASIDE at run time on this release: {why}. FastDeploy would run as released "
+            f"(exit {EXIT_STANDS_ASIDE})"
+        )
+        report["exit_code"] = EXIT_STANDS_ASIDE
+    elif failing:
+        report["verdict"] = (
+            f"FAIL: with the plugin {len(failing)} of {len(records)} scenarios did not finish with identical batches "
+            f"({', '.join(failing)}); do not roll out, report it with --json output (exit {EXIT_FAIL})"
+        )
+        report["exit_code"] = EXIT_FAIL
+    else:
+        report["verdict"] = (
+            f"PASS: with the plugin all {len(records)} scenarios finished with identical batches on every rank; "
+            f"{without} (exit {EXIT_PASS})"
+        )
+        report["exit_code"] = EXIT_PASS
+
+
+def print_report(report: dict) -> None:
+    """The human-readable report (the progress lines were printed while the scenarios ran)."""
+    source = f"source:   {report.get('source') or 'the installed FastDeploy'}"
+    if "sha256" in report:
+        source += f" ({report['lines']} lines, sha256 {report['sha256'][:12]})"
+    print(source)
+    if "analysis" in report:
+        analysis = report["analysis"]
+        if analysis["recognised"]:
+            found = f"recognised: {analysis['features']}"
+        else:
+            found = f"NOT recognised: {analysis['reason']}"
+        if not analysis["recognised"] and report["scenarios"]:
+            found += " (read off the file; the plugin decides on the class it runs: see 'plugin:' below)"
+        print(f"analysis: {TARGET_CLASS} {found}")
+    if "command" in report:
+        stubs = ", ".join(report["stubbed_modules"])
+        if report["missing_third_party"]:
+            stubs += f"; not installed here, stubbed: {', '.join(report['missing_third_party'])}"
+        print(f"stubs:    {stubs}")
+        print(f"command:  {report['command']}")
+        required = ", ".join(report["required_options"]) or "none"
+        print(f"          (from its parse_args: {report['options']} options, required: {required})")
+    if report["scenarios"]:
+        cells = {name: (cell(record[OFF]), cell(record[ON])) for name, record in report["scenarios"].items()}
+        width = max(len(text) for pair in cells.values() for text in pair) + 2
+        print()
+        print(f"{'scenario':<9}{'kind':<10}{'plugin off (FD_PD_FIX=0)':<{width}}plugin on (ordered)")
+        print(f"{'-' * 8:<9}{'-' * 9:<10}{'-' * (width - 2):<{width}}{'-' * (width - 2)}")
+        for name, (off_cell, on_cell) in cells.items():
+            print(f"{name:<9}{report['scenarios'][name]['kind']:<10}{off_cell:<{width}}{on_cell}")
+        for name, record in report["scenarios"].items():
+            if not run_good(record[ON]):
+                print(f"\n{name} with the plugin: {record[ON]['outcome']} {record[ON]['error']}")
+                print(f"  batches per rank: {record[ON]['batches']}")
+                for rank, lines in record[ON]["errors"].items():
+                    print(f"  rank {rank} errors logged:\n    " + ("\n    ".join(lines) or "none"))
+                for rank, lines in record[ON]["log_tail"].items():
+                    print(f"  rank {rank} log tail:\n    " + "\n    ".join(lines))
+    print()
+    if "decision" in report:
+        print(f"plugin:   {report['decision']}")
+    print(f"verdict:  {report['verdict']}")
+    if "elapsed_s" in report:
+        print(f"({report['elapsed_s']}s)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastdeploy-pd-fix preflight",
+        description="Prove the fix on your FastDeploy release: run its cache_messager.py, unmodified, in two rank "
+        f"processes on the CPU with the plugin off and on. Exit {EXIT_PASS} pass, {EXIT_FAIL} fail, {EXIT_USAGE} "
+        f"nothing to check, {EXIT_STANDS_ASIDE} the plugin stands aside on this release.",
+    )
+    parser.add_argument(
+        "--source", help="cache_messager.py, a FastDeploy checkout or package dir (default: installed)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object (progress: stderr)")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(DEFAULT_SCENARIOS)}")
+    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, help="seconds after ready: a hang")
+    parser.add_argument("--parallel", type=int, help="runs at a time (default: 2 x CPUs, 2 to 8)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the tree and every run's files under DIR")
+    args = parser.parse_args(argv)
+    scenarios = DEFAULT_SCENARIOS
+    if args.scenarios:
+        scenarios = tuple(name.strip() for name in args.scenarios.split(",") if name.strip())
+        unknown = [name for name in scenarios if name not in SCENARIOS]
+        if unknown:
+            parser.error(f"unknown scenarios {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    if importlib.util.find_spec("paddle") is None:
+        print("preflight runs the release's file with real paddle tensors: install paddlepaddle", file=sys.stderr)
+        return EXIT_USAGE
+    stream = sys.stderr if args.json else sys.stdout
+    report = preflight(
+        args.source,
+        scenarios,
+        args.deadline,
+        args.parallel,
+        args.keep,
+        progress=lambda line: print(line, file=stream, flush=True),
+    )
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_report(report)
+    return report["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Stubs for what a real FastDeploy ``cache_messager.py`` imports, used by ``fastdeploy-pd-fix preflight``.
+
+These modules are never imported from the project: preflight copies this package into its temporary tree as
+``fastdeploy/_preflight/``, next to the release's own ``fastdeploy/cache_manager/cache_messager.py`` (copied
+unmodified), a copy of the stand-in's scripted streams (``fastdeploy/_standin/``) and one generated module per
+``fastdeploy.*`` module the file imports (each resolves every name through :mod:`.names`). Inside that tree they
+import each other as ``fastdeploy._preflight.*`` and the scripted streams as ``fastdeploy._standin.*``.
+
+Why a package of its own rather than inside the stand-in: the stand-in *is* a FastDeploy (its own
+``cache_messager.py``, written from the facts); these stubs are what lets somebody else's ``cache_messager.py`` run,
+and they reuse the stand-in's machinery (engine-side manager with real barriers, scripted kv signals and cache-info
+reads forced by handshakes, ground truth, progress file) by copying its modules into the tree.
+
+* :mod:`.names`: the name registry (by name, whatever module a release imports it from), the permissive
+  placeholder for names nobody knows, ``envs``, and the CPU shim for paddle's GPU-only calls.
+* :mod:`.engine`: the engine worker queue (a client of the harness's engine process), IPC signals, the transfer
+  managers, and the tap that plays the scenario once the messager reports its cache ready.
+"""

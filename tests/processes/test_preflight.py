@@ -1,0 +1,121 @@
+"""``fastdeploy-pd-fix preflight`` against real upstream ``cache_messager.py`` files (run unmodified, as scripts, in
+two real rank processes with our stubs) and against the stand-in's release file, which preflight was not written
+around (other imports, a required option, its own instrumentation).
+
+The real files are test data in ``../shared/upstream`` relative to the repository (CI has them there); without that
+folder the real-file tests are skipped with one reason. To keep the runtime to a few minutes, the tests play a
+subset of the scenarios (:data:`RACE` and :data:`LIFECYCLE`, which between them use every schedule control:
+``hold``, ``stall`` and ``drain``); ``fastdeploy-pd-fix preflight`` itself plays all of them by default.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastdeploy_pd_fix import _bootstrap
+from fastdeploy_pd_fix.standin import STANDIN_ROOT
+from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
+from fastdeploy_pd_fix.tools import preflight
+
+pytestmark = pytest.mark.timeout(600)
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+UPSTREAM = REPOSITORY / ".." / "shared" / "upstream"
+UPSTREAM_FILES = sorted(UPSTREAM.glob("cache_messager@*.py")) if UPSTREAM.is_dir() else []
+needs_upstream = pytest.mark.skipif(not UPSTREAM_FILES, reason=f"no real upstream files in {UPSTREAM.resolve()}")
+RACE = ("s1", "s2", "s3")
+LIFECYCLE = ("l2", "l3", "l9")  # hold, stall, drain
+#: l3 on the real pre-#7872 files: when an aborted request's queued batch finishes, the release's own send loop
+#: resets ``engine_cache_tasks[slot] = dict()``, which would wipe the progress of the slot's next request whose signal
+#: already arrived (its batch then failed with KeyError 'prefilled_layer_idx' on every rank, found by preflight; the
+#: stand-in's send loop does not reset that entry). core.messager_step.BoundProgressList skips that reset.
+WIPES_NEXT_REQUEST = "l3"
+
+
+def defines_target_class(path: Path) -> bool:
+    tree = ast.parse(path.read_bytes())
+    return any(isinstance(node, ast.ClassDef) and node.name == TARGET_CLASS for node in ast.walk(tree))
+
+
+def run_preflight(source: Path, scenarios):
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_pd_fix.tools.preflight", "--source", str(source), "--json"]
+        + ["--scenarios", ",".join(scenarios)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert completed.stdout, completed.stderr
+    return completed.returncode, json.loads(completed.stdout), completed.stderr
+
+
+def describe(report) -> str:
+    return json.dumps({key: value for key, value in report.items() if key != "scenarios"}, indent=1) + "".join(
+        f"\n{name} {mode}: {record[mode]['outcome']} {record[mode]['error']} batches={record[mode]['batches']}\n"
+        + "\n".join(line for lines in record[mode]["log_tail"].values() for line in lines)
+        for name, record in report["scenarios"].items()
+        for mode in preflight.MODES
+    )
+
+
+@pytest.fixture(scope="module")
+def race_reports():
+    assert _bootstrap.state["installed"], "install the plugin (pip install -e .) so that its .pth runs"
+    return {path.name: run_preflight(path, RACE) for path in UPSTREAM_FILES}
+
+
+@needs_upstream
+@pytest.mark.parametrize("name", [path.name for path in UPSTREAM_FILES])
+def test_every_real_file_gets_the_right_verdict(race_reports, name):
+    code, report, progress = race_reports[name]
+    path = UPSTREAM / name
+    assert report["sha256"] == preflight.preflight_tree.sha256(path), "the file checked is the file given"
+    if not defines_target_class(path):
+        assert code == preflight.EXIT_STANDS_ASIDE == 3, describe(report)
+        assert report["verdict"].startswith(f"PLUGIN STANDS ASIDE: expected one class {TARGET_CLASS}, found 0")
+        assert not report["scenarios"] and not progress.strip(), "nothing is run for a file the plugin leaves alone"
+        return
+    assert code == preflight.EXIT_PASS, describe(report)
+    assert report["verdict"].startswith(f"PASS: with the plugin all {len(RACE)} scenarios finished"), report["verdict"]
+    assert f": patched __main__.{TARGET_CLASS} (mode=ordered" in report["decision"]
+    for scenario, record in report["scenarios"].items():
+        assert record["ordered"]["patched"] and preflight.run_good(record["ordered"]), describe(report)
+        assert all("disabled by FD_PD_FIX=0" in lines[0] for lines in record["off"]["decisions"].values())
+    assert report["scenarios"]["s2"]["off"]["outcome"] == "hang", "chunked early signals: the release hangs"
+    assert len(progress.strip().splitlines()) == len(RACE) + 1, "one progress line per scenario (after the header)"
+
+
+@needs_upstream
+def test_the_2_0_file_without_cache_messager_v1_stands_aside():
+    names = [path.name for path in UPSTREAM_FILES if not defines_target_class(path)]
+    assert "cache_messager@Xreki_d0a82f18.py" in names
+    code, report, _ = run_preflight(UPSTREAM / "cache_messager@Xreki_d0a82f18.py", RACE)
+    assert code == preflight.EXIT_STANDS_ASIDE
+    assert report["decision"] == f"stands aside: expected one class {TARGET_CLASS}, found 0"
+
+
+@needs_upstream
+@pytest.mark.parametrize("name", [path.name for path in UPSTREAM_FILES if defines_target_class(path)])
+def test_lifecycle_scenarios_on_real_files(name):
+    code, report, _ = run_preflight(UPSTREAM / name, LIFECYCLE)
+    for scenario, record in report["scenarios"].items():
+        ordered = record["ordered"]
+        assert ordered["patched"] and ordered["identical"], describe(report)
+        assert preflight.run_good(ordered), describe(report)
+    assert report["scenarios"]["l9"]["off"]["outcome"] == "hang", "a late repeated D-part overwrites the next task"
+    assert report["scenarios"][WIPES_NEXT_REQUEST]["off"]["violations"] > 0, "unpatched: B's blocks sent as A's"
+    assert code == preflight.EXIT_PASS, describe(report)
+
+
+def test_a_release_it_has_never_seen_the_stand_in_file():
+    source = STANDIN_ROOT / SCRIPT_PATH
+    code, report, _ = run_preflight(source, RACE)
+    assert code == preflight.EXIT_PASS, describe(report)
+    assert "--engine_worker_queue_port" in report["required_options"]
+    assert "fastdeploy.inter_communicator.engine_worker_queue" in report["stubbed_modules"]
+    for scenario in RACE:
+        assert report["scenarios"][scenario]["off"]["outcome"] == "hang", "the stand-in's #7872 hangs in s1-s3"
