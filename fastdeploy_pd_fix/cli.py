@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from fastdeploy_pd_fix import __version__
+from fastdeploy_pd_fix.tools import positive_seconds
 
 
 def status(args) -> int:
@@ -69,7 +70,9 @@ def run(argv: List[str]) -> int:
     commands.add_parser("status", help="what is patched, in which mode, against which FastDeploy")
     demo_parser = commands.add_parser("demo", help="run the race scenarios on the stand-in: off/upstream/ordered")
     demo_parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    demo_parser.add_argument("--deadline", type=float, default=3.0, help="seconds after start-up before a hang")
+    demo_parser.add_argument(
+        "--deadline", type=positive_seconds, default=3.0, help="seconds after start-up before a hang"
+    )
     commands.add_parser(
         "diagnose",
         help="first divergence of the ranks' batch sequences in logs (--help for its options)",

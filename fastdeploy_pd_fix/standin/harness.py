@@ -21,17 +21,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario
 from fastdeploy_pd_fix.target import SCRIPT_PATH
+from fastdeploy_pd_fix.tools import positive_seconds
 
 ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
 POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)
@@ -97,6 +100,52 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+# Every live run's processes and temporary folder in this interpreter: what SIGINT/SIGTERM must clean up.
+_live_lock = threading.Lock()
+_live_processes: set = set()
+_live_folders: set = set()
+_stopping = threading.Event()
+
+
+def _track(process: subprocess.Popen) -> subprocess.Popen:
+    with _live_lock:
+        _live_processes.add(process)
+    if _stopping.is_set():  # started while the command is being stopped: do not leave it behind
+        _kill_group(process)
+    return process
+
+
+def clean_up_live_runs() -> None:
+    """Kill every live run's process groups and remove its temporary folder (kept workdirs stay)."""
+    _stopping.set()
+    with _live_lock:
+        processes, folders = list(_live_processes), list(_live_folders)
+    for process in processes:
+        _kill_group(process)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def cleanup_on_signals():
+    """While running: SIGINT and SIGTERM kill every live run's processes, remove its temporary folder, and end the
+    command with 128 + the signal number. Only the main thread can install handlers; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        clean_up_live_runs()
+        raise SystemExit(128 + signum)
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _kill_group(process: Optional[subprocess.Popen]) -> None:
     if process is None:
         return
@@ -140,6 +189,7 @@ def _start_engine(python: str, nranks: int, run_env: dict, log_dir: Path, record
             env=run_env,
             start_new_session=True,
         )
+        _track(engine)
     finally:
         engine_log.close()
     ready, _, _ = select.select([engine.stdout], [], [], timeout_s)
@@ -238,8 +288,11 @@ def run_scenario(
     }
     if workdir is None:
         run_dir, keep = Path(tempfile.mkdtemp(prefix="fd-standin-")), False
+        with _live_lock:
+            _live_folders.add(run_dir)
     else:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
+        workdir = Path(workdir).resolve()  # the rank processes run in other directories
+        workdir.mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{scenario['name']}-{release}-", dir=workdir))
         keep = True
     log_dir, out_dir = run_dir / "log", run_dir / "out"
@@ -266,13 +319,15 @@ def run_scenario(
             arguments = (rank_arguments or standin_arguments)(rank, nranks, port, num_layers)
             command = [python, str(cache_messager_script), *arguments]
             with open(log_dir / f"launch_cache_messager_{rank}.log", "wb") as launch_log:
-                ranks[rank] = subprocess.Popen(
-                    command,
-                    stdout=launch_log,
-                    stderr=subprocess.STDOUT,
-                    env=run_env,
-                    cwd=str(run_dir),
-                    start_new_session=True,
+                ranks[rank] = _track(
+                    subprocess.Popen(
+                        command,
+                        stdout=launch_log,
+                        stderr=subprocess.STDOUT,
+                        env=run_env,
+                        cwd=str(run_dir),
+                        start_new_session=True,
+                    )
                 )
         error = _wait_until_ready(ranks, out_dir, startup_timeout_s)
         ready_at = time.monotonic()
@@ -287,6 +342,8 @@ def run_scenario(
         for process in ranks.values():
             _kill_group(process)
         _kill_group(engine)
+        with _live_lock:
+            _live_processes.difference_update([*ranks.values(), engine])
         if engine is not None and engine.stdout is not None:
             engine.stdout.close()
 
@@ -315,6 +372,8 @@ def run_scenario(
     engine_log = _read_text(log_dir / "engine_server.log") + _read_text(engine_record)
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
+        with _live_lock:
+            _live_folders.discard(run_dir)
     return ScenarioResult(
         outcome=outcome,
         batches=batches,
@@ -332,11 +391,30 @@ def run_scenario(
     )
 
 
-def run_many(list_of_kwargs: List[dict], parallel: int = 4) -> List[ScenarioResult]:
-    """Run several scenarios concurrently (each a dict of :func:`run_scenario` arguments); results in order."""
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(run_scenario, **kwargs) for kwargs in list_of_kwargs]
-        return [future.result() for future in futures]
+def run_many(
+    list_of_kwargs: List[dict],
+    parallel: int = 4,
+    on_result: Optional[Callable[[int, ScenarioResult], None]] = None,
+) -> List[ScenarioResult]:
+    """Run several scenarios concurrently (each a dict of :func:`run_scenario` arguments); results in order.
+
+    ``on_result(index, result)`` is called as each run ends (progress lines). SIGINT and SIGTERM clean up every
+    run's processes and temporary folders (:func:`cleanup_on_signals`) and cancel the runs not started yet."""
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
+        with cleanup_on_signals():
+            futures = [pool.submit(run_scenario, **kwargs) for kwargs in list_of_kwargs]
+            if on_result is not None:
+                for index, future in enumerate(futures):
+                    future.add_done_callback(lambda done, index=index: _report(done, index, on_result))
+            return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _report(done, index: int, on_result) -> None:
+    if not done.cancelled() and done.exception() is None:
+        on_result(index, done.result())
 
 
 def all_variants():
@@ -376,7 +454,9 @@ def main(argv=None) -> int:
     parser.add_argument("--with-7724", action="store_true", help="with --release: the #7724 variant")
     parser.add_argument("--op-args", type=int, choices=(3, 4), default=3, help="with --release: op signature")
     parser.add_argument("--nranks", type=int, default=2)
-    parser.add_argument("--deadline", type=float, default=3.0, help="seconds after ready before calling a hang")
+    parser.add_argument(
+        "--deadline", type=positive_seconds, default=3.0, help="seconds after ready before calling a hang"
+    )
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--mode", choices=config.RUN_MODES, help="plugin mode of the ranks (default: as inherited)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra rank environment")

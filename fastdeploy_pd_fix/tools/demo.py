@@ -34,7 +34,17 @@ def run_all(deadline_s: float = 3.0) -> Dict[str, Dict[str, object]]:
     from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 
     jobs = [(mode, name) for mode in COLUMNS for name in SCENARIO_NAMES]
-    results = run_many([dict(scenario=SCENARIOS[name], mode=mode, deadline_s=deadline_s) for mode, name in jobs])
+    done = []  # progress on stderr, one line per run as it ends (stdout keeps the table, or the JSON)
+
+    def progress(index: int, result) -> None:
+        done.append(index)
+        mode, name = jobs[index]
+        print(f"[{len(done)}/{len(jobs)}] {name} {mode}: {result.outcome}", file=sys.stderr, flush=True)
+
+    print(f"demo: {len(jobs)} runs of real rank processes, up to 4 at a time...", file=sys.stderr, flush=True)
+    results = run_many(
+        [dict(scenario=SCENARIOS[name], mode=mode, deadline_s=deadline_s) for mode, name in jobs], on_result=progress
+    )
     table: Dict[str, Dict[str, object]] = {mode: {} for mode in COLUMNS}
     for (mode, name), result in zip(jobs, results):
         table[mode][name] = result

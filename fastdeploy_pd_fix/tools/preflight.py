@@ -35,7 +35,7 @@ from fastdeploy_pd_fix.analysis import analyse_source
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
-from fastdeploy_pd_fix.tools import preflight_tree
+from fastdeploy_pd_fix.tools import positive_seconds, preflight_tree
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
 OFF, ON = config.OFF, config.ORDERED
@@ -355,7 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object (progress: stderr)")
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(DEFAULT_SCENARIOS)}")
-    parser.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, help="seconds after ready: a hang")
+    parser.add_argument(
+        "--deadline", type=positive_seconds, default=DEFAULT_DEADLINE_S, help="seconds after ready: a hang"
+    )
     parser.add_argument("--parallel", type=int, help="runs at a time (default: 2 x CPUs, 2 to 8)")
     parser.add_argument("--keep", metavar="DIR", help="keep the tree and every run's files under DIR")
     args = parser.parse_args(argv)

@@ -59,6 +59,7 @@ from fastdeploy_pd_fix.config import OFF, ORDERED, RUN_MODES, environment_for
 from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, validate_scenario
+from fastdeploy_pd_fix.tools import positive_seconds
 from fastdeploy_pd_fix.tools.stress_workload import generate_scenario
 
 RANK_LOG_END = "\n----- stdout/stderr of rank"  # the harness appends the launch log after the messager's log
@@ -248,7 +249,9 @@ def parse_args(argv=None):
     parser.add_argument("--with-7724", action="store_true", help="the stand-in variant with #7724")
     parser.add_argument("--nranks", type=int, choices=(2, 3), default=2)
     parser.add_argument("--parallel", type=int, default=4, help="runs at a time (run_many)")
-    parser.add_argument("--deadline", type=float, default=3.0, help="seconds after every rank is ready: hang")
+    parser.add_argument(
+        "--deadline", type=positive_seconds, default=3.0, help="seconds after every rank is ready: hang"
+    )
     parser.add_argument("--no-lifecycle", action="store_true", help="no aborts or repeated D-parts in the workloads")
     parser.add_argument("--replay", metavar="FILE", help="run this scenario JSON instead of generated ones")
     parser.add_argument("--json-out", metavar="FILE", help="write every run's report and the failing scenarios")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
@@ -56,7 +57,11 @@ def _parse(argv: List[str]) -> argparse.Namespace:
         "invariant 7 (never worse than upstream). Default: upstream (ordered when --mode upstream)",
     )
     parser.add_argument("--no-lifecycle", action="store_true", help="skip the slot-lifecycle families")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Said now, not after a run of many seconds: the JSON file must be writable where it is asked for.
+    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
+        parser.error(f"--json-out {args.json_out}: no such directory {Path(args.json_out).resolve().parent}")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -241,3 +241,13 @@ def test_each_variant_has_the_shape_of_its_release():
                 assert shape["finish_add_barrier"] == (not with_7724)
                 assert shape["queue_has_finish_add"] == (not with_7724)
                 assert shape["old_class"]
+
+
+def test_a_relative_workdir_keeps_the_run_files(tmp_path, monkeypatch):
+    # The rank processes run in other directories: a relative --workdir must still name the caller's folder.
+    from fastdeploy_pd_fix.standin.harness import run_scenario
+
+    monkeypatch.chdir(tmp_path)
+    result = run_scenario(SCENARIOS["s0"], mode=config.OFF, workdir="runs")
+    assert result.outcome == "finished", result.summary()
+    assert result.workdir and os.path.isabs(result.workdir) and result.workdir.startswith(str(tmp_path / "runs"))
