@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from support.messager import StepMessager
 
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
 from fastdeploy_pd_fix.core.messager_step import BatchJournal, make_step, next_sequence_hash
@@ -104,16 +105,6 @@ class RecordingLogger:
         self.lines.append(message)
 
     warning = error = exception = info
-
-
-class StepMessager:
-    """The messager attributes a MessagerStep reads and writes."""
-
-    def __init__(self):
-        self.engine_cache_task_thread_lock = threading.Lock()
-        self.engine_cache_tasks = [dict() for _ in range(4)]
-        self.idx_cache_task_dict = {}
-        self.cache_prefilled_engine_ids_queue = queue.Queue()
 
 
 @pytest.mark.parametrize("observer_first", [True, False], ids=["observer-then-attach", "attach-then-observer"])

@@ -11,6 +11,7 @@ import queue
 import threading
 
 import pytest
+from support.messager import StepMessager
 
 from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.core.messager_step import BoundTaskDict, make_step
@@ -325,16 +326,6 @@ def test_bindings_are_parallel_to_batches_and_carry_the_stored_task():
     ]
 
 
-class FakeMessager:
-    """The attributes of CacheMessagerV1 that the messager step reads and writes."""
-
-    def __init__(self):
-        self.engine_cache_task_thread_lock = threading.Lock()
-        self.engine_cache_tasks = [dict() for _ in range(8)]
-        self.idx_cache_task_dict = {}
-        self.cache_prefilled_engine_ids_queue = queue.Queue()
-
-
 def signal(slot, offset, end):
     """A kv signal buffer of one layer-0 task ``[offset, end)`` (a list: the step reads it through numpy)."""
     return [1, 0, slot, offset, end - offset]
@@ -389,7 +380,7 @@ def test_abort_after_final_signal_send_reads_each_batch_own_task(b_registers):
     # A's final chunk signal is in, A's batch is queued, A is aborted and slot 3 goes to B, whose registration
     # overwrites idx_cache_task_dict[3] before A's batch is sent. Read at send time, the dict gave B's blocks for
     # A's batch, and the cleanup after it deleted B's entry.
-    messager = FakeMessager()
+    messager = StepMessager()
     step = attached_step(messager)
     sender = SendLoop(messager, batches=2, pause_after_get=0 if b_registers.startswith("while") else None)
     messager.idx_cache_task_dict[3] = task(3, "A", 4)
@@ -408,7 +399,7 @@ def test_abort_after_final_signal_send_reads_each_batch_own_task(b_registers):
 
 
 def test_del_after_an_aborted_request_send_leaves_the_next_entry():
-    messager = FakeMessager()
+    messager = StepMessager()
     step = attached_step(messager)
     messager.idx_cache_task_dict[3] = task(3, "A", 4)
     step.handle_buffer(signal(3, 0, 4))
@@ -429,7 +420,7 @@ def test_batches_taken_before_attach_do_not_shift_later_bindings():
             entered.set()
             return super().get(*args, **kwargs)
 
-    messager = FakeMessager()
+    messager = StepMessager()
     messager.cache_prefilled_engine_ids_queue = SignallingQueue()
     sender = SendLoop(messager, batches=3, pause_after_get=0)
     sender.thread.start()
@@ -487,7 +478,7 @@ def test_send_of_an_aborted_request_keeps_the_next_request_progress():
     # Real releases reset a slot's progress after sending its request's final chunk (engine_cache_tasks[slot] =
     # dict()). A aborted after its final signal, B's first signal already in on slot 3: the reset after A's send
     # would wipe B's progress and B's batch would fail for ever. The reset of a superseded slot is skipped.
-    messager = FakeMessager()
+    messager = StepMessager()
     step = attached_step(messager)
     messager.idx_cache_task_dict[3] = task(3, "A", 4)
     step.handle_buffer(signal(3, 0, 4))  # A's batch queued
@@ -501,7 +492,7 @@ def test_send_of_an_aborted_request_keeps_the_next_request_progress():
 
 
 def test_send_of_a_request_resets_its_slot_when_nothing_newer_arrived():
-    messager = FakeMessager()
+    messager = StepMessager()
     step = attached_step(messager)
     messager.idx_cache_task_dict[3] = task(3, "A", 4)
     step.handle_buffer(signal(3, 0, 4))
