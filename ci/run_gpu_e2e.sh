@@ -22,10 +22,12 @@ export FD_E2E_REQUIRED=${FD_E2E_REQUIRED:-1}
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -a)"
     echo "python: $(command -v "$python_bin") ($("$python_bin" --version 2>&1))"
-    env | grep -E '^(FD_E2E_|FD_PD_FIX|MODEL_PATH=|KVCACHE_RDMA_NICS=|CUDA_VISIBLE_DEVICES=)' | sort || true
+    env | grep -E '^(FD_E2E_|FD_PD_FIX|FD_DETERMINISTIC_MODE=|ENABLE_V1_|MODEL_PATH=|KVCACHE_RDMA_NICS=|CUDA_VISIBLE_DEVICES=)' |
+        sort || true
 } >"$artifacts_dir/environment.txt" 2>&1
 nvidia-smi >"$artifacts_dir/nvidia-smi.txt" 2>&1 || echo "nvidia-smi not available" >>"$artifacts_dir/nvidia-smi.txt"
 "$python_bin" -m pip list >"$artifacts_dir/pip-list.txt" 2>&1 || true
+# The test reads the same report: its feature line says whether the release can race at all (#7724).
 "$python_bin" -m fastdeploy_pd_fix status >"$artifacts_dir/plugin-status.txt" 2>&1 || true
 
 cd "$repo_root"

@@ -10,8 +10,10 @@ is imported when there is something to patch), reads ``FD_PD_FIX`` first (off: i
   ``builtins.__build_class__`` until ``CacheMessagerV1`` has been built, patch it right there (before ``main()``
   creates the instance and its threads), and put the original ``__build_class__`` back.
 * Anywhere the ``fastdeploy`` package is importable at start-up, a post-import hook patches
-  ``fastdeploy.cache_manager.cache_messager`` right after it has been executed (upstream's unit tests, tools):
-  :class:`PatchAfterImport`, a ``sys.meta_path`` finder built like wrapt's post-import hooks. Not wrapt itself:
+  ``fastdeploy.cache_manager.cache_messager`` right after it has been executed (upstream's unit tests, tools), and
+  the two engine modules of the engine-side patch (``target.ENGINE_MODULES``: the resource manager and the splitwise
+  connector, imported by FastDeploy's engine process): :class:`PatchAfterImport`, a ``sys.meta_path`` finder built
+  like wrapt's post-import hooks. Not wrapt itself:
   importing wrapt (2.x pulls asyncio, ssl, inspect, typing) costs 60-130 ms in every interpreter of a FastDeploy
   environment, and the budget there is 10 ms (``benchmarks/startup.py`` measures it).
 """
@@ -24,7 +26,7 @@ import os
 import sys
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS, TARGET_MODULE
+from fastdeploy_pd_fix.target import ENGINE_MODULES, SCRIPT_PATH, TARGET_CLASS, TARGET_MODULE
 
 #: What this interpreter's bootstrap did, for ``fastdeploy-pd-fix status`` and the tests.
 state = {"installed": False, "script_hook": False, "import_hook": False, "disabled": False}
@@ -60,8 +62,19 @@ def _patch_imported_module(module) -> None:
         print(f"fastdeploy_pd_fix: not patched, bootstrap error: {error!r}", file=sys.stderr)
 
 
+def _patch_imported_engine_module(module) -> None:
+    try:
+        _configure_logging()
+        from fastdeploy_pd_fix.plugin.engine import patch_engine_module
+
+        patch_engine_module(module)
+    except Exception as error:  # never break the engine because of the plugin
+        print(f"fastdeploy_pd_fix: engine module not patched, bootstrap error: {error!r}", file=sys.stderr)
+
+
 def _configure_logging() -> None:
-    """Our decisions go to stderr, which FastDeploy redirects into launch_cache_messager_{rank}.log."""
+    """Our decisions go to stderr, which FastDeploy redirects into launch_cache_messager_{rank}.log (the engine
+    process: wherever its stderr goes)."""
     import logging
 
     logger = logging.getLogger("fastdeploy_pd_fix")
@@ -99,20 +112,21 @@ class PatchingLoader:
 
 
 class PatchAfterImport:
-    """A ``sys.meta_path`` finder that calls ``callback(module)`` once module ``name`` has been executed.
+    """A ``sys.meta_path`` finder that calls ``callbacks[name](module)`` once a module named in ``callbacks`` has
+    been executed.
 
-    For every other name it returns None at once (one string comparison per import). For ``name`` it asks the
+    For every other name it returns None at once (one dict look-up per import). For a hooked name it asks the
     finders after it for the spec, as the import system would, and wraps the spec's loader in a
     :class:`PatchingLoader`; a loader without ``exec_module`` (legacy) is left alone, so the module is imported as
     usual, unpatched."""
 
-    def __init__(self, name: str, callback):
-        self.name = name
-        self.callback = callback
-        self._finding = set()  # threads inside find_spec for name
+    def __init__(self, callbacks):
+        self.callbacks = dict(callbacks)
+        self._finding = set()  # threads inside find_spec for a hooked name
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        callback = self.callbacks.get(fullname)
+        if callback is None:
             return None
         thread = _thread.get_ident()
         if thread in self._finding:  # a finder after us called importlib.util.find_spec, which came back here
@@ -129,7 +143,7 @@ class PatchAfterImport:
         finally:
             self._finding.discard(thread)
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = PatchingLoader(spec.loader, self.callback)
+            spec.loader = PatchingLoader(spec.loader, callback)
         return spec
 
 
@@ -168,11 +182,14 @@ def install() -> None:
         builtins.__build_class__ = _build_class_and_patch
         state["script_hook"] = True
     if findable("fastdeploy"):
-        sys.meta_path.insert(0, PatchAfterImport(TARGET_MODULE, _patch_imported_module))
+        callbacks = {TARGET_MODULE: _patch_imported_module}
+        callbacks.update(dict.fromkeys(ENGINE_MODULES, _patch_imported_engine_module))
+        sys.meta_path.insert(0, PatchAfterImport(callbacks))
         state["import_hook"] = True
-        module = sys.modules.get(TARGET_MODULE)
-        if module is not None:  # imported before us (not at start-up; install() called again by hand)
-            _patch_imported_module(module)
+        for name, callback in callbacks.items():
+            module = sys.modules.get(name)
+            if module is not None:  # imported before us (not at start-up; install() called again by hand)
+                callback(module)
 
 
 def safe_install() -> None:

@@ -18,6 +18,7 @@ ENV_SWITCH = "FD_PD_FIX"
 ENV_MODE = "FD_PD_FIX_MODE"
 ENV_WATCHDOG = "FD_PD_FIX_WATCHDOG_S"
 ENV_INJECT = "FD_PD_FIX_INJECT"
+ENV_ENGINE_NOTICES = "FD_PD_FIX_ENGINE_NOTICES"
 
 # Plugin modes: the two release policies of core/release.py, and observe (FastDeploy's own release, watched).
 ORDERED = "ordered"
@@ -26,7 +27,10 @@ OBSERVE = "observe"
 PLUGIN_MODES = (ORDERED, UPSTREAM, OBSERVE)
 DEFAULT_MODE = ORDERED
 
-INJECTION_STAGES = ("registration", "signal")
+#: ``registration``: before ``cache_info_barrier`` (every rank waits there as long: symmetric);
+#: ``registration_after_barrier``: after it, on the named rank only; ``signal``: before a layer-0 signal is handled.
+#: Where each delay lands: :mod:`fastdeploy_pd_fix.plugin.inject`.
+INJECTION_STAGES = ("registration", "registration_after_barrier", "signal")
 MAX_INJECTED_DELAY_MS = 3_600_000
 
 #: Delay ``stage`` (one of :data:`INJECTION_STAGES`) on tensor-parallel rank ``rank`` by ``delay_s`` per event.
@@ -74,6 +78,26 @@ def selected_mode(environ=os.environ):
     return DEFAULT_MODE, f"{ENV_MODE}={value!r} is not one of {', '.join(PLUGIN_MODES)}; using {DEFAULT_MODE}"
 
 
+def engine_notices(environ=os.environ):
+    """``(on, warning)``: whether the engine-side patch puts slot-lifecycle notices into the cache-info stream.
+
+    On only when the plugin is on, the mode is ``ordered`` (the only policy that reads them) and
+    ``FD_PD_FIX_ENGINE_NOTICES`` is not off (same spellings as ``FD_PD_FIX``; an unknown value keeps it on, with a
+    warning). Off, the messager side still runs ordered mode on the two streams alone (its documented limits)."""
+    if switched_off(environ) or selected_mode(environ)[0] != ORDERED:
+        return False, None
+    raw = environ.get(ENV_ENGINE_NOTICES)
+    value = (raw or "").strip().lower()
+    if value in SWITCH_OFF_VALUES:
+        return False, None
+    if value in SWITCH_ON_VALUES:
+        return True, None
+    return (
+        True,
+        f"{ENV_ENGINE_NOTICES}={raw!r} is not understood (off: {'/'.join(SWITCH_OFF_VALUES)}); notices stay on",
+    )
+
+
 def watchdog_setting(environ=os.environ):
     """``(seconds or None, warning)`` from ``FD_PD_FIX_WATCHDOG_S``.
 
@@ -103,7 +127,11 @@ def watchdog_deadline(environ=os.environ):
 
 
 def parse_injection(value: str):
-    """Parse ``registration:rank=1:delay_ms=500,signal:rank=0:delay_ms=20``: ``(injections, problems)``."""
+    """Parse ``registration_after_barrier:rank=1:delay_ms=500,signal:rank=0:delay_ms=20``: ``(injections, problems)``.
+
+    Items are ``<stage>:rank=<R>:delay_ms=<D>`` separated by commas, ``stage`` one of :data:`INJECTION_STAGES`
+    (``registration``: the read delayed before ``cache_info_barrier``, symmetric; ``registration_after_barrier``: the
+    store delayed after it, on rank ``R`` only; ``signal``: the handling of each layer-0 signal, in every mode)."""
     injections, problems = [], []
     for item in filter(None, (part.strip() for part in value.split(","))):
         stage, *fields = item.split(":")

@@ -6,6 +6,8 @@ One copy of every rule that touches FastDeploy's objects, shared by the plugin (
 * :meth:`MessagerStep.handle_buffer`: parse one kv signal buffer, record each task's progress in
   ``engine_cache_tasks`` under ``engine_cache_task_thread_lock`` (as upstream does), hand layer-0 tasks to the
   release policy and put what it releases into ``cache_prefilled_engine_ids_queue``.
+* :meth:`MessagerStep.handle_notice`: hand an engine notice (:mod:`.notice`), taken out of a ``get_cache_info``
+  result by :func:`strip_notices` before the registration loop sees it, to the release policy.
 * :meth:`MessagerStep.handle_registration`: turn a task just stored in ``idx_cache_task_dict`` into a
   :class:`~.release.Registration` and release what became ready. :class:`BoundTaskDict` replaces the messager's
   ``idx_cache_task_dict``: it reports every store, and shows the send thread, for each slot of the batch it took,
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 from typing import Callable, Dict, Optional
 
 from .kv_signal import parse_kv_signal
+from .notice import Notice, split_notices
 from .release import Registration, Released, ReleasePolicy, make_release
 
 #: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
@@ -210,6 +213,7 @@ class MessagerStep:
         self.registered = RegisteredNeeds(messager)
         self.before_layer0 = before_layer0
         self.after_release = after_release
+        self.early_layer0_signals = 0
 
     def handle_buffer(self, values) -> bool:
         """Handle one kv signal buffer (as numpy); False when it held no signal and no problem (back off then).
@@ -231,6 +235,7 @@ class MessagerStep:
                 engine_cache_tasks[slot]["prefilled_layer_idx"] = signal.layer
                 engine_cache_tasks[slot]["prefilled_token_num"] = prefilled_token_num
         if signal.layer == 0 and signal.tasks:
+            self._count_early(signal.tasks)
             if self.before_layer0 is not None:
                 self.before_layer0()
             with self.lock:
@@ -241,11 +246,31 @@ class MessagerStep:
                 self.publish(released, "kv signal")
         return True
 
+    def _count_early(self, tasks) -> None:
+        """Log each layer-0 task whose slot has no registration yet: the race this fix is about, seen on this rank
+        (the GPU e2e test counts these lines to prove the race happened)."""
+        for slot, chunk_offset, end in tasks:
+            if slot not in self.messager.idx_cache_task_dict:
+                self.early_layer0_signals += 1
+                self.logger.info(
+                    f"{self.log_prefix}early layer-0 signal #{self.early_layer0_signals}: slot {slot} chunk "
+                    f"[{chunk_offset}, {end}) arrived before its registration"
+                )
+
+    def handle_notice(self, notice: Notice) -> None:
+        """Hand one engine notice to the policy and release what became ready; never raises."""
+        self.logger.info(f"{self.log_prefix}engine notice: {notice.describe()}")
+        try:
+            with self.lock:
+                self.publish(self.policy.add_notice(notice, self.registered), "notice")
+        except Exception:
+            self.logger.exception(f"{self.log_prefix}failed to handle {notice.describe()}")
+
     def attach(self) -> None:
         """Watch the messager's registrations and batch queue (idempotent): ``idx_cache_task_dict`` becomes a
         :class:`BoundTaskDict` (tasks already in it are handled as registrations, in their order),
-        ``engine_cache_tasks`` a :class:`BoundProgressList`, and the queue's ``get`` tells which batch the send
-        thread holds."""
+        ``engine_cache_tasks`` a :class:`BoundProgressList`, the queue's ``get`` tells which batch the send
+        thread holds, and engine notices are taken out of ``get_cache_info`` results (:func:`strip_notices`)."""
         with self.lock:
             if isinstance(self.messager.idx_cache_task_dict, BoundTaskDict):
                 return
@@ -261,6 +286,7 @@ class MessagerStep:
                 return batch
 
             batch_queue.get = get
+            strip_notices(self.messager, self.handle_notice, self.logger, self.log_prefix)
         for slot, task in existing.items():
             self.handle_registration(slot, task)
 
@@ -322,6 +348,29 @@ class MessagerStep:
             self.messager.cache_prefilled_engine_ids_queue.put(queued)
         if self.after_release is not None:
             self.after_release(released)
+
+
+def strip_notices(messager, handle: Callable[[Notice], None], logger, log_prefix: str) -> None:
+    """Wrap the messager's ``engine_worker_queue.get_cache_info`` so that engine notices are handed to ``handle``, in
+    stream order, and never reach the registration loop (a read of notices only is an empty read: every rank reads
+    the same batch, so every rank skips the same barriers). A messager without that queue is left as it is."""
+    queue_client = getattr(messager, "engine_worker_queue", None)
+    get_cache_info = getattr(queue_client, "get_cache_info", None)
+    if get_cache_info is None:
+        return
+
+    def get_cache_info_without_notices(*args, **kwargs):
+        items = get_cache_info(*args, **kwargs)
+        if not items or not isinstance(items, list):
+            return items
+        others, notices, problems = split_notices(items)
+        for problem in problems:
+            logger.error(f"{log_prefix}{problem}")
+        for notice in notices:
+            handle(notice)
+        return others
+
+    queue_client.get_cache_info = get_cache_info_without_notices
 
 
 def make_step(messager, mode: str, logger, log_prefix: str, **hooks) -> MessagerStep:

@@ -1,16 +1,16 @@
 """Release logic: which layer-0 kv signals become transfer batches, and when.
 
 This is the functional core. It has no threads, locks, sleeps, paddle or I/O: the cache messager's two prefill
-threads feed it the two streams they see (layer-0 kv signals and completed registrations) and put the batches it
-returns into ``cache_prefilled_engine_ids_queue`` (see :mod:`.messager_step`). Tests and the interleaving explorer
-drive the very same objects.
+threads feed it the two streams they see (layer-0 kv signals; completed registrations and engine notices) and put
+the batches it returns into ``cache_prefilled_engine_ids_queue`` (see :mod:`.messager_step`). Tests and the
+interleaving explorer drive the very same objects.
 
 The two streams are identical on every tensor-parallel rank; only their interleaving differs from rank to rank.
 Every batch costs one ``begin_send_cache_barrier`` round and every finished request one ``finish_send_cache_barrier``
 round, so ranks must release the same sequence of batches or they block each other forever.
 
-Two policies implement :class:`ReleasePolicy` (``add_signal`` / ``add_registration``, both returning a
-:class:`Released`):
+Two policies implement :class:`ReleasePolicy` (``add_signal`` / ``add_registration`` / ``add_notice``, each
+returning a :class:`Released`):
 
 ``ordered`` (:class:`OrderedRelease`, the default)
     The batch sequence is a function of the two streams alone, never of their timing, and every task is bound by
@@ -20,9 +20,10 @@ Two policies implement :class:`ReleasePolicy` (``add_signal`` / ``add_registrati
     1. Log order. Layer-0 signals are kept in arrival order and released strictly in that order, one batch per
        signal (the engine's own granularity, so no extra barrier rounds). A signal whose tasks are all dropped
        releases no batch.
-    2. Occupancy. Each slot has a list of occupants, in the order of their first registration. A request id is
-       counted once for its whole life: a later registration of it (a repeated D-part, also one arriving late,
-       after the request was aborted and its slot reused) is ignored and reported in :attr:`Released.ignored`.
+    2. Occupancy. Each slot has a list of occupants, in the order of their first registration or notice (rule 8).
+       A request id is counted once for its whole life: a later registration of it (a repeated D-part, also one
+       arriving late, after the request was aborted and its slot reused) is ignored and reported in
+       :attr:`Released.ignored`.
        Closed ids are remembered in a bounded FIFO (:data:`CLOSED_IDS_KEPT`), far longer than repeats can lag.
     3. Binding by content. The oldest signal's next task ``(slot, chunk_offset, prefilled_token_num)`` binds to
        the slot's first open occupant if it continues it (``chunk_offset`` equals the end of the occupant's last
@@ -41,12 +42,20 @@ Two policies implement :class:`ReleasePolicy` (``add_signal`` / ``add_registrati
        not whatever ``idx_cache_task_dict`` holds for the slot when it sends, which may already be the slot's
        next request.
 
-    Every decision depends only on the tasks and registrations seen so far and on their order within each stream,
-    so every rank decides alike. What the two streams cannot tell apart, and where this policy then errs, alike on
-    every rank: a request aborted before its first chunk whose slot's next request starts with the same chunk; a
-    next request whose prefix-cached first chunk starts exactly where an aborted request stopped; a request
-    computed without registering (its task waits for its slot's next registration and is bound to it); and an
-    aborted request whose first registration arrives only after its slot's next request registered.
+    8. Engine notices (:mod:`.notice`, read from the cache-info stream, so at the same stream position on every
+       rank). ``abort`` ends a request's run at its ``emitted_end``: its tasks bind only up to there, and a task
+       beyond it is a later request's. An abort of a request not registered yet makes it a *dead* occupant, and
+       ``orphan`` an occupant computed without transfer: their tasks are dropped (they need no transfer) and a
+       later registration of them is ignored (rule 2). The engine fences each abort (rule 9, in the engine-side
+       patch): the slot's next request computes only after every rank has handled the abort.
+
+    Every decision depends only on the tasks, registrations and notices seen so far and on their order within each
+    stream, so every rank decides alike. Without notices (the engine-side patch absent or standing aside), what the
+    two streams cannot tell apart, and where this policy then errs, alike on every rank: a request aborted before its
+    first chunk whose slot's next request starts with the same chunk; a next request whose prefix-cached first
+    chunk starts exactly where an aborted request stopped; a request computed without registering (its task waits
+    for its slot's next registration and is bound to it); and an aborted request whose first registration arrives
+    only after its slot's next request registered.
 
 ``upstream`` (:class:`UpstreamRelease`)
     The semantics of upstream PR #8034, kept for parity and A/B comparison: every layer-0 task goes through a
@@ -61,6 +70,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+from .notice import FENCE, ORPHAN, Notice
 
 #: One transfer task as put into ``cache_prefilled_engine_ids_queue``: ``(engine slot, prefilled_token_num)``.
 Task = Tuple[int, int]
@@ -169,6 +180,9 @@ class ReleasePolicy(Protocol):
     def add_registration(self, registration: Registration, registered: Mapping[int, int]) -> Released:
         """Take one completed registration and return what became ready."""
 
+    def add_notice(self, notice: Notice, registered: Mapping[int, int]) -> Released:
+        """Take one engine notice (:mod:`.notice`) from the cache-info stream and return what became ready."""
+
     def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
         """Tasks received and neither released nor dropped, oldest signal first."""
 
@@ -180,24 +194,43 @@ class ReleasePolicy(Protocol):
 
 
 class _Occupant:
-    """One registered request on one slot, as far as the two streams tell (rules 2-4)."""
+    """One request on one slot, as far as the cache-info stream tells (rules 2-4, 8): registered, or announced by the
+    engine as aborted before it registered (*dead*) or as computed without transfer (*orphan*)."""
 
-    __slots__ = ("registration", "last_end", "abandoned")
+    __slots__ = ("request_id", "registration", "need", "orphan", "aborted", "emitted_end", "last_end", "abandoned")
 
-    def __init__(self, registration: Registration):
+    def __init__(self, request_id: str, registration: Optional[Registration] = None, need: Optional[int] = None):
+        self.request_id = request_id
         self.registration = registration
+        self.need = need if registration is None else registration.need_prefill_tokens  # None: dead, need unknown
+        self.orphan = False
+        self.aborted = False
+        self.emitted_end: Optional[int] = None  # aborted: end of the last chunk the engine emitted (None: none)
         self.last_end: Optional[int] = None  # end of the last chunk bound to it; None: not started
         self.abandoned = False
 
     @property
+    def run_end(self) -> Optional[int]:
+        """Where its chunks end at the latest: its need, or what it emitted before its abort (None: nothing)."""
+        return self.emitted_end if self.aborted else self.need
+
+    @property
     def closed(self) -> bool:
-        return self.abandoned or self.last_end == self.registration.need_prefill_tokens
+        return self.abandoned or (self.aborted and self.emitted_end is None) or self.last_end == self.run_end
+
+    def describe(self) -> str:
+        if self.orphan:
+            return f"orphan {self.request_id}"
+        if self.registration is None:
+            return f"request {self.request_id} aborted before registering"
+        return f"request {self.request_id}"
 
     def __getstate__(self):
-        return (self.registration, self.last_end, self.abandoned)
+        return tuple(getattr(self, name) for name in self.__slots__)
 
     def __setstate__(self, state):
-        self.registration, self.last_end, self.abandoned = state
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
 
 
 class OrderedRelease:
@@ -231,15 +264,60 @@ class OrderedRelease:
         """Record one completed registration (rule 2) and release whatever became ready."""
         request_id = registration.request_id
         if request_id in self._open_ids or request_id in self._closed_ids:
-            state = "still open" if request_id in self._open_ids else "already closed"
+            occupant = self._open_occupant(request_id)
+            if occupant is not None and occupant.registration is None:
+                state = "announced as " + ("an orphan" if occupant.orphan else "aborted before registering")
+            else:
+                state = "still open" if occupant is not None else "already closed"
             reason = (
                 f"registration for slot {registration.slot} ignored: request {request_id} was counted before and is "
-                f"{state} (a repeated cache-info part)"
+                f"{state} (a repeated or late cache-info part)"
             )
             return Released(ignored=[reason])
-        self._open_ids[request_id] = registration.slot
-        self._occupants.setdefault(registration.slot, []).append(_Occupant(registration))
+        self._open(registration.slot, _Occupant(request_id, registration))
         return self._release_ready_batches()
+
+    def add_notice(self, notice: Notice, registered: Optional[Mapping[int, int]] = None) -> Released:
+        """Take one engine notice from the cache-info stream (rule 8) and release whatever became ready.
+
+        ``abort``: the request's run ends at its ``emitted_end``; a request not registered yet becomes a dead
+        occupant, whose tasks are dropped and whose registration is ignored. ``orphan``: an occupant whose tasks are
+        dropped. ``fence``: nothing (it only makes the engine wait until every rank has handled the abort)."""
+        if notice.kind == FENCE:
+            return Released()
+        request_id, slot = notice.request_id, notice.slot
+        released = Released()
+        occupant = self._open_occupant(request_id)
+        if notice.kind == ORPHAN:
+            if occupant is not None or request_id in self._closed_ids:
+                released.ignored.append(f"orphan notice for request {request_id} ignored: it was counted before")
+                return released
+            occupant = _Occupant(request_id, need=notice.value)
+            occupant.orphan = True
+            self._open(slot, occupant)
+        elif occupant is None:
+            if request_id in self._closed_ids:
+                return released  # aborted after its final chunk was released, or abandoned before: nothing left
+            occupant = _Occupant(request_id)  # dead: aborted before it registered
+            occupant.aborted, occupant.emitted_end = True, notice.value
+            self._open(slot, occupant)
+        elif not occupant.aborted:
+            occupant.aborted, occupant.emitted_end = True, notice.value
+            occupant_slot = self._open_ids[request_id]
+            if occupant_slot != slot:
+                released.ignored.append(
+                    f"abort notice for request {request_id} names slot {slot}; it occupies slot {occupant_slot}"
+                )
+            if occupant.last_end is not None and (occupant.emitted_end or 0) < occupant.last_end:
+                released.ignored.append(
+                    f"abort notice for request {request_id}: emitted_end={occupant.emitted_end} is before the "
+                    f"{occupant.last_end} tokens already bound to it"
+                )
+                occupant.emitted_end = occupant.last_end
+        if occupant.closed:
+            self._close(self._open_ids[request_id], occupant)
+        released.extend(self._release_ready_batches())
+        return released
 
     def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
         """Signals not yet released, oldest first, each with all its tasks (bound or not) in engine order."""
@@ -253,10 +331,20 @@ class OrderedRelease:
 
     def open_registrations(self) -> Dict[int, List[str]]:
         return {
-            slot: [occupant.registration.request_id for occupant in occupants]
+            slot: [occupant.request_id for occupant in occupants]
             for slot, occupants in self._occupants.items()
             if occupants
         }
+
+    def _open_occupant(self, request_id: str) -> Optional[_Occupant]:
+        slot = self._open_ids.get(request_id)
+        if slot is None:
+            return None
+        return next(occupant for occupant in self._occupants[slot] if occupant.request_id == request_id)
+
+    def _open(self, slot: int, occupant: _Occupant) -> None:
+        self._open_ids[occupant.request_id] = slot
+        self._occupants.setdefault(slot, []).append(occupant)
 
     def _release_ready_batches(self) -> Released:
         released = Released()
@@ -265,7 +353,7 @@ class OrderedRelease:
             while head:
                 registration = self._bind(head[0], released)
                 if registration is None:
-                    return released  # rule 5: the oldest signal waits for a registration of its slot
+                    return released  # rule 5: the oldest signal waits for an occupant of its slot
                 task = head.pop(0)
                 if registration is not _DROPPED:
                     self._bound_head.append((task, registration))
@@ -279,40 +367,51 @@ class OrderedRelease:
         return released
 
     def _bind(self, task: SignalTask, released: Released):
-        """The registration ``task`` is bound to (rules 3, 4), ``_DROPPED`` (rule 6), or None to wait (rule 5)."""
+        """The registration ``task`` is bound to (rules 3, 4), ``_DROPPED`` (rules 5, 6), or None to wait (rule 5)."""
         slot, chunk_offset, end = task
         occupants = self._occupants.get(slot, [])
         while occupants:
             occupant = occupants[0]
-            registration = occupant.registration
             started = occupant.last_end is not None
             continues = not started or chunk_offset == occupant.last_end
-            if continues and end <= registration.need_prefill_tokens:
+            run_end = occupant.run_end
+            if continues and run_end is not None and end <= run_end:
                 occupant.last_end = end  # rule 3
                 if occupant.closed:
-                    self._close(occupants)
-                return registration
+                    self._close(slot, occupant)
+                if occupant.registration is None:  # rule 5: an orphan's or a dead request's chunk needs no transfer
+                    released.drops.append(
+                        Drop(slot, end, f"chunk [{chunk_offset}, {end}) belongs to {occupant.describe()}")
+                    )
+                    return _DROPPED
+                return occupant.registration
+            if occupant.aborted:
+                # Rule 4: the engine said where it stopped; this chunk is beyond it, so it is a later request's.
+                released.ignored.append(
+                    f"{occupant.describe()} on slot {slot} closed at {occupant.last_end} of emitted_end="
+                    f"{occupant.emitted_end}: chunk [{chunk_offset}, {end}) is a later request's"
+                )
+                self._close(slot, occupant)
+                continue
             if not started:
                 reason = (
-                    f"chunk [{chunk_offset}, {end}) does not fit request {registration.request_id}, which needs "
-                    f"{registration.need_prefill_tokens} tokens"
+                    f"chunk [{chunk_offset}, {end}) does not fit {occupant.describe()}, which needs {run_end} tokens"
                 )
                 released.drops.append(Drop(slot, end, reason))  # rule 6
                 return _DROPPED
-            occupant.abandoned = True  # rule 4: aborted, its slot given to a later request
+            occupant.abandoned = True  # rule 4: aborted unannounced, its slot given to a later request
             released.ignored.append(
-                f"request {registration.request_id} on slot {slot} abandoned after {occupant.last_end} of "
-                f"{registration.need_prefill_tokens} tokens: chunk [{chunk_offset}, {end}) does not continue it "
-                "(aborted, its slot reused)"
+                f"{occupant.describe()} on slot {slot} abandoned after {occupant.last_end} of {run_end} tokens: chunk "
+                f"[{chunk_offset}, {end}) does not continue it (aborted, its slot reused)"
             )
-            self._close(occupants)
+            self._close(slot, occupant)
         return None
 
-    def _close(self, occupants: List[_Occupant]) -> None:
-        """Remove the slot's first occupant and remember its id (rule 2), forgetting the oldest beyond the bound."""
-        request_id = occupants.pop(0).registration.request_id
-        del self._open_ids[request_id]
-        self._closed_ids[request_id] = None
+    def _close(self, slot: int, occupant: _Occupant) -> None:
+        """Remove an open occupant and remember its id (rule 2), forgetting the oldest beyond the bound."""
+        self._occupants[slot].remove(occupant)
+        del self._open_ids[occupant.request_id]
+        self._closed_ids[occupant.request_id] = None
         if len(self._closed_ids) > CLOSED_IDS_KEPT:
             del self._closed_ids[next(iter(self._closed_ids))]
 
@@ -346,6 +445,9 @@ class UpstreamRelease:
 
     def add_registration(self, registration: Registration, registered: Mapping[int, int]) -> Released:
         return self._recover(registration.slot, registration.need_prefill_tokens)
+
+    def add_notice(self, notice: Notice, registered: Mapping[int, int]) -> Released:
+        return Released()  # #8034 knows no notices
 
     def waiting_signals(self) -> List[Tuple[SignalTask, ...]]:
         return [((slot, chunk_offset, end),) for slot, (chunk_offset, end) in self._pending.items()]

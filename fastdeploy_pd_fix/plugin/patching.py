@@ -11,6 +11,9 @@ FastDeploy runs the file as a script (one process per tensor-parallel rank), of
 not recognised, and otherwise replaces the two methods by the factories of :mod:`.runtime`. What it did is kept in
 one frozen :class:`PatchState` on the class (the originals stay reachable there and as ``__wrapped__``).
 
+The last three entries are the engine side (``ResourceManagerV1``, ``SplitwiseConnector``, in FastDeploy's engine
+process): :mod:`.engine` applies them, with the same kind of checks, decision record and switch-off.
+
 Switches (read by :mod:`fastdeploy_pd_fix.config`): ``FD_PD_FIX=0`` (or false/off/no) turns everything off (the
 start-up hook installs nothing and nothing is patched). ``FD_PD_FIX_MODE`` selects what the patched methods do:
 ``ordered`` (default) the rank-invariant release; ``upstream`` reproduces #8034 for A/B runs; ``observe`` keeps the
@@ -30,7 +33,7 @@ from typing import Callable, List, Mapping, Optional
 from fastdeploy_pd_fix import __version__, config
 from fastdeploy_pd_fix.analysis import TargetAnalysis, analyse_class, unrecognised
 from fastdeploy_pd_fix.plugin import runtime
-from fastdeploy_pd_fix.target import PATCHED_METHODS, TARGET_CLASS
+from fastdeploy_pd_fix.target import CONNECTOR_CLASS, PATCHED_METHODS, RESOURCE_MANAGER_CLASS, TARGET_CLASS
 
 logger = logging.getLogger("fastdeploy_pd_fix")
 
@@ -51,6 +54,13 @@ class PatchInfo:
 
 
 REMOVE_WHEN = "the running FastDeploy carries the rank-invariant release (make-patch)"
+#: The engine-side entries (fastdeploy_pd_fix/plugin/engine.py): patched in the engine process, prefill role only.
+ENGINE_REMOVE_WHEN = "the running FastDeploy announces aborted and transfer-less slot occupancies itself"
+ENGINE_DETAILS = (
+    "only when FD_PD_FIX is on, FD_PD_FIX_MODE is ordered and FD_PD_FIX_ENGINE_NOTICES is not off; puts nothing on "
+    "other roles (nobody may read the mailbox there); any error in the plugin's part is logged once and the "
+    "original runs without a notice, which leaves the messagers on their two-stream rules"
+)
 
 MANIFEST = (
     PatchInfo(
@@ -93,6 +103,46 @@ MANIFEST = (
         ),
         upstream="#7724 changed its engine-facing calls; every variant's calls are kept as they are",
         remove_when=REMOVE_WHEN,
+    ),
+    PatchInfo(
+        target=f"{RESOURCE_MANAGER_CLASS}.recycle_abort_task",
+        how="wrapped: puts ABORT(slot, request, emitted_end) and then FENCE into the cache-info mailbox, then runs",
+        why=(
+            "an aborted request's slot is given to the next request, and the messagers cannot tell from their two "
+            "streams which of the slot's layer-0 signals belong to which request (an abort before the first chunk "
+            "looks like the next request). The fence makes the next occupant's admission put return only after "
+            "every rank has handled the abort (release rules R8, R9)."
+        ),
+        details=(
+            "emitted_end is the request's prefill_end_index (end of its last scheduled chunk; None when it is 0); "
+            "no notice for a request the original will not free (not in requests or to_be_aborted_req_id_set). "
+            + ENGINE_DETAILS
+        ),
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
+    ),
+    PatchInfo(
+        target=f"{RESOURCE_MANAGER_CLASS}.add_request_in_p",
+        how="wrapped: puts ORPHAN(slot, request, len(prompt_token_ids)) for each request without a P-part, then runs",
+        why=(
+            "a request without disaggregate_info is computed on its slot without a transfer and without a "
+            "registration; its layer-0 signals must not be bound to the slot's other requests."
+        ),
+        details="one batch for all orphans of the call, put before the original appends them to running. "
+        + ENGINE_DETAILS,
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
+    ),
+    PatchInfo(
+        target=f"{CONNECTOR_CLASS}.__init__",
+        how="wrapped: records the connector's engine_worker_queue for its resource_manager, after the original",
+        why="the resource manager has no reference to the cache-info mailbox; the connector is built with both.",
+        details=(
+            "the mailbox goes onto the resource manager instance as _fd_pd_fix_mailbox; a resource manager built "
+            "with no connector uses the process's only mailbox, and none when there are several"
+        ),
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
     ),
 )
 

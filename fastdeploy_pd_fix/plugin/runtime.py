@@ -11,13 +11,13 @@ Thin adapters: every rule that touches FastDeploy's objects is in :mod:`fastdepl
   :class:`~fastdeploy_pd_fix.core.messager_step.BoundTaskDict` (every store reported, the send thread shown its
   batch's own tasks);
 * adds queue observation, the watchdog and fault injection (:mod:`.observe`, :mod:`.inject`), also in observe
-  mode, where the running release's own methods run.
+  mode, where the running release's own methods run; engine notices are taken out of the cache-info stream in
+  every mode (handed to the policy, or logged and ignored in observe mode).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import sys
 import threading
@@ -25,12 +25,12 @@ import time
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, consume_signals_forever, make_step
+from fastdeploy_pd_fix.core.messager_step import BatchJournal, consume_signals_forever, make_step, strip_notices
 from fastdeploy_pd_fix.core.release import RELEASE_MODES
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.inject import apply_injections
+from fastdeploy_pd_fix.plugin.inject import apply_injections, kv_signal_op_namespace
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
-from fastdeploy_pd_fix.target import KV_SIGNAL_OP, USED_ATTRIBUTES
+from fastdeploy_pd_fix.target import USED_ATTRIBUTES
 
 #: The per-instance attribute holding the messager's :class:`MessagerRuntime` (None: stood aside).
 RUNTIME_ATTRIBUTE = "_fd_pd_fix_runtime"
@@ -75,8 +75,17 @@ class MessagerRuntime:
             # idx_cache_task_dict becomes the step's BoundTaskDict, and the queue's get, already wrapped by the
             # observer, is wrapped once more to tell the step which batch the send thread holds (release rule 7).
             self.step.attach()
+        else:
+            # Observe mode: the running release's own loop must never see an engine notice either.
+            strip_notices(messager, self.ignore_notice, logger, LOG_PREFIX)
         if self.watchdog:
             self.watchdog.start()
+
+    def ignore_notice(self, notice) -> None:
+        self.logger.warning(
+            f"{LOG_PREFIX}engine notice ignored in {self.mode} mode (notices are for ordered mode): "
+            f"{notice.describe()}"
+        )
 
     def note_release(self, released) -> None:
         """After every release step: tell the watchdog whether the oldest signal moved and whether one waits."""
@@ -107,13 +116,6 @@ class MessagerRuntime:
         consume_signals_forever(self.step, read_signal, sleep=time.sleep)
 
 
-def resolve_op(original_consume_signals, analysis):
-    """The kv-signal op as the original ``consume_signals`` reaches it: a local import, or its module's global."""
-    if analysis.op_import_module:
-        return getattr(importlib.import_module(analysis.op_import_module), KV_SIGNAL_OP)
-    return original_consume_signals.__globals__[KV_SIGNAL_OP]
-
-
 def activate(messager, state):
     """Create the messager's :class:`MessagerRuntime` once, or return None to stand aside for this instance.
 
@@ -131,7 +133,7 @@ def activate(messager, state):
             if type(messager.idx_cache_task_dict) is not dict:
                 raise TypeError(f"idx_cache_task_dict is a {type(messager.idx_cache_task_dict).__name__}")
             op_arguments = tuple(argument.evaluate(messager) for argument in state.analysis.op_arguments)
-            op = resolve_op(state.originals["consume_signals"], state.analysis)
+            op = kv_signal_op_namespace(state)[0]()
             runtime = MessagerRuntime(messager, state.mode, op, op_arguments, logger)
             # The decision line again, now into the messager's own log (the first one went to its stderr).
             # rank and nranks let `diagnose` group the ranks of one DP group (rank_id = rank + dp * nranks).

@@ -1,12 +1,13 @@
-"""``fastdeploy-pd-fix status``: what the plugin does in this environment (bootstrap, switches, FastDeploy, target,
-manifest)."""
+"""``fastdeploy-pd-fix status``: what the plugin does in this environment (bootstrap, switches, engine notices,
+FastDeploy, target, manifest)."""
 
 from __future__ import annotations
 
 from fastdeploy_pd_fix import __version__, _bootstrap, config
 from fastdeploy_pd_fix.analysis import analyse_class
+from fastdeploy_pd_fix.plugin.engine import notices_off_reason
 from fastdeploy_pd_fix.plugin.patching import MANIFEST, RECORDS, fastdeploy_version
-from fastdeploy_pd_fix.target import TARGET_CLASS
+from fastdeploy_pd_fix.target import CONNECTOR_CLASS, RESOURCE_MANAGER_CLASS, TARGET_CLASS
 
 
 def bootstrap_line(state) -> str:
@@ -20,6 +21,17 @@ def bootstrap_line(state) -> str:
         return f"installed, switched off by {config.ENV_SWITCH}={config.switch_value()}: nothing is patched"
     hooks = "import hook on" if state["import_hook"] else "no import hook (fastdeploy not importable at start-up)"
     return f"active ({hooks}; the cache messager script is patched as its class is built)"
+
+
+def engine_line() -> str:
+    """One line on the engine-side patch: whether the engine process will put slot-lifecycle notices."""
+    off = notices_off_reason()
+    if off:
+        return f"notices off ({off}): the messagers use their two-stream rules"
+    return (
+        f"notices on: {RESOURCE_MANAGER_CLASS} and {CONNECTOR_CLASS} are patched as the engine process imports them "
+        "(prefill role only; its log has one decision line for each)"
+    )
 
 
 def warned(warning) -> str:
@@ -40,6 +52,7 @@ def print_status() -> int:
     print(f"mode:        {mode}{unused}" + warned(mode_warning))
     watchdog = f"{deadline:g} s" if deadline else "off"
     print(f"watchdog:    {watchdog}{unused if deadline else ''}" + warned(deadline_warning))
+    print(f"engine:      {engine_line()}" + warned(config.engine_notices()[1]))
     for problem in config.injections()[1]:
         print(f"injection:   {problem}")
     if on:

@@ -1,11 +1,15 @@
 """Stand-in scenarios of the engine's slot lifecycle (docs/protocol.md, "The engine's slot lifecycle").
 
 Each scenario is a plain dict like those of :mod:`fastdeploy_pd_fix.standin.scenarios`, with ``aborted`` (requests
-the engine aborts: their slot goes to the next request at once, unannounced) and ``owners`` (the request each
-signal task belongs to, which the stand-in's send thread checks every batch against). ``expected`` gives, per run
-mode, ``(outcome, ground-truth violations)`` on the default stand-in variant (#7872, no #7724, three-argument op):
-``off`` is the release's own code, ``upstream`` and ``ordered`` the plugin's modes. ``decidable`` is False for the
-cases the two streams cannot decide (design doc section 4): there ``ordered`` shows the documented limit.
+the engine aborts: their slot goes to the next request at once), ``owners`` (the request each signal task belongs
+to, which the stand-in's send thread checks every batch against) and, among the registration reads, the engine
+notices the plugin's engine-side patch puts (an abort with its fence, an orphan at its admission; put only when
+that patch is on: ordered mode, ``FD_PD_FIX_ENGINE_NOTICES`` not off). Each schedule keeps the fence: the slot's
+next request's signals come after the abort's read. ``expected`` gives, per run mode, ``(outcome, ground-truth
+violations)`` on the default stand-in variant (#7872, no #7724, three-argument op): ``off`` is the release's own
+code, ``upstream`` and ``ordered`` the plugin's modes, :data:`WITHOUT_NOTICES` ordered mode with the engine-side
+notices off. ``decidable`` is False for the cases the two streams alone cannot decide (design doc section 4):
+there ``ordered`` without notices shows the documented limit, and the notices decide them.
 
 * l1: the issue's case: A aborted between chunks, its slot reused by B, C, D in turn.
 * l2: A aborted between chunks; one rank reads A's emitted chunk only after B registered on the slot.
@@ -22,12 +26,40 @@ cases the two streams cannot decide (design doc section 4): there ``ordered`` sh
 * l13 (limit): an aborted request's first D-part arrives after the slot's next request registered.
 """
 
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import NOTICE_ENTRY
+
+#: The run mode key of ordered mode with the engine-side notices switched off (``FD_PD_FIX_ENGINE_NOTICES=0``).
+WITHOUT_NOTICES = "ordered-without-notices"
+#: What that run needs in its environment beside ``config.environment_for("ordered")``.
+WITHOUT_NOTICES_ENV = {config.ENV_ENGINE_NOTICES: "0"}
+
+
+def _expected(off, upstream, ordered, without_notices=None):
+    """``expected`` per run mode: ``(outcome, ground-truth violations)``; without notices as with them unless given."""
+    outcomes = {config.OFF: off, config.UPSTREAM: upstream, config.ORDERED: ordered}
+    outcomes[WITHOUT_NOTICES] = ordered if without_notices is None else without_notices
+    return {mode: list(value) for mode, value in outcomes.items()}
+
 
 def _request(request_id, slot, need_prefill_tokens, parts=None):
     request = {"request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
     if parts is not None:
         request["parts"] = parts
     return request
+
+
+def _abort(request_id, slot, emitted_end):
+    """A read of the engine's abort notice (and its fence) for ``request_id``: ``emitted_end`` None if it emitted
+    nothing."""
+    return [{NOTICE_ENTRY: "abort", "request_id": request_id, "slot": slot, "emitted_end": emitted_end}]
+
+
+def _orphan(request_id, slot, need_prefill_tokens):
+    """A read of the engine's orphan notice: ``request_id`` is computed on ``slot`` without a transfer."""
+    return [
+        {NOTICE_ENTRY: "orphan", "request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
+    ]
 
 
 def _schedules(*schedules):
@@ -41,14 +73,15 @@ LIFECYCLE_SCENARIOS = {
         "owners": [["A"], ["B"], ["C"], ["C"], ["D"]],
         "registrations": [
             [_request("A", 3, 256)],
+            _abort("A", 3, 128),
             [_request("B", 3, 64)],
             [_request("C", 3, 128)],
             [_request("D", 3, 32)],
         ],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 sig0 drain reg1 sig1 reg2 sig2 sig3 reg3 sig4"),
+        "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1 reg3 sig2 sig3 reg4 sig4"),
         "decidable": True,
-        "expected": {"off": ["finished", 0], "upstream": ["finished", 0], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
             "every mode finishes B, C, D (#7872's own code: the issue measured this); the old ordered rules dropped "
             "B's only task and hung; now A is abandoned when B's chunk [0, 64) does not continue it"
@@ -58,11 +91,11 @@ LIFECYCLE_SCENARIOS = {
         "description": "A aborted between chunks; rank 1 reads A's emitted chunk after B registered on slot 0",
         "signals": [[[0, 0, 2]], [[0, 0, 4]]],
         "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 8)], [_request("B", 0, 4)]],
+        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 hold sig0 reg1 sig1 go", "reg0 reg1 hold sig0 sig1 go"),
+        "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
         "decidable": True,
-        "expected": {"off": ["finished", 2], "upstream": ["finished", 2], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "both ranks send A's batch after B registered: the dict read sends B's blocks for A's chunk; ordered "
             "binds A's chunk to A and the send thread reads A's task (rule 7)"
@@ -72,11 +105,11 @@ LIFECYCLE_SCENARIOS = {
         "description": "A aborted after its final chunk's signal; that batch is still queued when B registers",
         "signals": [[[0, 0, 4]], [[0, 0, 6]]],
         "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 4)], [_request("B", 0, 6)]],
+        "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 6)]],
         "aborted": ["A"],
-        "schedules": _schedules("stall reg0 sig0 reg1 sig1 go", "stall reg0 reg1 sig0 sig1 go"),
+        "schedules": _schedules("stall reg0 sig0 reg1 reg2 sig1 go", "stall reg0 reg1 reg2 sig0 sig1 go"),
         "decidable": True,
-        "expected": {"off": ["finished", 2], "upstream": ["finished", 2], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "the queued batch of A's final chunk is sent with B's task by the dict read; ordered sends it with A's "
             "own task (finishing the dead A, harmless) and B after it"
@@ -86,11 +119,11 @@ LIFECYCLE_SCENARIOS = {
         "description": "A aborted after its final chunk's signal; the send thread holds that batch when B registers",
         "signals": [[[0, 0, 4]], [[0, 0, 3]]],
         "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 4)], [_request("B", 0, 3)]],
+        "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 3)]],
         "aborted": ["A"],
-        "schedules": _schedules("hold reg0 sig0 reg1 go drain sig1"),
+        "schedules": _schedules("hold reg0 sig0 reg1 reg2 go drain sig1"),
         "decidable": True,
-        "expected": {"off": ["finished", 4], "upstream": ["finished", 4], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0)),
         "why": (
             "the dict read sends A's final chunk as B's (B needs 3 <= 4): B is reported finished with blocks B never "
             "computed, B's own chunk is never sent; ordered sends A's chunk with A's task, then B's"
@@ -100,11 +133,13 @@ LIFECYCLE_SCENARIOS = {
         "description": "limit: A registered and aborted before its first signal; B's only chunk is the same triple",
         "signals": [[[0, 0, 4]]],
         "owners": [["B"]],
-        "registrations": [[_request("A", 0, 4)], [_request("B", 0, 4)]],
+        "registrations": [[_request("A", 0, 4)], _abort("A", 0, None), [_request("B", 0, 4)]],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 reg1 sig0"),
+        "schedules": _schedules("reg0 reg1 reg2 sig0"),
         "decidable": False,
-        "expected": {"off": ["finished", 0], "upstream": ["finished", 0], "ordered": ["hang", 4]},
+        "expected": _expected(
+            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 4)
+        ),
         "why": (
             "limit: B's only chunk [0, 4) fits the unstarted A, so ordered binds it to A on every rank alike (A's "
             "blocks sent, never computed) and B never finishes; the dict read sends B's task and finishes"
@@ -114,11 +149,13 @@ LIFECYCLE_SCENARIOS = {
         "description": "limit: A aborted after [0, 2); B's prefix-cached first chunk [2, 4) continues A by content",
         "signals": [[[0, 0, 2]], [[0, 2, 2]]],
         "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 8)], [_request("B", 0, 4)]],
+        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 sig0 drain reg1 sig1"),
+        "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1"),
         "decidable": False,
-        "expected": {"off": ["finished", 0], "upstream": ["finished", 0], "ordered": ["hang", 4]},
+        "expected": _expected(
+            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 4)
+        ),
         "why": (
             "limit: B's chunk [2, 4) continues A by content, so ordered sends it as A's on every rank alike and B "
             "never finishes (no watchdog report: nothing waits); the dict read sends B's task and finishes"
@@ -128,11 +165,11 @@ LIFECYCLE_SCENARIOS = {
         "description": "prefix-cached first chunks after an abort: B [2, 6) on A's slot 0, C [3, 6) on slot 1",
         "signals": [[[0, 0, 4]], [[0, 2, 4], [1, 3, 3]]],
         "owners": [["A"], ["B", "C"]],
-        "registrations": [[_request("A", 0, 8)], [_request("B", 0, 6), _request("C", 1, 6)]],
+        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 4), [_request("B", 0, 6), _request("C", 1, 6)]],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 hold sig0 reg1 sig1 go", "reg0 reg1 hold sig0 sig1 go"),
+        "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
         "decidable": True,
-        "expected": {"off": ["finished", 2], "upstream": ["finished", 2], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "as l2 with prefix-cached first chunks: B [2, 6) does not continue A (ended at 4), so A is abandoned; "
             "#8034 semantics split the joint signal into two batches"
@@ -150,7 +187,7 @@ LIFECYCLE_SCENARIOS = {
         ],
         "schedules": _schedules("reg0 reg1 sig0 sig1 reg2 reg3 sig2", "reg0 sig0 reg1 sig1 reg2 sig2 reg3"),
         "decidable": True,
-        "expected": {"off": ["finished", 0], "upstream": ["finished", 0], "ordered": ["finished", 0]},
+        "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
             "the immediate repeat completes A again (ignored by ordered: A was counted before); the one after A "
             "finished finds nothing in cache_info and registers nothing"
@@ -160,11 +197,16 @@ LIFECYCLE_SCENARIOS = {
         "description": "A aborted; its D-part repeated late, after B registered on slot 0 (stored over B's task)",
         "signals": [[[0, 0, 4]], [[0, 0, 6]]],
         "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 8)], [_request("B", 0, 6)], [_request("A", 0, 8, "decode")]],
+        "registrations": [
+            [_request("A", 0, 8)],
+            _abort("A", 0, 4),
+            [_request("B", 0, 6)],
+            [_request("A", 0, 8, "decode")],
+        ],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1", "reg0 sig0 drain reg1 hold sig1 reg2 go"),
+        "schedules": _schedules("reg0 sig0 drain reg1 reg2 reg3 sig1", "reg0 sig0 drain reg1 reg2 hold sig1 reg3 go"),
         "decidable": True,
-        "expected": {"off": ["hang", 4], "upstream": ["hang", 4], "ordered": ["finished", 0]},
+        "expected": _expected(off=("hang", 4), upstream=("hang", 4), ordered=("finished", 0)),
         "why": (
             "the late repeat stores the aborted A's task over B's: the dict read sends B's chunk with A's task (need "
             "8), B never finishes; ordered ignores A's repeat and the send thread reads B's bound task"
@@ -174,10 +216,12 @@ LIFECYCLE_SCENARIOS = {
         "description": "limit: O computed on slot 0 without registering; B then registers on slot 0",
         "signals": [[[0, 0, 4]], [[0, 0, 4]]],
         "owners": [["O"], ["B"]],
-        "registrations": [[_request("B", 0, 4)]],
-        "schedules": _schedules("sig0 reg0 drain sig1"),
+        "registrations": [_orphan("O", 0, 4), [_request("B", 0, 4)]],
+        "schedules": _schedules("reg0 sig0 reg1 drain sig1"),
         "decidable": False,
-        "expected": {"off": ["finished", 4], "upstream": ["finished", 4], "ordered": ["finished", 4]},
+        "expected": _expected(
+            off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0), without_notices=("finished", 4)
+        ),
         "why": (
             "limit, alike in every mode (the issue's measurement): O's chunk is bound to B and sent with B's blocks "
             "before B computed them; B is reported finished"
@@ -187,10 +231,12 @@ LIFECYCLE_SCENARIOS = {
         "description": "limit: O computed on slot 0 without registering, slot 0 not reused; A on slot 1 after it",
         "signals": [[[0, 0, 4]], [[1, 0, 4]]],
         "owners": [["O"], ["A"]],
-        "registrations": [[_request("A", 1, 4)]],
-        "schedules": _schedules("sig0 reg0 sig1"),
+        "registrations": [_orphan("O", 0, 4), [_request("A", 1, 4)]],
+        "schedules": _schedules("reg0 sig0 reg1 sig1"),
         "decidable": False,
-        "expected": {"off": ["finished", 0], "upstream": ["finished", 0], "ordered": ["hang", 0]},
+        "expected": _expected(
+            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 0)
+        ),
         "why": (
             "limit: ordered keeps O's chunk at the head, waiting for a registration of slot 0, and A behind it; the "
             "watchdog reports the waiting head; the other modes send A"
@@ -203,7 +249,7 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 8, "prefill")], [_request("A", 0, 8, "decode")]],
         "schedules": _schedules("reg0 sig0 reg1 sig1", "sig0 reg0 sig1 reg1"),
         "decidable": True,
-        "expected": {"off": ["hang", 0], "upstream": ["hang", 0], "ordered": ["finished", 0]},
+        "expected": _expected(off=("hang", 0), upstream=("hang", 0), ordered=("finished", 0)),
         "why": (
             "the pending buffer keeps only A's latest chunk on the rank whose registration completes late (as s2); "
             "ordered binds both chunks in order"
@@ -215,13 +261,16 @@ LIFECYCLE_SCENARIOS = {
         "owners": [["A"], ["B"]],
         "registrations": [
             [_request("A", 0, 8, "prefill")],
+            _abort("A", 0, 2),
             [_request("B", 0, 4)],
             [_request("A", 0, 8, "decode")],
         ],
         "aborted": ["A"],
-        "schedules": _schedules("reg0 sig0 reg1 drain reg2 sig1"),
+        "schedules": _schedules("reg0 sig0 reg1 reg2 drain reg3 sig1"),
         "decidable": False,
-        "expected": {"off": ["hang", 8], "upstream": ["hang", 8], "ordered": ["hang", 8]},
+        "expected": _expected(
+            off=("hang", 8), upstream=("hang", 8), ordered=("finished", 0), without_notices=("hang", 8)
+        ),
         "why": (
             "limit, alike in every mode: A's chunk is sent with B's task, then B's chunk with A's (A registered after"
             " B); B never finishes"

@@ -18,7 +18,14 @@ s0-s3 are the race scenarios; l1-l13 the slot-lifecycle ones (:mod:`fastdeploy_p
 
 import copy
 
-from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import CONTROLS, PARTS, RELEASES, parse_event
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import (
+    CONTROLS,
+    NOTICE_ENTRY,
+    PARTS,
+    RELEASES,
+    is_notice_entry,
+    parse_event,
+)
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 
 __all__ = ["RELEASES", "SCENARIOS", "parse_event", "resolve_scenario", "validate_scenario"]
@@ -78,6 +85,13 @@ SCENARIOS = {
 SCENARIOS.update(LIFECYCLE_SCENARIOS)
 
 
+#: The keys of a notice entry, per kind.
+NOTICE_ENTRY_KEYS = {
+    "abort": {NOTICE_ENTRY, "request_id", "slot", "emitted_end"},
+    "orphan": {NOTICE_ENTRY, "request_id", "slot", "need_prefill_tokens"},
+}
+
+
 def validate_scenario(scenario):
     """Raise ValueError unless every rank's schedule shows every event once, each stream in its own order."""
     for key in ("signals", "registrations", "schedules"):
@@ -89,6 +103,11 @@ def validate_scenario(scenario):
                 raise ValueError(f"bad signal task {task!r}: expected [slot, offset, length] of ints >= 0")
     for read in scenario["registrations"]:
         for request in read:
+            if is_notice_entry(request):
+                keys = NOTICE_ENTRY_KEYS.get(request[NOTICE_ENTRY])
+                if keys is None or set(request) != keys:
+                    raise ValueError(f"bad notice entry {request!r}: expected keys {sorted(keys or ())}")
+                continue
             keys = {"request_id", "slot", "need_prefill_tokens"}
             if not keys <= set(request) <= keys | {"parts"} or request.get("parts", PARTS[0]) not in PARTS:
                 raise ValueError(f"bad registration {request!r}")

@@ -5,8 +5,8 @@ in this environment, found without importing FastDeploy), copies it unmodified i
 stubs for everything it imports (:mod:`fastdeploy_pd_fix.tools.preflight_tree`,
 :mod:`fastdeploy_pd_fix.tools.preflight_stubs`), and runs it as a script in two real rank processes on the CPU,
 with the stand-in's engine process serving real cross-rank barriers, once with the plugin off (``FD_PD_FIX=0``) and
-once on (``ordered``), for every race scenario and every decidable slot-lifecycle scenario of the stand-in. Batches
-are observed on the messager's queue, never in the file.
+once on (``ordered``, with the engine notices the plugin's engine side puts), for every race scenario and every
+slot-lifecycle scenario of the stand-in. Batches are observed on the messager's queue, never in the file.
 
 Exit codes: :data:`EXIT_PASS` (0) every scenario finished with identical batches on every rank with the plugin;
 :data:`EXIT_FAIL` (1) one did not; :data:`EXIT_USAGE` (2) no file to check (not found, FastDeploy not installed,
@@ -41,8 +41,7 @@ EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
 OFF, ON = config.OFF, config.ORDERED
 MODES = (OFF, ON)
 RACE_SCENARIOS = tuple(name for name in SCENARIOS if name not in LIFECYCLE_SCENARIOS)
-DECIDABLE_SCENARIOS = tuple(name for name, scenario in LIFECYCLE_SCENARIOS.items() if scenario["decidable"])
-DEFAULT_SCENARIOS = RACE_SCENARIOS + DECIDABLE_SCENARIOS
+DEFAULT_SCENARIOS = RACE_SCENARIOS + tuple(LIFECYCLE_SCENARIOS)
 DEFAULT_DEADLINE_S = 4.0
 #: A plugin decision line in a rank's logs (bootstrap stderr or the messager's own log).
 DECISION = re.compile(r"fastdeploy_pd_fix[^\n]*?(?:: (?:patched|stood aside|already patched) |disabled by)[^\n]*")

@@ -57,6 +57,7 @@ from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix.config import OFF, ORDERED, RUN_MODES, environment_for
 from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import is_notice_entry
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, validate_scenario
 from fastdeploy_pd_fix.tools import positive_seconds
@@ -70,13 +71,25 @@ SUMMARY_COUNTS = ("hangs", "errors", "lost", "duplicated", "divergent", "unexpec
 
 
 def expected_batches(scenario: dict) -> List[List[List[int]]]:
-    """One batch per kv signal, in signal order: ``[slot, chunk_token_offset + current_chunk_len]`` per task."""
-    return [[[slot, offset + length] for slot, offset, length in signal] for signal in scenario["signals"]]
+    """One batch per kv signal, in signal order: ``[slot, chunk_token_offset + current_chunk_len]`` per task of a
+    request that registers (an orphan's tasks need no transfer; a signal of orphans only releases no batch)."""
+    orphans = set(scenario.get("orphans", ()))
+    owners = scenario.get("owners") or [[None] * len(signal) for signal in scenario["signals"]]
+    batches = [
+        [[slot, offset + length] for (slot, offset, length), owner in zip(signal, tasks) if owner not in orphans]
+        for signal, tasks in zip(scenario["signals"], owners)
+    ]
+    return [batch for batch in batches if batch]
 
 
 def first_registrations(scenario: dict) -> List[dict]:
-    """Each request's registration entry (repeated D-parts left out)."""
-    return [request for read in scenario["registrations"] for request in read if request.get("parts") != "decode"]
+    """Each request's registration entry (repeated D-parts and engine notices left out)."""
+    return [
+        request
+        for read in scenario["registrations"]
+        for request in read
+        if request.get("parts") != "decode" and not is_notice_entry(request)
+    ]
 
 
 def reuses_slot(scenario: dict) -> bool:
@@ -93,6 +106,7 @@ def workload_class(scenario: dict) -> str:
         + ("-chunked" if chunked else "")
         + ("-reuse" if reuses_slot(scenario) else "")
         + ("-abort" if scenario.get("aborted") else "")
+        + ("-orphan" if scenario.get("orphans") else "")
         + ("-repeat" if repeats else "")
     )
 

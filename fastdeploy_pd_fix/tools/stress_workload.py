@@ -3,7 +3,9 @@
 A workload is 2-4 requests of 1-3 chunks on slots 0..7, several requests per kv signal, occasional reuse of a slot
 after its previous request's final chunk, every request registering in reads of 1-2 requests; a random merge of the
 signal and registration streams per rank; and, from a random stream of its own, the engine's slot lifecycle
-(aborts after some chunks, repeated D-parts) with the ground truth of every signal task.
+(aborts after some chunks or before the first, repeated D-parts, requests computed without registering) with the
+ground truth of every signal task and the engine notices the plugin's engine-side patch would put (an abort right
+after the aborted request's registration read, an orphan in place of its registration).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import NOTICE_ENTRY
 from fastdeploy_pd_fix.standin.scenarios import validate_scenario
 from fastdeploy_pd_fix.verify.workloads import RequestSpec, runnable_requests, same_slot_predecessors
 
@@ -21,7 +24,8 @@ NUM_SLOTS = 8  # slots are drawn from 0..7, so that slot numbers are not simply 
 REUSE_PROBABILITY = 0.2  # chance that a request (after the first) takes a slot an earlier request used
 JOIN_PROBABILITY = 0.7  # chance that a runnable request advances in a given engine step
 MAX_CHUNK_TOKENS = 8
-ABORT_PROBABILITY = 0.25  # chance that a request with several chunks is aborted after some of them
+ABORT_PROBABILITY = 0.25  # chance that a request is aborted after some of its chunks (possibly none)
+ORPHAN_PROBABILITY = 0.15  # chance that a request (not aborted) is computed without registering
 REPEAT_PROBABILITY = 0.2  # chance that a request's D-part comes twice in the read that registers it
 
 
@@ -166,18 +170,21 @@ def owners_of(workload: GeneratedWorkload) -> List[List[str]]:
 
 
 def add_lifecycle(scenario: dict, rng: random.Random) -> None:
-    """Abort some requests after some of their chunks and repeat some D-parts (see the module docstring).
+    """Abort some requests, make some orphans, repeat some D-parts (see the module docstring).
 
-    An abort removes the request's later chunks from the signals (an emptied signal goes, with its schedule events)
-    and lists it in ``aborted``; it is drawn only where a chunk of a request that is not aborted stays in the last
-    signal, so that the send loop takes every batch before the rank exits.
+    An abort removes the request's later chunks from the signals (an emptied signal goes, with its schedule events),
+    lists it in ``aborted`` and puts its abort notice in a read of its own right after its registration read (on
+    every rank, so the fence holds: the slot's next request computes only after its recycle dependencies'
+    reads). It is drawn only where a chunk of a request that is not aborted stays in the last signal, so that the
+    send loop takes every batch before the rank exits. An orphan's registration entry becomes its orphan notice
+    (``orphans``); at least one request still registers and finishes.
     """
     signals, owners = scenario["signals"], scenario["owners"]
     aborted = []
     for request in scenario["requests"]:
-        if len(request["chunks"]) < 2 or rng.random() >= ABORT_PROBABILITY:
+        if rng.random() >= ABORT_PROBABILITY:
             continue
-        emitted = rng.randint(1, len(request["chunks"]) - 1)
+        emitted = rng.randint(0, len(request["chunks"]) - 1)
         positions = [(index, task) for index, tasks in enumerate(owners) for task, owner in enumerate(tasks)]
         mine = [position for position in positions if owners[position[0]][position[1]] == request["request_id"]]
         kept = {(index, task) for index, task in positions if (index, task) not in mine[emitted:]}
@@ -187,13 +194,70 @@ def add_lifecycle(scenario: dict, rng: random.Random) -> None:
         for index, task in reversed(mine[emitted:]):
             del signals[index][task], owners[index][task]
         aborted.append(request["request_id"])
+        emitted_end = sum(request["chunks"][:emitted]) if emitted else None
+        _add_read_after_registration(scenario, request, abort_entry(request, emitted_end))
     if aborted:
         _drop_empty_signals(scenario)
         scenario["aborted"] = aborted
+    finishing = [request for request in scenario["requests"] if request["request_id"] not in aborted]
+    orphans = []
+    for request in finishing[1:]:  # the first one always registers and finishes
+        if rng.random() < ORPHAN_PROBABILITY:
+            orphans.append(request["request_id"])
+            read = _registration_read(scenario, request["request_id"])
+            position = [entry.get("request_id") for entry in read].index(request["request_id"])
+            read[position] = orphan_entry(request)
+    if orphans:
+        scenario["orphans"] = orphans
     for read in scenario["registrations"]:
         for request in list(read):
-            if rng.random() < REPEAT_PROBABILITY:
+            if NOTICE_ENTRY not in request and rng.random() < REPEAT_PROBABILITY:
                 read.append({**request, "parts": "decode"})
+
+
+def abort_entry(request: dict, emitted_end: Optional[int]) -> dict:
+    return {
+        NOTICE_ENTRY: "abort",
+        "request_id": request["request_id"],
+        "slot": request["slot"],
+        "emitted_end": emitted_end,
+    }
+
+
+def orphan_entry(request: dict) -> dict:
+    need = sum(request["chunks"])
+    return {
+        NOTICE_ENTRY: "orphan",
+        "request_id": request["request_id"],
+        "slot": request["slot"],
+        "need_prefill_tokens": need,
+    }
+
+
+def _registration_read(scenario: dict, request_id: str) -> list:
+    return next(
+        read for read in scenario["registrations"] if any(entry.get("request_id") == request_id for entry in read)
+    )
+
+
+def _add_read_after_registration(scenario: dict, request: dict, entry: dict) -> None:
+    """Insert a read of ``entry`` right after the read registering ``request`` (and the notices already there), in
+    the stream and in every schedule (renumbering the later ``reg<i>`` events)."""
+    reads = scenario["registrations"]
+    after = reads.index(_registration_read(scenario, request["request_id"]))
+    while after + 1 < len(reads) and all(NOTICE_ENTRY in entry for entry in reads[after + 1]):
+        after += 1  # behind the notices of requests registered in the same read
+    reads.insert(after + 1, [entry])
+    renumbered = {f"reg{old}": f"reg{old + 1}" for old in range(after + 1, len(reads) - 1)}
+    schedules = []
+    for schedule in scenario["schedules"]:
+        tokens = []
+        for token in schedule:
+            tokens.append(renumbered.get(token, token))
+            if token == f"reg{after}":
+                tokens.append(f"reg{after + 1}")
+        schedules.append(tokens)
+    scenario["schedules"] = schedules
 
 
 def _drop_empty_signals(scenario: dict) -> None:

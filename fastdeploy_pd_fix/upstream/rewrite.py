@@ -2,16 +2,15 @@
 
 ``consume_signals`` is replaced by a loop over the copied core (``layer0_release.messager_step``: the per-signal
 step, the release, the batch journal) that reads each kv signal with the branch's own op call, followed by one small
-method, ``_layer0_release_on_registration``, which attaches the step (``MessagerStep.attach``: the registration
-thread's first store makes ``idx_cache_task_dict`` a ``BoundTaskDict``, which reports every later store itself);
-one line calling it is inserted right after the ``self.idx_cache_task_dict[...] = ...`` statement of
-``_add_cache_task_thread``. Every other byte of the file stays as
-it is, so each branch keeps its own engine-facing calls (``get_cache_info``, barriers, the pre-#7724
-``finish_add_cache_task`` report and barrier).
+method, ``_layer0_release_on_registration``, which attaches the step (``MessagerStep.attach``: ``idx_cache_task_dict``
+becomes a ``BoundTaskDict``, which reports every store itself, and engine notices are taken out of
+``get_cache_info`` results); one line calling it is inserted as the first statement of ``_add_cache_task_thread``,
+before its loop reads anything. Every other byte of the file stays as it is, so each branch keeps its own
+engine-facing calls (``get_cache_info``, barriers, the pre-#7724 ``finish_add_cache_task`` report and barrier).
 
-The target is read by :func:`fastdeploy_pd_fix.analysis.analyse_source`, the analyser the plugin uses too; what only
-a rewrite needs (the store alone on its lines, a module-level ``logger``, the op's name resolvable, the new names
-free) is checked here on top.
+The target is read by :func:`fastdeploy_pd_fix.analysis.analyse_source`, the analyser the plugin uses too; what only a
+rewrite needs (one task store, the loop alone on its first line, a module-level ``logger``, the op's name resolvable,
+the new names free) is checked here on top.
 """
 
 from __future__ import annotations
@@ -54,13 +53,14 @@ ${imports}    from fastdeploy.cache_manager.layer0_release import kv_signal, mes
     messager_step.consume_signals_forever(messager_step.step_for(self, "${mode}", logger), read_signal)
 
 def ${registration_method}(self):
-    """Attach the layer-0 release to this messager, right after a task was stored (idempotent).
+    """Attach the layer-0 release to this messager before the registration loop reads anything (idempotent).
 
-    The first call makes idx_cache_task_dict a layer0_release BoundTaskDict and hands the task just stored to the
-    release; from then on every store reports itself, and the send thread reads, for each slot of the batch it took
-    from cache_prefilled_engine_ids_queue, the task that batch was bound to (an aborted request's batch may still
-    be queued when its slot's next request is stored). It runs in the registration thread, the only one that
-    stores, so that no store goes into the dict being replaced.
+    idx_cache_task_dict becomes a layer0_release BoundTaskDict: every store reports itself to the release, and the
+    send thread reads, for each slot of the batch it took from cache_prefilled_engine_ids_queue, the task that
+    batch was bound to (an aborted request's batch may still be queued when its slot's next request is stored).
+    Engine notices (an abort, a request computed without transfer) are taken out of get_cache_info results and
+    handed to the release. It runs in the registration thread, the only one that stores, so that no store goes
+    into the dict being replaced.
     """
     from fastdeploy.cache_manager.layer0_release import messager_step
 
@@ -96,8 +96,9 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
     store = analysis.task_stores[0]
     if len(store.targets) != 1:
         raise MakePatchError(f"unexpected task store `{ast.unparse(store)}`; this checkout is not recognised")
-    if not _alone_on_its_lines(lines, store):
-        raise MakePatchError(f"the task store `{ast.unparse(store)}` shares its line with other code")
+    first = _first_statement(analysis.register)
+    if not _alone_on_its_lines(lines, first):
+        raise MakePatchError("the first statement of _add_cache_task_thread shares its line with other code")
     cls = target_class_node(ast.parse(source))
     attributes = {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute)}
     taken = {name for name in (REGISTRATION_METHOD, STEP_ATTRIBUTE) if name in attributes}
@@ -110,6 +111,13 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
     if "logger" not in analysis.module_names:
         raise MakePatchError(f"{TARGET_PATH} has no module-level `logger`")
     return analysis, store
+
+
+def _first_statement(function: ast.FunctionDef) -> ast.stmt:
+    """The first statement of ``function`` after its docstring (the loop, in every release)."""
+    body = function.body
+    docstring = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+    return body[1] if docstring and len(body) > 1 else body[0]
 
 
 def _indent(text: str, prefix: str, newline: str) -> List[str]:
@@ -135,11 +143,11 @@ def patch_source(source: str, mode: str = release.ORDERED) -> Tuple[str, TargetA
         registration_method=REGISTRATION_METHOD,
     )
     replacement = _indent(methods.rstrip("\n"), def_line[: consume.col_offset], newline)
-    store_line = lines[store.lineno - 1]
-    hook = f"{store_line[: store.col_offset]}self.{REGISTRATION_METHOD}(){newline}"
+    first = _first_statement(analysis.register)
+    hook = f"{lines[first.lineno - 1][: first.col_offset]}self.{REGISTRATION_METHOD}(){newline}"
     edits = [  # (first line, last line, new lines), applied bottom-up so that line numbers stay valid
         (consume.lineno, consume.end_lineno, replacement),
-        (store.end_lineno + 1, store.end_lineno, [hook]),
+        (first.lineno, first.lineno - 1, [hook]),
     ]
     for first, last, new_lines in sorted(edits, key=lambda edit: edit[0], reverse=True):
         lines[first - 1 : last] = new_lines

@@ -6,14 +6,17 @@ release policy through it (:mod:`.models`; for ``ordered`` and ``upstream`` exac
 (:mod:`.search`) and checks the invariants of ``docs/protocol.md`` within and across ranks (:mod:`.checks`,
 :mod:`.barriers`). The slot-lifecycle families (:mod:`.lifecycle`: aborts, repeated and late D-parts, requests that
 never register) are explored with the send thread as a third actor (:mod:`.lifecycle_search`); their findings in
-workloads the two streams cannot decide are counted as limits, with the reason.
+workloads the two streams cannot decide are counted as limits, with the reason. In ordered mode they are explored
+both without and with the engine's slot-lifecycle notices (release rules 8 and 9: the engine-side patch absent or
+on); with notices nothing is a limit.
 
 Usage: ``fastdeploy-pd-fix verify [--mode ordered|upstream|pr7872] [--compare MODE|none] [--quick] [--no-lifecycle]
-[--json-out PATH] [--strict] [--slot-model fifo|dict] [--show N]``. Prints a progress line on stderr, a table per
-workload family and rank count on stdout (with the comparison mode's violations and limits beside: by default
-``upstream``, or ``ordered`` when exploring ``upstream``), the smallest counterexample of each kind found, and as the
-last line a JSON summary ``{"mode", "configs", "interleavings", "violations"}``; exits 0 iff there is no violation
-in ``--mode``.
+[--notices on|off|both] [--json-out PATH] [--strict] [--slot-model fifo|dict] [--show N]``. Prints a progress line
+on stderr, a table per workload family and rank count on stdout (a lifecycle family's counts with notices beside
+those without, and the comparison mode's violations and limits beside: by default ``upstream``, or ``ordered`` when
+exploring ``upstream``), the smallest counterexample of each kind found, and as the last line a JSON summary
+``{"mode", "configs", "interleavings", "violations"}`` (``violations`` with and without notices; the JSON file
+has them apart); exits 0 iff there is no violation in ``--mode``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from typing import List, Optional
 
 from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
-from fastdeploy_pd_fix.verify.report import counterexample_json, explore, render_counterexample, render_table
+from fastdeploy_pd_fix.verify.report import (
+    NOTICE_SETTINGS,
+    NOTICES_BOTH,
+    counterexample_json,
+    explore,
+    has_notices,
+    render_counterexample,
+    render_table,
+)
 from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS
 
 
@@ -57,6 +68,13 @@ def _parse(argv: List[str]) -> argparse.Namespace:
         "invariant 7 (never worse than upstream). Default: upstream (ordered when --mode upstream)",
     )
     parser.add_argument("--no-lifecycle", action="store_true", help="skip the slot-lifecycle families")
+    parser.add_argument(
+        "--notices",
+        choices=NOTICE_SETTINGS,
+        default=NOTICES_BOTH,
+        help="explore the lifecycle families in ordered mode with the engine's slot-lifecycle notices (engine-side "
+        "patch on), without them (absent or standing aside), or both ways side by side (default both)",
+    )
     args = parser.parse_args(argv)
     # Said now, not after a run of many seconds: the JSON file must be writable where it is asked for.
     if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
@@ -75,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         slot_model=args.slot_model,
         compare=None if compare in ("none", args.mode) else compare,
         lifecycle=not args.no_lifecycle,
+        notices=args.notices,
     )
     print(
         f"mode {report.mode}, slot model {report.slot_model}: {report.configs} configurations (workload x ranks), "
@@ -87,6 +106,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "per rank; outcomes: distinct per-rank results; violations: (configuration, kind) findings; limits: known, "
         "documented limitations (ghosts; lifecycle workloads the two streams cannot decide), not counted"
         + (" (--strict: counted)" if args.strict else "")
+        + (
+            "; notices viol./limits: the lifecycle families with the engine's notices (fenced), where nothing is a "
+            "limit; '-': not explored that way"
+            if any(row.notice_violations is not None for row in report.rows)
+            else ""
+        )
         + (f"; {report.compare} viol./limits: the same counts in mode {report.compare}" if report.compare else "")
     )
     violations = [c for c in report.counterexamples if args.strict or not c.limitation]
@@ -98,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(render_counterexample(counterexample))
         for counterexample in violations[args.show :]:
             tag = f"[{counterexample.scenario}] " if counterexample.scenario else ""
+            tag += "[with notices] " if has_notices(counterexample.workload) else ""
             print(
                 f"  also: {tag}{counterexample.kind} ({counterexample.shape}) in {counterexample.workload.describe()}"
             )
@@ -112,6 +138,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             json.dump(
                 {
                     "summary": report.summary(),
+                    "notices": report.notices,
+                    "notice_violations": report.notice_violations,
+                    "notice_limitations": report.notice_limitations,
                     "limitations": report.limitations,
                     "strict": report.strict,
                     "seconds": round(report.seconds, 3),

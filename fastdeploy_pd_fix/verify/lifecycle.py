@@ -15,15 +15,24 @@ From it come the two rank-invariant streams and the ground truth the checks use 
   (``signal_tids``, ``tid_owner``);
 * cache info: P-parts and D-parts in lockstep order; a D-part completes a registration when its P-part is in
   ``cache_info``, so a repeat counts again only while the rank has not yet cleaned the request up (sent its final
-  chunk), which depends on the rank's send timing as in the real messager.
+  chunk), which depends on the rank's send timing as in the real messager;
+* with the engine-side patch on (:func:`with_notices`; release rule 8), also the engine's notices in the same
+  stream: ``ABORT(slot, rid, emitted_end)`` for every aborted occupancy, registered or orphan (``emitted_end``: the
+  end of its last emitted chunk, None when it emitted nothing), after the occupancy's own parts that the engine puts
+  before the abort (a late D-part comes after it) and before the slot's next occupant's parts; and
+  ``ORPHAN(slot, rid, need)`` at the admission of every occupancy that does not register, before anything else of
+  it. An aborted orphan gets both.
 
 The engine gate (:mod:`.lifecycle_search`): an occupancy's events exist only after the slot's previous occupancy was
 freed. An abort frees the slot at once, and so does an orphan's completion; a registered request's normal
 completion frees it only after this rank's send thread finished it (a necessary condition of the real cross-rank
-gate, so the model allows more behaviours than the engine: sound for finding violations).
+gate, so the model allows more behaviours than the engine: sound for finding violations). With notices, the fence
+(rule 9) gates the slot's next occupancy too: its signals and its admission record come only after this rank's
+registration thread has handed the previous occupancy's ``ABORT`` to the policy.
 
 :data:`LIMIT_REASONS` lists what the two streams cannot decide (design doc section 4): workloads with such a
-feature are where any messager-side rule may err, alike on every rank; their findings count as limits.
+feature are where any messager-side rule may err, alike on every rank; their findings count as limits. With
+notices there is no limit: the notices decide every such workload, so every finding there is a violation.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ from fastdeploy_pd_fix.core.release import SignalTask
 
 NORMAL, LATE, NEVER, NONE, IMMEDIATE = "normal", "late", "never", "none", "immediate"
 PREFILL_PART, DECODE_PART = "P", "D"
+#: Engine notices as cache-info events (release rule 8), named like the parts by what they carry.
+ABORT_NOTICE, ORPHAN_NOTICE = "ABORT", "ORPHAN"
+NOTICE_EVENTS = (ABORT_NOTICE, ORPHAN_NOTICE)
 
 ABORT_BEFORE_SIGNAL_REUSE = "abort-before-signal-then-reuse"
 NEXT_STARTS_AT_ABORTED_END = "next-starts-at-aborted-end"
@@ -83,6 +95,11 @@ class Occupancy:
         return len(self.ends) if self.aborted_after is None else self.aborted_after
 
     @property
+    def emitted_end(self) -> Optional[int]:
+        """The end of its last emitted chunk, as its ``ABORT`` notice says (None: it emitted nothing)."""
+        return self.ends[self.emitted - 1] if self.emitted else None
+
+    @property
     def completes(self) -> bool:
         return self.aborted_after is None
 
@@ -117,9 +134,10 @@ class LifecycleWorkload:
     signals: Tuple[Tuple[SignalTask, ...], ...]
     signal_tids: Tuple[Tuple[int, ...], ...]  # ground-truth id of each task, parallel to ``signals``
     tid_owner: Tuple[int, ...]  # task id -> index of its occupancy
-    cache: Tuple[Tuple[str, int], ...]  # (P or D, occupancy index), in lockstep order
+    cache: Tuple[Tuple[str, int], ...]  # (P, D, ABORT or ORPHAN, occupancy index), in lockstep order
     cache_gate: Tuple[int, ...]  # per cache event: the occupancy whose admission gates it
     features: frozenset = field(default_factory=frozenset)
+    notices: bool = False  # the cache info carries the engine's notices (engine-side patch on)
 
     def signal_gates(self, index: int) -> Tuple[int, ...]:
         return tuple(self.tid_owner[tid] for tid in self.signal_tids[index])
@@ -128,10 +146,20 @@ class LifecycleWorkload:
         return max(tid for tid, owner in enumerate(self.tid_owner) if owner == occupancy)
 
     def limit_reason(self) -> Optional[str]:
-        """Why the two streams cannot decide this workload, or None when they can."""
-        if not self.features:
+        """Why the two streams cannot decide this workload, or None when they can (or notices decide it)."""
+        if not self.features or self.notices:
             return None
         return "; ".join(f"{feature}: {LIMIT_REASONS[feature]}" for feature in sorted(self.features))
+
+    def event_text(self, position: int) -> str:
+        """Cache-info event ``position`` as text: ``P(A)``, ``D(A)``, ``ABORT(A,2)`` (emitted_end), ``ORPHAN(O,4)``."""
+        kind, index = self.cache[position]
+        occupancy = self.occupancies[index]
+        if kind == ABORT_NOTICE:
+            return f"{kind}({occupancy.request_id},{occupancy.emitted_end})"
+        if kind == ORPHAN_NOTICE:
+            return f"{kind}({occupancy.request_id},{occupancy.need})"
+        return f"{kind}({occupancy.request_id})"
 
     def size_key(self) -> tuple:
         return (len(self.occupancies), len(self.signals) + len(self.cache), len(self.signals), self.describe())
@@ -139,7 +167,7 @@ class LifecycleWorkload:
     def describe(self) -> str:
         occupancies = "; ".join(occupancy.describe() for occupancy in self.occupancies)
         signals = " ".join("[" + ",".join(f"({s},{o}-{e})" for s, o, e in tasks) + "]" for tasks in self.signals)
-        cache = " ".join(f"{kind}({self.occupancies[index].request_id})" for kind, index in self.cache) or "-"
+        cache = " ".join(self.event_text(position) for position in range(len(self.cache))) or "-"
         return f"{occupancies} | S: {signals or '-'} | C: {cache}"
 
     def to_json(self) -> dict:
@@ -150,8 +178,9 @@ class LifecycleWorkload:
             "signal_origins": [
                 [self.occupancies[self.tid_owner[t]].request_id for t in tids] for tids in self.signal_tids
             ],
-            "cache_info": [[kind, self.occupancies[index].request_id] for kind, index in self.cache],
+            "cache_info": [self.event_text(position) for position in range(len(self.cache))],
             "features": sorted(self.features),
+            "notices": self.notices,
         }
 
 
@@ -180,10 +209,18 @@ def ambiguity_features(occupancies: Sequence[Occupancy]) -> frozenset:
     return frozenset(features)
 
 
-def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cache_slots=None) -> LifecycleWorkload:
+def build(
+    family: str, occupancies: Sequence[Occupancy], signal_slots=None, cache_slots=None, notices: bool = False
+) -> LifecycleWorkload:
     """The streams of one engine history. ``signal_slots`` (per signal: a slot, or a tuple of slots for a signal
-    listing several) interleaves the per-slot signal sequences, ``cache_slots`` the per-slot cache-info sequences;
-    both default to slot by slot."""
+    listing several) interleaves the per-slot signal sequences, ``cache_slots`` the per-slot P- and D-parts; both
+    default to slot by slot.
+
+    With ``notices``, a notice comes right after the slot's cache-info event before it (a slot's leading notices
+    first of all), unless that would make it wait for a send the event before it did not wait for: an ``ORPHAN``
+    put at an admission that waits for an earlier request on the slot to be sent. Such a notice comes right before
+    the slot's next part instead (or last): placed earlier it would hold other slots' parts behind it, which the
+    engine puts whenever they arrive, a hang the engine does not have."""
     occupancies = tuple(occupancies)
     slots = sorted({occupancy.slot for occupancy in occupancies})
     slot_signals: Dict[int, List[Tuple[SignalTask, int]]] = {slot: [] for slot in slots}
@@ -195,6 +232,8 @@ def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cach
             if occupancy.slot != slot:
                 continue
             events = slot_cache[slot]
+            if not occupancy.registers and notices:
+                events.append((ORPHAN_NOTICE, index))  # at its admission, before it computes
             if occupancy.registers:
                 events.append((PREFILL_PART, index))
                 if occupancy.dpart == NORMAL:
@@ -204,6 +243,8 @@ def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cach
                     events.extend(late)
                     late = []
                 late += [(DECODE_PART, index)] * ((occupancy.dpart == LATE) + (occupancy.repeat == LATE))
+            if occupancy.aborted_after is not None and notices:
+                events.append((ABORT_NOTICE, index))  # before the slot is freed for the next occupant
             for chunk in range(occupancy.emitted):
                 slot_signals[slot].append((occupancy.signal_task(chunk), len(tid_owner)))
                 tid_owner.append(index)
@@ -211,7 +252,7 @@ def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cach
     if signal_slots is None:
         signal_slots = [slot for slot in slots for _ in slot_signals[slot]]
     if cache_slots is None:
-        cache_slots = [slot for slot in slots for _ in slot_cache[slot]]
+        cache_slots = [slot for slot in slots for kind, _ in slot_cache[slot] if kind not in NOTICE_EVENTS]
     signals, signal_tids = [], []
     cursor = {slot: 0 for slot in slots}
     for step in signal_slots:
@@ -224,12 +265,36 @@ def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cach
     assert all(cursor[slot] == len(slot_signals[slot]) for slot in slots)
     cache, cache_gate, latest = [], [], {}
     cursor = {slot: 0 for slot in slots}
-    for slot in cache_slots:
+
+    def put(slot: int) -> None:
         event = slot_cache[slot][cursor[slot]]
         cursor[slot] += 1
         cache.append(event)
         latest[slot] = max(latest.get(slot, -1), event[1])  # a late part sits behind the next occupant's parts
         cache_gate.append(latest[slot])
+
+    def next_is_notice(slot: int) -> bool:
+        return cursor[slot] < len(slot_cache[slot]) and slot_cache[slot][cursor[slot]][0] in NOTICE_EVENTS
+
+    def waits_no_longer(slot: int) -> bool:
+        """Whether the slot's next notice waits for no send the slot's previous event did not wait for."""
+        index = slot_cache[slot][cursor[slot]][1]
+        return not any(
+            occupancies[j].transfers and occupancies[j].slot == slot for j in range(max(latest.get(slot, 0), 0), index)
+        )
+
+    for slot in slots:
+        while next_is_notice(slot) and waits_no_longer(slot):
+            put(slot)
+    for slot in cache_slots:
+        while next_is_notice(slot):  # held back so far: right before the slot's next part
+            put(slot)
+        put(slot)
+        while next_is_notice(slot) and waits_no_longer(slot):
+            put(slot)
+    for slot in slots:
+        while next_is_notice(slot):
+            put(slot)
     assert all(cursor[slot] == len(slot_cache[slot]) for slot in slots)
     return LifecycleWorkload(
         family,
@@ -240,7 +305,17 @@ def build(family: str, occupancies: Sequence[Occupancy], signal_slots=None, cach
         tuple(cache),
         tuple(cache_gate),
         ambiguity_features(occupancies),
+        notices,
     )
+
+
+def with_notices(workload: LifecycleWorkload) -> LifecycleWorkload:
+    """The same engine history and interleavings of the two streams, its cache info carrying the engine's notices."""
+    signal_slots = [
+        tuple(slot for slot, _, _ in tasks) if len(tasks) > 1 else tasks[0][0] for tasks in workload.signals
+    ]
+    cache_slots = [workload.occupancies[index].slot for kind, index in workload.cache if kind not in NOTICE_EVENTS]
+    return build(workload.family, workload.occupancies, signal_slots, cache_slots, notices=True)
 
 
 def interleavings(count_a: int, count_b: int, a, b) -> List[list]:

@@ -25,12 +25,18 @@ that the cross-rank checks of :mod:`.checks` apply unchanged. Per-rank findings 
   its own registration, or never finished; ``hang``: the engine can never free a slot, so the slot's later requests
   never appear; ``stuck``: a signal is held at the head of the log for ever (it blocks every later signal);
 * ``dropped-live``: a task of such a request was dropped; ``phantom``: a released or dropped task no signal gave.
+
+A workload with notices (:func:`.lifecycle.with_notices`) hands each ``ABORT`` and ``ORPHAN`` to the policy's
+``add_notice`` as the registration thread reaches it. The fence (release rule 9) is the engine gate that the slot's
+next occupancy's signals (and its admission record) exist on this rank only after its registration thread has handed
+every earlier occupancy's ``ABORT`` to the policy; ``fence=False`` drops that gate, to show that it is needed.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from fastdeploy_pd_fix.core.notice import abort_notice, orphan_notice
 from fastdeploy_pd_fix.core.release import ORDERED, OrderedRelease, Registration, Released
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import (
@@ -45,7 +51,13 @@ from fastdeploy_pd_fix.verify.checks import (
     STUCK,
     Outcome,
 )
-from fastdeploy_pd_fix.verify.lifecycle import DECODE_PART, PREFILL_PART, LifecycleWorkload
+from fastdeploy_pd_fix.verify.lifecycle import (
+    ABORT_NOTICE,
+    DECODE_PART,
+    ORPHAN_NOTICE,
+    PREFILL_PART,
+    LifecycleWorkload,
+)
 from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot
 from fastdeploy_pd_fix.verify.search import RankExploration
 from fastdeploy_pd_fix.verify.workloads import batch_bindings, switches
@@ -113,15 +125,23 @@ class LifecycleRank:
 
 
 class LifecycleExplorer:
-    """Every interleaving of one rank's three actors over one workload, for one release mode."""
+    """Every interleaving of one rank's three actors over one workload, for one release mode (with the fence gate
+    on a workload with notices, unless ``fence`` is False)."""
 
-    def __init__(self, workload: LifecycleWorkload, mode: str):
+    def __init__(self, workload: LifecycleWorkload, mode: str, fence: bool = True):
         self.workload = workload
         self.mode = mode
         self.occupancies = workload.occupancies
         self.earlier = [
             [j for j in range(i) if self.occupancies[j].slot == occupancy.slot]
             for i, occupancy in enumerate(self.occupancies)
+        ]
+        aborts = {index: position for position, (kind, index) in enumerate(workload.cache) if kind == ABORT_NOTICE}
+        # Per occupancy: how many cache-info events the registration thread must have handed over before it is
+        # admitted on this rank (rule 9: every earlier occupancy's ABORT on its slot; 0: no fence).
+        self.fence = [
+            max([aborts[j] + 1 for j in self.earlier[i] if j in aborts] or [0]) if fence else 0
+            for i in range(len(self.occupancies))
         ]
         self.memo: Dict[tuple, Dict[tuple, list]] = {}
 
@@ -136,8 +156,9 @@ class LifecycleExplorer:
 
     # -- engine gates and enabled actors ------------------------------------------------------------------------
     def _admitted(self, rank: LifecycleRank, occupancy: int) -> bool:
-        """The engine has freed the slot for ``occupancy``: every earlier transferring request on it finished."""
-        return all(
+        """The engine has freed the slot for ``occupancy``: every earlier transferring request on it finished (and,
+        with the fence, this rank handled every earlier ABORT on it)."""
+        return rank.cache_fed >= self.fence[occupancy] and all(
             self.occupancies[j].request_id in rank.finished
             for j in self.earlier[occupancy]
             if self.occupancies[j].transfers
@@ -195,12 +216,25 @@ class LifecycleExplorer:
             rank.task_dict[occupancy.slot] = (occupancy.request_id, occupancy.need)
             registration = Registration(occupancy.slot, occupancy.request_id, occupancy.need, occupancy.request_id)
             self._publish(rank, rank.policy.add_registration(registration, self._registered(rank)))
+        elif kind == ABORT_NOTICE:
+            notice = abort_notice(occupancy.slot, occupancy.request_id, occupancy.emitted_end)
+            self._publish(rank, rank.policy.add_notice(notice, self._registered(rank)))
+        elif kind == ORPHAN_NOTICE:
+            notice = orphan_notice(occupancy.slot, occupancy.request_id, occupancy.need)
+            self._publish(rank, rank.policy.add_notice(notice, self._registered(rank)))
 
-    def _match(self, rank: LifecycleRank, slot: int, end: int) -> Optional[int]:
-        """Which delivered task a released or dropped ``(slot, end)`` is. The ordered policy decides strictly in
-        signal order (the earliest unmatched one); a latest-per-slot pending buffer keeps the latest."""
+    def _match(self, rank: LifecycleRank, slot: int, end: int, signal: Optional[int] = None) -> Optional[int]:
+        """Which delivered task a released or dropped ``(slot, end)`` is: the task of layer-0 signal ``signal`` on
+        ``slot`` when the policy says which signal a batch is (``Released.signal_numbers``); else, as the ordered
+        policy decides strictly in signal order, the earliest unmatched one (a latest-per-slot pending buffer
+        keeps the latest). None: no such task was delivered and not yet matched."""
         entries = rank.unmatched.get(slot, ())
-        positions = [position for position, (number, _) in enumerate(entries) if number == end]
+        if signal is not None:
+            signalled = zip(self.workload.signals[signal], self.workload.signal_tids[signal])
+            wanted = {tid for (task_slot, _, _), tid in signalled if task_slot == slot}
+            positions = [position for position, (number, tid) in enumerate(entries) if number == end and tid in wanted]
+        else:
+            positions = [position for position, (number, _) in enumerate(entries) if number == end]
         if not positions:
             return None
         position = positions[0] if isinstance(rank.policy, OrderedRelease) else positions[-1]
@@ -208,13 +242,17 @@ class LifecycleExplorer:
         return entries[position][1]
 
     def _publish(self, rank: LifecycleRank, released: Released) -> None:
+        """Record what one call released. Batches are matched first, each to its own signal's tasks where the
+        policy numbers them, so that a drop of one call is not taken for a later signal's released task with the
+        same content."""
         findings = set(rank.findings)
         queued = []
         for number, batch in enumerate(released.batches):
+            signal = released.signal_numbers[number] if number < len(released.signal_numbers) else None
             entries = []
             for (slot, end), bound in zip(batch, batch_bindings(released, number)):
                 read = None if bound is None else (bound.request_id, bound.need_prefill_tokens)
-                entries.append((slot, end, self._match(rank, slot, end), read))
+                entries.append((slot, end, self._match(rank, slot, end, signal), read))
             queued.append(tuple(entries))
         for drop in released.drops:
             tid = self._match(rank, drop.slot, drop.prefilled_token_num)
@@ -323,9 +361,9 @@ class LifecycleExplorer:
         return result
 
 
-def explore_lifecycle_rank(workload: LifecycleWorkload, mode: str) -> RankExploration:
+def explore_lifecycle_rank(workload: LifecycleWorkload, mode: str, fence: bool = True) -> RankExploration:
     """All outcomes of one rank over every interleaving of its three actors."""
-    explorer = LifecycleExplorer(workload, mode)
+    explorer = LifecycleExplorer(workload, mode, fence)
     results = explorer.outcomes(explorer.start())
     outcomes = [
         Outcome(batches, drops, waits, findings, count, trace)
@@ -345,7 +383,10 @@ def replay_lifecycle(workload: LifecycleWorkload, mode: str, trace: str) -> List
             event = "signal " + ",".join(f"({s},{o}-{e})" for s, o, e in workload.signals[rank.signals_fed])
         elif actor == CACHE_INFO:
             kind, index = workload.cache[rank.cache_fed]
-            event = f"{kind}-part of {workload.occupancies[index].request_id}"
+            if kind in (PREFILL_PART, DECODE_PART):
+                event = f"{kind}-part of {workload.occupancies[index].request_id}"
+            else:
+                event = "notice " + workload.event_text(rank.cache_fed)
         elif actor == TAKE:
             event = "take " + ",".join(f"({slot},{end})" for slot, end, _, _ in rank.queue[0])
         else:

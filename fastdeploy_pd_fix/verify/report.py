@@ -18,11 +18,16 @@ from fastdeploy_pd_fix.verify.checks import (
     check_config,
     cross_rank_divergences,
 )
-from fastdeploy_pd_fix.verify.lifecycle import LifecycleWorkload, lifecycle_families
+from fastdeploy_pd_fix.verify.lifecycle import LifecycleWorkload, lifecycle_families, with_notices
 from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
 from fastdeploy_pd_fix.verify.search import RankExploration, explore_rank, replay
 from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, build_workloads, describe_merge, switches, task_text
+
+#: Whether the lifecycle families are explored with the engine's notices (engine-side patch on; ordered mode only,
+#: the only mode the engine emits them for), without them (patch absent or standing aside), or both ways.
+NOTICES_ON, NOTICES_OFF, NOTICES_BOTH = "on", "off", "both"
+NOTICE_SETTINGS = (NOTICES_ON, NOTICES_OFF, NOTICES_BOTH)
 
 
 @dataclass
@@ -33,10 +38,15 @@ class FamilyRow:
     interleavings: int = 0
     states: int = 0
     outcomes: int = 0
+    #: Without notices (every classic family; a lifecycle family unless explored with notices only).
     violations: int = 0
     limitations: int = 0
     seconds: float = 0.0
     lifecycle: bool = False
+    without_notices: bool = True
+    #: A lifecycle family's violations and limits with the engine's notices (None: not explored with them).
+    notice_violations: Optional[int] = None
+    notice_limitations: Optional[int] = None
     #: The comparison mode's violations and limits on the same configurations (None: not compared).
     compared_violations: Optional[int] = None
     compared_limitations: Optional[int] = None
@@ -50,11 +60,14 @@ class Report:
     counterexamples: List[Counterexample]  # smallest per (kind, shape, family kind), in discovery order
     configs: int
     interleavings: int
-    violations: int
+    violations: int  # with and without notices
     limitations: int
     seconds: float
     strict: bool
     compare: Optional[str] = None
+    notices: str = NOTICES_OFF
+    notice_violations: int = 0  # of ``violations``, those with notices
+    notice_limitations: int = 0
 
     def summary(self) -> dict:
         return {
@@ -141,6 +154,13 @@ def _never_worse(result: ConfigResult, compared: ConfigResult) -> Optional[Count
     )
 
 
+def _variants(workload, mode: str, notices: str) -> list:
+    """The workloads one configuration is explored as: a lifecycle one without notices and/or with them."""
+    if not isinstance(workload, LifecycleWorkload) or mode != ORDERED:
+        return [workload]
+    return ([] if notices == NOTICES_ON else [workload]) + ([] if notices == NOTICES_OFF else [with_notices(workload)])
+
+
 def explore(
     mode: str = ORDERED,
     quick: bool = False,
@@ -151,18 +171,24 @@ def explore(
     slot_model: str = FIFO,
     compare: Optional[str] = None,
     lifecycle: bool = True,
+    notices: str = NOTICES_BOTH,
 ) -> Report:
     """Explore every configured workload under ``mode``; return the table rows and the minimal counterexamples.
 
     ``families`` defaults to the classic families (:func:`.workloads.build_workloads`) followed, with ``lifecycle``,
-    by the slot-lifecycle ones (:func:`.lifecycle.lifecycle_families`). With ``compare`` (a mode), every workload
-    is explored under that mode too: its counts are reported beside, and when it is ``upstream`` a finding class
-    it never shows where ``mode`` does is counted as ``worse-than-upstream`` (invariant 7)."""
+    by the slot-lifecycle ones (:func:`.lifecycle.lifecycle_families`). In ordered mode, ``notices`` says whether a
+    lifecycle workload is explored with the engine's notices (:func:`.lifecycle.with_notices`, fenced), without them,
+    or both ways; with notices nothing is a limit. With ``compare`` (a mode), every workload is explored under that
+    mode too, without notices (upstream ignores them, and the engine emits them for ordered mode only): its counts
+    are reported beside, and when it is ``upstream`` a finding class it never shows where ``mode`` does (with or
+    without notices) is counted as ``worse-than-upstream`` (invariant 7)."""
     for name in (mode, compare or mode):
         if name not in VERIFY_MODES:
             raise ValueError(f"unknown mode {name!r}; expected one of {', '.join(VERIFY_MODES)}")
     if slot_model not in SLOT_MODELS:
         raise ValueError(f"unknown slot model {slot_model!r}; expected one of {', '.join(SLOT_MODELS)}")
+    if notices not in NOTICE_SETTINGS:
+        raise ValueError(f"unknown notices setting {notices!r}; expected one of {', '.join(NOTICE_SETTINGS)}")
     if families is None:
         families = build_workloads(quick) + (lifecycle_families(quick) if lifecycle else [])
     total = sum(len(workloads) for _, workloads in families)
@@ -173,41 +199,58 @@ def explore(
     done = 0
     for family, workloads in families:
         is_lifecycle = bool(workloads) and isinstance(workloads[0], LifecycleWorkload)
-        family_rows = {nranks: FamilyRow(family, nranks, lifecycle=is_lifecycle) for nranks in rank_counts}
+        with_notice_counts = is_lifecycle and mode == ORDERED and notices != NOTICES_OFF
+        family_rows = {
+            nranks: FamilyRow(
+                family,
+                nranks,
+                lifecycle=is_lifecycle,
+                without_notices=not with_notice_counts or notices == NOTICES_BOTH,
+                notice_violations=0 if with_notice_counts else None,
+                notice_limitations=0 if with_notice_counts else None,
+            )
+            for nranks in rank_counts
+        }
         if compare:
             for row in family_rows.values():
                 row.compared_violations = row.compared_limitations = 0
         family_started = time.monotonic()
         for workload in workloads:
-            exploration = _explore_one(workload, mode, slot_model)
-            results = _configs(workload, mode, exploration, rank_counts, slot_model)
             if compare:
                 compared = _configs(
                     workload, compare, _explore_one(workload, compare, slot_model), rank_counts, slot_model
                 )
-            for nranks, result in results.items():
-                row = family_rows[nranks]
-                row.configs += 1
-                row.interleavings += result.joint_interleavings
-                row.states += exploration.states
-                row.outcomes += len(exploration.outcomes)
-                found = list(result.counterexamples)
-                if compare:
-                    for counterexample in compared[nranks].counterexamples:
+                for nranks, result in compared.items():
+                    row = family_rows[nranks]
+                    for counterexample in result.counterexamples:
                         if counterexample.limitation and not strict:
                             row.compared_limitations += 1
                         else:
                             row.compared_violations += 1
+            for number, variant in enumerate(_variants(workload, mode, notices)):
+                exploration = _explore_one(variant, mode, slot_model)
+                results = _configs(variant, mode, exploration, rank_counts, slot_model)
+                noticed = has_notices(variant)
+                for nranks, result in results.items():
+                    row = family_rows[nranks]
+                    row.configs += number == 0  # one configuration, explored with and without notices
+                    row.interleavings += result.joint_interleavings
+                    row.states += exploration.states
+                    row.outcomes += len(exploration.outcomes)
+                    found = list(result.counterexamples)
                     worse = _never_worse(result, compared[nranks]) if compare == UPSTREAM != mode else None
                     found += [worse] if worse else []
-                for counterexample in found:
-                    if counterexample.limitation and not strict:
-                        row.limitations += 1
-                    else:
-                        row.violations += 1
-                    key = (counterexample.kind, counterexample.shape, is_lifecycle)
-                    if key not in smallest or _smaller(counterexample, smallest[key]):
-                        smallest[key] = counterexample
+                    for counterexample in found:
+                        limit = counterexample.limitation and not strict
+                        if noticed:
+                            row.notice_limitations += limit
+                            row.notice_violations += not limit
+                        else:
+                            row.limitations += limit
+                            row.violations += not limit
+                        key = (counterexample.kind, counterexample.shape, is_lifecycle, noticed)
+                        if key not in smallest or _smaller(counterexample, smallest[key]):
+                            smallest[key] = counterexample
             done += 1
             if indicator:
                 indicator.update(done, family)
@@ -215,6 +258,8 @@ def explore(
         for nranks in rank_counts:
             family_rows[nranks].seconds = elapsed
             rows.append(family_rows[nranks])
+    notice_violations = sum(row.notice_violations or 0 for row in rows)
+    notice_limitations = sum(row.notice_limitations or 0 for row in rows)
     return Report(
         mode=mode,
         slot_model=slot_model,
@@ -222,11 +267,14 @@ def explore(
         counterexamples=sorted(smallest.values(), key=_counterexample_order),
         configs=sum(row.configs for row in rows),
         interleavings=sum(row.interleavings for row in rows),
-        violations=sum(row.violations for row in rows),
-        limitations=sum(row.limitations for row in rows),
+        violations=sum(row.violations for row in rows) + notice_violations,
+        limitations=sum(row.limitations for row in rows) + notice_limitations,
         seconds=time.monotonic() - started,
         strict=strict,
         compare=compare,
+        notices=notices if mode == ORDERED else NOTICES_OFF,
+        notice_violations=notice_violations,
+        notice_limitations=notice_limitations,
     )
 
 
@@ -237,13 +285,23 @@ def _smaller(a: Counterexample, b: Counterexample) -> bool:
     return size(a) < size(b)
 
 
+def has_notices(workload) -> bool:
+    """Whether ``workload`` is a lifecycle one whose cache info carries the engine's notices."""
+    return isinstance(workload, LifecycleWorkload) and workload.notices
+
+
 def _counterexample_order(c: Counterexample):
-    return (KIND_ORDER.index(c.kind), c.scenario or "~", c.shape or "", c.workload.size_key()[:3], c.nranks)
+    key = (KIND_ORDER.index(c.kind), c.scenario or "~", c.shape or "", has_notices(c.workload))
+    return key + (c.workload.size_key()[:3], c.nranks)
 
 
 def render_table(report: Report) -> str:
-    """Per family and rank count; lifecycle families after a rule; with a comparison mode, its counts beside."""
+    """Per family and rank count; lifecycle families after a rule; a lifecycle family's counts with the engine's
+    notices beside those without (``-``: not explored that way); with a comparison mode, its counts beside."""
+    noticed = any(row.notice_violations is not None for row in report.rows)
     header = ["family", "ranks", "configs", "interleavings", "states", "outcomes", "violations", "limits"]
+    if noticed:
+        header += ["notices viol.", "notices limits"]
     if report.compare:
         header += [f"{report.compare} viol.", f"{report.compare} limits"]
     header.append("family s")
@@ -253,13 +311,18 @@ def render_table(report: Report) -> str:
         if row.lifecycle and not any(earlier.lifecycle for earlier in report.rows[: report.rows.index(row)]):
             rules.add(len(table) - 1)
         cells = [row.family, str(row.nranks), str(row.configs), str(row.interleavings), str(row.states)]
-        cells += [str(row.outcomes), str(row.violations), str(row.limitations)]
+        cells += [str(row.outcomes)] + _counts(row.without_notices, row.violations, row.limitations)
+        if noticed:
+            cells += _counts(row.notice_violations is not None, row.notice_violations, row.notice_limitations)
         if report.compare:
             cells += [str(row.compared_violations), str(row.compared_limitations)]
         table.append(tuple(cells + [f"{row.seconds:.2f}"]))
     rules.add(len(table) - 1)
     total = ["total", "", str(report.configs), str(report.interleavings), str(sum(r.states for r in report.rows))]
-    total += [str(sum(r.outcomes for r in report.rows)), str(report.violations), str(report.limitations)]
+    total += [str(sum(r.outcomes for r in report.rows))]
+    total += [str(report.violations - report.notice_violations), str(report.limitations - report.notice_limitations)]
+    if noticed:
+        total += [str(report.notice_violations), str(report.notice_limitations)]
     if report.compare:
         total += [str(sum(r.compared_violations for r in report.rows))]
         total += [str(sum(r.compared_limitations for r in report.rows))]
@@ -272,6 +335,10 @@ def render_table(report: Report) -> str:
         if number in rules:
             lines.append("  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def _counts(explored: bool, violations: Optional[int], limitations: Optional[int]) -> List[str]:
+    return [str(violations), str(limitations)] if explored else ["-", "-"]
 
 
 def counterexample_json(counterexample: Counterexample) -> dict:
@@ -305,6 +372,7 @@ def counterexample_json(counterexample: Counterexample) -> dict:
         "scenario": c.scenario,
         "config": c.workload.to_json(),
         "config_text": c.workload.describe(),
+        "notices": has_notices(c.workload),
         "nranks": c.nranks,
         "ranks": ranks,
         "barriers": c.barrier_run.to_json() if c.barrier_run else None,
@@ -366,8 +434,9 @@ def _tasks_text(tasks) -> str:
 def _render_lifecycle_counterexample(c: Counterexample) -> str:
     shape = f" ({c.shape})" if c.shape else ""
     limitation = " [known limitation]" if c.limitation else ""
+    notices = " with engine notices" if c.workload.notices else ""
     lines = [
-        f"counterexample {c.kind}{shape}{limitation}: mode {c.mode}, lifecycle family {c.workload.family}, "
+        f"counterexample {c.kind}{shape}{limitation}: mode {c.mode}{notices}, lifecycle family {c.workload.family}, "
         f"{c.nranks} ranks ({c.bad_joint_interleavings} of {c.joint_interleavings} joint interleavings)",
         "  engine history: " + "; ".join(occupancy.describe() for occupancy in c.workload.occupancies),
         "  streams:        " + c.workload.describe().split(" | ", 1)[1],

@@ -3,7 +3,19 @@
 Written from the launch facts of FastDeploy's own PD router e2e tests (router ``python -m fastdeploy.router.launch
 --port P --splitwise``; servers ``python -m fastdeploy.entrypoints.openai.api_server ... --splitwise-role
 prefill|decode --router HOST:P``, each with ``ENABLE_V1_KVCACHE_SCHEDULER=1`` and its own ``FD_LOG_DIR``; ready when
-``GET {router}/registered_number`` counts a prefill and a decode instance). Standard library only.
+``GET {router}/registered_number`` counts a prefill and a decode instance). Standard library only, plus
+``fastdeploy_pd_fix.config`` (stdlib itself) to read ``FD_E2E_INJECT`` as the plugin will.
+
+Every server also gets ``ENABLE_V1_KVCACHE_MANAGER=0`` (the new cache manager does not use ``cache_messager.py``),
+``FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE=1`` (a closed stream aborts its request: the abort wave),
+``FD_DETERMINISTIC_MODE`` (``FD_E2E_DETERMINISTIC``: mixed and PD servers batch differently, and only deterministic
+mode makes their greedy outputs comparable without a tolerance) and ``NO_PROXY``/``no_proxy`` with the loopback
+addresses added (the router reaches the servers over loopback HTTP, never through a proxy from the environment).
+
+GPUs: over IPC the decode server needs as many GPUs as prefill. With 4 GPUs each server has its own two; with 2, they
+share them and both get ``--gpu-memory-utilization`` ``$FD_E2E_SHARED_GPU_MEMORY_UTILIZATION`` (0.4; unless
+``FD_E2E_EXTRA_SERVER_ARGS`` sets it), since at FastDeploy's default 0.9 the second server's KV cache allocation
+fails; with fewer than the TP2 prefill needs, the module skips with that reason.
 
 Settings (environment, all optional):
 
@@ -18,13 +30,21 @@ Settings (environment, all optional):
 ``KVCACHE_RDMA_NICS``           set: transfer over RDMA with ``--rdma-comm-ports``; unset: IPC
 ``FD_E2E_REQUESTS``             concurrent requests (16); ``FD_E2E_MAX_TOKENS`` (32)
 ``FD_E2E_MAX_NUM_BATCHED_TOKENS`` per-step token budget (256), small so that the long prompts are prefilled in chunks
-``FD_E2E_INJECT``               ``FD_PD_FIX_INJECT`` of the prefill server (default registration:rank=1:delay_ms=300)
+``FD_E2E_INJECT``               ``FD_PD_FIX_INJECT`` of the prefill server (default
+                                registration_after_barrier:rank=1:delay_ms=300: rank 1 alone registers late; the
+                                race assertions count that rank's early layer-0 signals)
+``FD_E2E_DETERMINISTIC``        ``FD_DETERMINISTIC_MODE`` of every server (1); with 0, allow for batch-dependent
+                                outputs with ``FD_E2E_MAX_MISMATCHES``
+``FD_E2E_ABORTED_REQUESTS``     abort wave: streamed requests closed once the server answered, before any token (8)
+``FD_E2E_ABORT_AFTER_S``        ... or after this long without an answer (2)
+``FD_E2E_REFILL_REQUESTS``      the wave after it, more than ``--max-num-seqs`` (default: max-num-seqs + 8)
+``FD_E2E_MAX_NUM_SEQS``         ``--max-num-seqs`` (16)
 ``FD_E2E_DEADLINE_S``           every request must complete within this (300); ``FD_E2E_UNFIXED_DEADLINE_S`` (180)
 ``FD_E2E_READY_ATTEMPTS``       registration polls (60), ``FD_E2E_READY_INTERVAL_S`` apart (5)
 ``FD_E2E_ARTIFACTS_DIR``        where logs are copied (default: under pytest's tmp dir)
 ``FD_E2E_EXTRA_SERVER_ARGS``    appended to every api_server command, e.g. ``--gpu-memory-utilization 0.4``
 ``FD_E2E_MAX_MISMATCHES``       outputs allowed to differ from the mixed reference (0)
-``FD_E2E_EXPECT_UNFIXED=1``     the installed FastDeploy lacks #8034: also run the expected-hang A/B test
+``FD_E2E_EXPECT_UNFIXED=1``     the installed FastDeploy has #7724 and lacks #8034: also run the expected-hang A/B test
 ``FD_E2E_UNFIXED_PLUGIN``       plugin setting of that test: ``observe`` (default; the release's own code with the
                                 plugin's fault injection and batch journal) or ``off`` (``FD_PD_FIX=0``: no injection)
 ``FD_E2E_REQUIRED=1``           missing prerequisites fail instead of skipping (nightly CI)
@@ -44,8 +64,16 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from e2e.orchestration import LOOPBACK, Deployment, ServerSpec, WaitForHealth, WaitForRegistration
 
+from fastdeploy_pd_fix.config import parse_injection
+
 DEFAULT_MODEL_DIR_NAME = "ERNIE-4.5-0.3B-Paddle"
-DEFAULT_INJECT = "registration:rank=1:delay_ms=300"
+#: Rank 1 stores each registration 300 ms after the barrier let both ranks through: its layer-0 signals can beat
+#: their registration, rank 0's cannot (fastdeploy_pd_fix/plugin/inject.py).
+DEFAULT_INJECT = "registration_after_barrier:rank=1:delay_ms=300"
+ASYMMETRIC_STAGE = "registration_after_barrier"
+#: Hosts never sent through a proxy (added to any NO_PROXY of the environment).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+GPU_MEMORY_UTILIZATION_OPTION = "--gpu-memory-utilization"
 PLUGIN_ENV_PREFIX = "FD_PD_FIX"
 PLUGIN_ORDERED = {"FD_PD_FIX": "1", "FD_PD_FIX_MODE": "ordered"}
 UNFIXED_PLUGIN_ENVS = {
@@ -129,6 +157,11 @@ class E2ESettings:
     max_num_seqs: int
     max_model_len: int
     inject: str
+    deterministic: bool
+    aborted_requests: int
+    abort_after_s: float
+    refill_requests: int
+    shared_gpu_memory_utilization: float
     deadline_s: float
     unfixed_deadline_s: float
     ready_attempts: int
@@ -151,6 +184,18 @@ class E2ESettings:
     def unfixed_plugin_env(self) -> Dict[str, str]:
         return UNFIXED_PLUGIN_ENVS[self.unfixed_plugin]
 
+    @property
+    def shared_gpus(self) -> Tuple[int, ...]:
+        """The GPUs prefill and decode both use (empty: each has its own)."""
+        return tuple(sorted(set(self.prefill_gpus) & set(self.decode_gpus)))
+
+    @property
+    def delayed_rank(self) -> Optional[int]:
+        """The rank ``FD_E2E_INJECT`` delays on its own (after the barrier), None when it delays none alone."""
+        injections, _ = parse_injection(self.inject)
+        ranks = sorted({injection.rank for injection in injections if injection.stage == ASYMMETRIC_STAGE})
+        return ranks[0] if len(ranks) == 1 else None
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str], gpu_count: int = 0) -> "E2ESettings":
         model_text = _text(environ, "FD_E2E_MODEL", "")
@@ -165,6 +210,7 @@ class E2ESettings:
         prefill_gpus = _gpu_ids(environ, "FD_E2E_PREFILL_GPUS", (0, 1))
         decode_default = default_decode_gpus(prefill_gpus, gpu_count, over_rdma=bool(rdma_nics))
         port_base = _number(environ, "FD_E2E_PORT_BASE", 8700, int)
+        max_num_seqs = _number(environ, "FD_E2E_MAX_NUM_SEQS", 16, int)
         unfixed_plugin = _text(environ, "FD_E2E_UNFIXED_PLUGIN", "observe")
         artifacts = _text(environ, "FD_E2E_ARTIFACTS_DIR", "")
         settings = cls(
@@ -179,9 +225,14 @@ class E2ESettings:
             requests=_number(environ, "FD_E2E_REQUESTS", 16, int),
             max_tokens=_number(environ, "FD_E2E_MAX_TOKENS", 32, int),
             max_num_batched_tokens=_number(environ, "FD_E2E_MAX_NUM_BATCHED_TOKENS", 256, int),
-            max_num_seqs=_number(environ, "FD_E2E_MAX_NUM_SEQS", 16, int),
+            max_num_seqs=max_num_seqs,
             max_model_len=_number(environ, "FD_E2E_MAX_MODEL_LEN", 8192, int),
             inject=_text(environ, "FD_E2E_INJECT", DEFAULT_INJECT),
+            deterministic=_text(environ, "FD_E2E_DETERMINISTIC", "1") == "1",
+            aborted_requests=_number(environ, "FD_E2E_ABORTED_REQUESTS", 8, int),
+            abort_after_s=_number(environ, "FD_E2E_ABORT_AFTER_S", 2.0, float),
+            refill_requests=_number(environ, "FD_E2E_REFILL_REQUESTS", max_num_seqs + 8, int),
+            shared_gpu_memory_utilization=_number(environ, "FD_E2E_SHARED_GPU_MEMORY_UTILIZATION", 0.4, float),
             deadline_s=_number(environ, "FD_E2E_DEADLINE_S", 300.0, float),
             unfixed_deadline_s=_number(environ, "FD_E2E_UNFIXED_DEADLINE_S", 180.0, float),
             ready_attempts=_number(environ, "FD_E2E_READY_ATTEMPTS", 60, int),
@@ -212,8 +263,18 @@ class E2ESettings:
             )
         if self.unfixed_plugin not in UNFIXED_PLUGIN_ENVS:
             raise ValueError(f"FD_E2E_UNFIXED_PLUGIN={self.unfixed_plugin!r}: one of {sorted(UNFIXED_PLUGIN_ENVS)}")
-        if self.requests < 1 or self.max_tokens < 1:
-            raise ValueError("FD_E2E_REQUESTS and FD_E2E_MAX_TOKENS must be positive")
+        if self.requests < 1 or self.max_tokens < 1 or self.aborted_requests < 1:
+            raise ValueError("FD_E2E_REQUESTS, FD_E2E_MAX_TOKENS and FD_E2E_ABORTED_REQUESTS must be positive")
+        if self.refill_requests <= self.max_num_seqs:
+            raise ValueError(
+                f"FD_E2E_REFILL_REQUESTS={self.refill_requests}: the wave after the aborts must exceed "
+                f"--max-num-seqs {self.max_num_seqs}, so that it reuses the slots the aborts freed"
+            )
+        if not 0 < self.shared_gpu_memory_utilization < 0.5:
+            raise ValueError(
+                f"FD_E2E_SHARED_GPU_MEMORY_UTILIZATION={self.shared_gpu_memory_utilization}: two servers share the "
+                "GPUs, each needs a share in (0, 0.5)"
+            )
 
 
 # --- prerequisites ---------------------------------------------------------------------------------------------
@@ -251,6 +312,55 @@ def probe_fastdeploy(python: str, run: Callable = subprocess.run) -> Optional[st
     return None
 
 
+#: The markers of the feature line of ``fastdeploy-pd-fix status`` (fastdeploy_pd_fix/analysis.py, ``features``).
+PRE_7724_MARKER, WITH_7724_MARKER = "(pre-#7724)", "(#7724+)"
+
+
+@dataclass(frozen=True)
+class ReleaseFeatures:
+    """What ``fastdeploy-pd-fix status`` says of the release the servers run.
+
+    ``can_race``: True from #7724 on (the prefill engine no longer waits for every rank's registration before it
+    computes, so a layer-0 signal can beat its registration); False before (no race is possible: the race
+    assertions skip with ``reason``); None when status could not tell (``reason`` says why)."""
+
+    can_race: Optional[bool]
+    reason: str
+    status: str = ""
+
+
+def release_features(status: str) -> ReleaseFeatures:
+    """Read the FastDeploy and target lines of a ``fastdeploy-pd-fix status`` report."""
+    lines = [line.strip() for line in status.splitlines()]
+    fastdeploy = next((line for line in lines if line.startswith("FastDeploy:")), "FastDeploy: ?")
+    target = next((line for line in lines if line.startswith("target:")), None)
+    if target is None:
+        return ReleaseFeatures(None, f"fastdeploy-pd-fix status analysed no cache messager ({fastdeploy})", status)
+    if PRE_7724_MARKER in target:
+        return ReleaseFeatures(
+            False,
+            f"the installed release predates #7724 ({fastdeploy}; {target}): its prefill engine waits for every "
+            "rank's registration before computing, so no layer-0 signal can beat its registration",
+            status,
+        )
+    if WITH_7724_MARKER in target:
+        return ReleaseFeatures(True, f"the installed release has #7724 ({fastdeploy}; {target})", status)
+    return ReleaseFeatures(None, f"fastdeploy-pd-fix status does not tell whether #7724 is in: {target}", status)
+
+
+def probe_release(python: str, run: Callable = subprocess.run) -> ReleaseFeatures:
+    """``python -m fastdeploy_pd_fix status`` with the servers' interpreter, read by :func:`release_features`."""
+    try:
+        result = run([python, "-m", "fastdeploy_pd_fix", "status"], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return ReleaseFeatures(None, f"fastdeploy-pd-fix status did not run: {error!r}")
+    if result.returncode != 0:
+        return ReleaseFeatures(
+            None, f"fastdeploy-pd-fix status exited with {result.returncode}: {result.stderr[-300:]}"
+        )
+    return release_features(result.stdout)
+
+
 def prerequisite_problems(
     settings: E2ESettings, gpu_count: int, gpu_problem: Optional[str], fastdeploy_problem: Optional[str]
 ) -> List[str]:
@@ -261,7 +371,10 @@ def prerequisite_problems(
     else:
         needed = max(settings.prefill_gpus + settings.decode_gpus + settings.mixed_gpus) + 1
         if gpu_count < needed:
-            problems.append(f"{gpu_count} GPU(s), the configured GPU ids need {needed}")
+            problems.append(
+                f"{gpu_count} GPU(s), the configured GPU ids need {needed} (prefill {list(settings.prefill_gpus)}: "
+                f"the race needs TP 2 or more; decode {list(settings.decode_gpus)})"
+            )
     if fastdeploy_problem:
         problems.append(f"no FastDeploy ({fastdeploy_problem})")
     if settings.model is None:
@@ -278,14 +391,41 @@ def skip_reason(problems: Sequence[str]) -> str:
 # --- servers ---------------------------------------------------------------------------------------------------
 
 
+def no_proxy_value(base_env: Mapping[str, str]) -> str:
+    """The environment's ``NO_PROXY`` (or ``no_proxy``) with the loopback hosts added."""
+    present = [host.strip() for host in (base_env.get("NO_PROXY") or base_env.get("no_proxy") or "").split(",")]
+    hosts = [host for host in present if host]
+    return ",".join(hosts + [host for host in LOOPBACK_HOSTS if host not in hosts])
+
+
 def server_environment(
     base_env: Mapping[str, str], plugin_env: Mapping[str, str], extra: Mapping[str, str]
 ) -> Dict[str, str]:
-    """The inherited environment without any plugin setting, then the run's plugin setting, then ``extra``."""
+    """The inherited environment without any plugin setting, then the run's plugin setting, then ``extra``; loopback
+    never goes through a proxy."""
     env = {name: value for name, value in base_env.items() if not name.startswith(PLUGIN_ENV_PREFIX)}
     env.update(plugin_env)
     env.update(extra)
+    env["NO_PROXY"] = env["no_proxy"] = no_proxy_value(base_env)
     return env
+
+
+def fastdeploy_switches(settings: E2ESettings) -> Dict[str, str]:
+    """FastDeploy's own switches every api_server of the run gets (module docstring)."""
+    return {
+        "ENABLE_V1_KVCACHE_SCHEDULER": "1",
+        "ENABLE_V1_KVCACHE_MANAGER": "0",
+        "FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE": "1",
+        "FD_DETERMINISTIC_MODE": "1" if settings.deterministic else "0",
+    }
+
+
+def gpu_memory_arguments(settings: E2ESettings, role: str) -> List[str]:
+    """``--gpu-memory-utilization`` for a PD server on GPUs the other one uses too (none when the extra arguments
+    already set it, or for the mixed server, which runs alone)."""
+    if role == "mixed" or not settings.shared_gpus or GPU_MEMORY_UTILIZATION_OPTION in settings.extra_server_args:
+        return []
+    return [GPU_MEMORY_UTILIZATION_OPTION, str(settings.shared_gpu_memory_utilization)]
 
 
 def router_spec(settings: E2ESettings, run_dir: Path, base_env: Mapping[str, str]) -> ServerSpec:
@@ -338,10 +478,10 @@ def api_server_spec(
             options["--rdma-comm-ports"] = ",".join(str(port) for port in ports.rdma)
     argv = [settings.python, "-m", "fastdeploy.entrypoints.openai.api_server"]
     argv += [str(item) for option in options.items() for item in option]
-    argv += list(settings.extra_server_args)
+    argv += gpu_memory_arguments(settings, role) + list(settings.extra_server_args)
     extra = {
         "CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in gpus),
-        "ENABLE_V1_KVCACHE_SCHEDULER": "1",
+        **fastdeploy_switches(settings),
         "FD_LOG_DIR": str(work_dir / "log"),
     }
     if role == "prefill" and settings.inject:
@@ -406,11 +546,12 @@ def mixed_deployment(
 COLOURS = ("red", "blue", "green", "amber", "violet", "grey", "white", "black")
 
 
-def long_prompts(count: int, min_entries: int = 40, max_entries: int = 160) -> List[str]:
-    """``count`` distinct prompts of about 700 to 2900 tokens (different lengths: different numbers of chunks)."""
+def long_prompts(count: int, min_entries: int = 40, max_entries: int = 160, first: int = 0) -> List[str]:
+    """``count`` distinct prompts of about 700 to 2900 tokens (different lengths: different numbers of chunks),
+    numbered from ``first`` (prompts of different numbers differ)."""
     span = max_entries - min_entries + 1
     prompts = []
-    for number in range(count):
+    for number in range(first, first + count):
         entries = min_entries + (number * 37) % span
         lines = [f"Inspection log {number}."]
         lines += [
@@ -423,6 +564,23 @@ def long_prompts(count: int, min_entries: int = 40, max_entries: int = 160) -> L
     return prompts
 
 
-def completion_payload(prompt: str, max_tokens: int) -> dict:
-    """A greedy ``/v1/completions`` request (temperature 0, tiny top_p, fixed seed), not streamed."""
-    return {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "stream": False, **GREEDY}
+def completion_payload(prompt: str, max_tokens: int, stream: bool = False) -> dict:
+    """A greedy ``/v1/completions`` request (temperature 0, tiny top_p, fixed seed), streamed or not (only a
+    streamed request's client disconnect reaches the servers as an abort)."""
+    return {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "stream": stream, **GREEDY}
+
+
+def abort_wave_payloads(settings: E2ESettings) -> List[dict]:
+    """The streamed requests the abort wave closes: long prompts (many chunks, so a close lands mid-prefill) that
+    differ from the first wave's."""
+    prompts = long_prompts(settings.aborted_requests, min_entries=120, max_entries=160, first=settings.requests)
+    return [completion_payload(prompt, settings.max_tokens, stream=True) for prompt in prompts]
+
+
+def refill_payloads(settings: E2ESettings) -> List[dict]:
+    """The wave after the aborts: more requests than ``--max-num-seqs``, so that it reuses the slots they freed."""
+    first = settings.requests + settings.aborted_requests
+    return [
+        completion_payload(prompt, settings.max_tokens)
+        for prompt in long_prompts(settings.refill_requests, first=first)
+    ]

@@ -15,6 +15,8 @@ import dataclasses
 import http.client
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -556,7 +559,115 @@ def check_outputs_equal(actual: Sequence[str], expected: Sequence[str], max_mism
     raise OutputMismatch("\n".join(lines))
 
 
+# --- abort wave ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClosedStream:
+    """One streamed request the client closed: whether the server had answered (status line) and whether a token
+    (an SSE ``data:`` event) had arrived before the close (then the close came after the prefill)."""
+
+    index: int
+    answered: bool = False
+    token_before_close: bool = False
+    error: Optional[str] = None
+
+
+def close_streams_early(url: str, payloads: Sequence[dict], abort_after_s: float) -> List[ClosedStream]:
+    """POST every (streamed) payload at once and close each connection as soon as the server starts answering, or
+    after ``abort_after_s`` without an answer: the client disconnect that aborts a request mid-prefill."""
+    parsed = urllib.parse.urlsplit(url)
+    outcomes = [ClosedStream(index) for index in range(len(payloads))]
+    start_together = threading.Barrier(len(payloads) + 1)
+
+    def send_and_close(index: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        start_together.wait()
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=abort_after_s + 10) as sock:
+                sock.sendall(head + body)
+                readable, _, _ = select.select([sock], [], [], abort_after_s)
+                received = sock.recv(65536) if readable else b""
+                outcomes[index].answered = received.startswith(b"HTTP/")
+                outcomes[index].token_before_close = b"data:" in received
+        except OSError as error:
+            outcomes[index].error = repr(error)
+
+    threads = [
+        threading.Thread(target=send_and_close, args=(index, payload), name=f"e2e-abort-{index}", daemon=True)
+        for index, payload in enumerate(payloads)
+    ]
+    for thread in threads:
+        thread.start()
+    start_together.wait()
+    for thread in threads:
+        thread.join(abort_after_s + 30)
+    return outcomes
+
+
+def describe_closed_streams(closed: Sequence[ClosedStream]) -> str:
+    answered = sum(stream.answered for stream in closed)
+    late = sum(stream.token_before_close for stream in closed)
+    errors = [f"stream {stream.index}: {stream.error}" for stream in closed if stream.error]
+    return (
+        f"{len(closed)} streams closed: {answered} after the server answered, {len(closed) - answered} before; "
+        f"{late} had already received a token (closed after their prefill)" + "".join(f"\n  {e}" for e in errors)
+    )
+
+
 # --- logs and failure reports ----------------------------------------------------------------------------------
+
+#: The messager's per-rank log names (as ``diagnose`` reads them), with the number they carry.
+RANK_LOG_NAME = re.compile(r"^cache_messager_(?:rank|device)?(?P<number>\d+)\.log$")
+#: The plugin's activation line in a messager log: which tensor-parallel rank wrote it.
+ACTIVE_RANK = re.compile(r"active on rank_id=(?P<rank_id>\d+)(?:.*?\brank=(?P<rank>\d+))?")
+#: The messager's race counter (core/messager_step.py): a layer-0 task whose slot had no registration yet.
+EARLY_SIGNAL = re.compile(
+    r"early layer-0 signal #(?P<number>\d+): slot \d+ chunk \[\d+, \d+\) arrived before its registration"
+)
+#: The engine-side notice of an abort (plugin/engine.py), in the prefill engine's logs.
+ABORT_NOTICE = re.compile(r"abort of request .*emitted_end=")
+
+
+def early_signal_counts(root: Path) -> Dict[int, int]:
+    """Per tensor-parallel rank of the messager logs under ``root``: how many layer-0 signals arrived before their
+    registration (the highest ``#N`` its messager logged; 0 for a rank that logged none). The rank is the one the
+    activation line names, else the number of the log's name."""
+    counts: Dict[int, int] = {}
+    for path in sorted(root.rglob("cache_messager_*.log")):
+        name = RANK_LOG_NAME.match(path.name)
+        if name is None:
+            continue
+        rank, highest = int(name["number"]), 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            active = ACTIVE_RANK.search(line)
+            if active:
+                rank = int(active["rank"] if active["rank"] is not None else active["rank_id"])
+            early = EARLY_SIGNAL.search(line)
+            if early:
+                highest = max(highest, int(early["number"]))
+        counts[rank] = max(counts.get(rank, 0), highest)
+    return counts
+
+
+def engine_abort_notices(root: Path) -> List[str]:
+    """Every engine-side abort notice line (``abort of request ... emitted_end=``) in the logs under ``root`` that
+    are not cache messager logs (those come from the engine), as ``file: line``."""
+    messager_logs = set(cache_messager_logs(root))
+    found = []
+    for path in sorted(candidate for candidate in root.rglob("*") if candidate.is_file()):
+        if path in messager_logs:
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        found += [f"{path.relative_to(root)}: {line.strip()}" for line in lines if ABORT_NOTICE.search(line)]
+    return found
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
@@ -637,8 +748,19 @@ class Deployment:
             raise type(failure)(f"{self.label}: {failure}\n\n{self.failure_report()}") from None
         return [outcome.text for outcome in outcomes]
 
+    def close_streams_early(self, payloads: Sequence[dict], abort_after_s: float, path: str = "/v1/completions"):
+        """The abort wave: :func:`close_streams_early` on the entry server."""
+        for server in self.cluster.servers:
+            server.remember_descendants()
+        return close_streams_early(f"{self.base_url}{path}", payloads, abort_after_s)
+
     def collect_logs(self) -> List[str]:
         return self.cluster.collect_logs(self.artifacts_dir)
+
+    def server_artifacts(self, name: str) -> Path:
+        """The copied logs of server ``name`` (copied now)."""
+        self.collect_logs()
+        return self.artifacts_dir / name
 
     def diagnose(self) -> Tuple[Optional[int], str]:
         """Copy the logs now and run ``fastdeploy-pd-fix diagnose`` on the copy of the ``diagnose_server``'s logs."""

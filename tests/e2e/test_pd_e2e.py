@@ -1,15 +1,25 @@
 """GPU end-to-end test of the plugin with a real FastDeploy: router, TP2 prefill server, decode server.
 
 The workload is built to hit the cache messager race: concurrent long prompts, prefilled in chunks (small
-``--max-num-batched-tokens``), while ``FD_PD_FIX_INJECT`` holds tensor-parallel rank 1's registrations back behind its
-layer-0 signals. Pass: every request completes within the deadline, the greedy outputs equal those of a mixed
-(non-disaggregated) server, and ``fastdeploy-pd-fix diagnose`` finds the prefill ranks' batch sequences equal (which
-also proves the plugin ran in the cache messagers). A hang fails with every rank's cache messager log and diagnose's
-verdict in the message, and all logs copied to the artifacts directory.
+``--max-num-batched-tokens``), while ``FD_PD_FIX_INJECT=registration_after_barrier:rank=1:...`` makes tensor-parallel
+rank 1 alone store each registration late, after the barrier let both ranks through, so that its layer-0 signals
+beat their registrations and rank 0's do not. One deployment with the plugin in ordered mode serves, in order:
 
-A/B: with ``FD_E2E_EXPECT_UNFIXED=1`` (the installed release lacks #8034) the same run without the fix is expected
-to hang (strict xfail). Without GPUs, FastDeploy or the model the module skips with one reason
-(``FD_E2E_REQUIRED=1``: fails instead). Settings: see ``fastdeploy_servers``. On a GPU machine:
+1. the race wave: every request completes within the deadline with the greedy outputs of a mixed (non-disaggregated)
+   server (``FD_DETERMINISTIC_MODE=1``; ``FD_E2E_MAX_MISMATCHES`` is the tolerance without it), and
+   ``fastdeploy-pd-fix diagnose`` finds the prefill ranks' batch sequences equal (which also proves the plugin ran);
+2. the proof that the race happened: the delayed rank's messager logged ``early layer-0 signal #N`` lines (N > 0)
+   and the other rank's count differs. Skipped, with the reason, where ``fastdeploy-pd-fix status`` reports a release
+   before #7724 (no race is possible there) or ``FD_E2E_INJECT`` delays no rank on its own;
+3. the abort wave: streamed requests closed by the client mid-prefill, then more requests than ``--max-num-seqs``,
+   which reuse the freed slots: every one of those completes within the deadline, and diagnose still finds no
+   divergence. The engine-side abort notices of the prefill logs (``abort of request ... emitted_end=``), if any, are
+   attached to the report, not asserted on.
+
+A/B: with ``FD_E2E_EXPECT_UNFIXED=1`` (a release with #7724 and without #8034) the same race wave without the fix is
+expected to hang (strict xfail). A hang fails with every rank's cache messager log and diagnose's verdict in the
+message, and all logs copied to the artifacts directory. Without GPUs, FastDeploy or the model the module skips with
+one reason (``FD_E2E_REQUIRED=1``: fails instead). Settings: see ``fastdeploy_servers``. On a GPU machine:
 ``bash ci/run_gpu_e2e.sh``.
 """
 
@@ -17,7 +27,13 @@ import os
 
 import pytest
 from e2e import fastdeploy_servers as fd
-from e2e.orchestration import RequestsHung, check_outputs_equal
+from e2e.orchestration import (
+    RequestsHung,
+    check_outputs_equal,
+    describe_closed_streams,
+    early_signal_counts,
+    engine_abort_notices,
+)
 
 GPU_COUNT, GPU_PROBLEM = fd.detect_gpus()
 SETTINGS = fd.E2ESettings.from_env(os.environ, gpu_count=GPU_COUNT)
@@ -26,6 +42,14 @@ if MISSING:
     if SETTINGS.required:
         pytest.fail(fd.skip_reason(MISSING) + " (FD_E2E_REQUIRED=1)", pytrace=False)
     pytest.skip(fd.skip_reason(MISSING), allow_module_level=True)
+
+RELEASE = fd.probe_release(SETTINGS.python)
+if not RELEASE.can_race:
+    NO_RACE = f"no race to prove: {RELEASE.reason}"
+elif SETTINGS.delayed_rank is None:
+    NO_RACE = f"FD_E2E_INJECT={SETTINGS.inject!r} delays no rank on its own ({fd.ASYMMETRIC_STAGE}:rank=R:...)"
+else:
+    NO_RACE = None
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(SETTINGS.test_timeout_s)]
 
@@ -57,31 +81,75 @@ def reference_texts(request, run_root, artifacts_root, payloads):
     return texts
 
 
-@pytest.fixture
-def start_pd(request, run_root, artifacts_root):
-    """Starts a router + prefill + decode deployment; its teardown is registered before it starts."""
-
-    def start(label, plugin_env):
-        deployment = fd.pd_deployment(SETTINGS, run_root / label, artifacts_root / label, label, plugin_env)
-        request.addfinalizer(deployment.teardown)
-        deployment.start()
-        return deployment
-
-    return start
+STARTED = []  # every PD deployment of the module: one runs at a time (same GPUs and ports)
 
 
-def test_pd_with_plugin_completes_and_matches_mixed_under_registration_delay(start_pd, reference_texts, payloads):
-    pd = start_pd("pd-plugin-ordered", fd.PLUGIN_ORDERED)
-    texts = pd.run_workload(payloads, SETTINGS.deadline_s)
-    check_outputs_equal(texts, reference_texts, SETTINGS.max_mismatches)
-    code, report = pd.diagnose()
+def start_pd(request, run_root, artifacts_root, label, plugin_env):
+    """Stops the deployments started before, then starts a router + prefill + decode deployment; its teardown is
+    registered before it starts."""
+    for earlier in STARTED:
+        earlier.teardown()
+    deployment = fd.pd_deployment(SETTINGS, run_root / label, artifacts_root / label, label, plugin_env)
+    request.addfinalizer(deployment.teardown)
+    STARTED.append(deployment)
+    deployment.start()
+    return deployment
+
+
+@pytest.fixture(scope="module")
+def ordered_pd(request, run_root, artifacts_root, reference_texts):
+    """The plugin's deployment (after the reference: they use the same GPUs), shared by the waves below."""
+    return start_pd(request, run_root, artifacts_root, "pd-plugin-ordered", fd.PLUGIN_ORDERED)
+
+
+@pytest.fixture(scope="module")
+def race_wave(ordered_pd, payloads):
+    """The texts of the race wave (a hang fails every test that needs it, with the full report)."""
+    return ordered_pd.run_workload(payloads, SETTINGS.deadline_s)
+
+
+def test_race_wave_completes_with_the_mixed_outputs_and_equal_rank_sequences(ordered_pd, race_wave, reference_texts):
+    check_outputs_equal(race_wave, reference_texts, SETTINGS.max_mismatches)
+    code, report = ordered_pd.diagnose()
     assert code == 0, f"fastdeploy-pd-fix diagnose on the prefill logs: exit code {code}\n{report}"
 
 
+@pytest.mark.skipif(NO_RACE is not None, reason=NO_RACE or "")
+def test_race_happened_on_the_delayed_rank_only(ordered_pd, race_wave):
+    counts = early_signal_counts(ordered_pd.server_artifacts("prefill"))
+    delayed = SETTINGS.delayed_rank
+    report = f"early layer-0 signals per rank: {counts} (FD_E2E_INJECT={SETTINGS.inject}; {RELEASE.reason})"
+    assert counts.get(delayed, 0) > 0, f"rank {delayed} saw no layer-0 signal before its registration: {report}"
+    others = {rank: count for rank, count in counts.items() if rank != delayed}
+    assert others, f"no messager log of any other rank: {report}"
+    assert all(count != counts[delayed] for count in others.values()), f"the ranks' arrival orders agree: {report}"
+
+
+def test_abort_wave_then_a_wave_beyond_max_num_seqs_completes_without_divergence(
+    ordered_pd, race_wave, record_property
+):
+    closed = ordered_pd.close_streams_early(fd.abort_wave_payloads(SETTINGS), SETTINGS.abort_after_s)
+    print(describe_closed_streams(closed))
+    record_property("closed_streams", describe_closed_streams(closed))
+
+    texts = ordered_pd.run_workload(fd.refill_payloads(SETTINGS), SETTINGS.deadline_s)
+    assert len(texts) == SETTINGS.refill_requests
+    code, report = ordered_pd.diagnose()
+
+    notices = engine_abort_notices(ordered_pd.server_artifacts("prefill"))
+    attached = "\n".join(notices) if notices else "(no engine-side abort notice in the prefill logs)"
+    (ordered_pd.artifacts_dir / "engine-abort-notices.txt").write_text(attached + "\n")
+    print(f"engine-side abort notices of the prefill server:\n{attached}")
+    record_property("engine_abort_notices", attached)
+    assert code == 0, f"fastdeploy-pd-fix diagnose after the abort wave: exit code {code}\n{report}"
+
+
 @pytest.mark.skipif(not SETTINGS.expect_unfixed, reason="FD_E2E_EXPECT_UNFIXED=1 not set (release has #8034?)")
+@pytest.mark.skipif(NO_RACE is not None, reason=f"the A/B run cannot hang: {NO_RACE}")
 @pytest.mark.xfail(
     strict=True, raises=RequestsHung, reason="without #8034 or the fix, the prefill cache messager ranks deadlock"
 )
-def test_pd_without_fix_hangs_on_release_lacking_8034(start_pd, payloads):
-    pd = start_pd(f"pd-unfixed-{SETTINGS.unfixed_plugin}", SETTINGS.unfixed_plugin_env)
+def test_pd_without_fix_hangs_on_release_lacking_8034(request, run_root, artifacts_root, payloads):
+    label = f"pd-unfixed-{SETTINGS.unfixed_plugin}"
+    pd = start_pd(request, run_root, artifacts_root, label, SETTINGS.unfixed_plugin_env)
     pd.run_workload(payloads, SETTINGS.unfixed_deadline_s)

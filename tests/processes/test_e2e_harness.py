@@ -23,6 +23,8 @@ from e2e.fastdeploy_servers import (
     pd_deployment,
     prerequisite_problems,
     probe_fastdeploy,
+    probe_release,
+    release_features,
     skip_reason,
 )
 from e2e.orchestration import (
@@ -40,6 +42,8 @@ from e2e.orchestration import (
     WaitForRegistration,
     busy_ports,
     check_outputs_equal,
+    early_signal_counts,
+    engine_abort_notices,
     find_free_port,
     identify,
     is_running,
@@ -240,24 +244,29 @@ def free_port_block(size: int) -> int:
     raise AssertionError(f"no {size} consecutive free ports")
 
 
-def test_gpu_module_dry_run_on_a_fake_fastdeploy(tmp_path):
-    """tests/e2e/test_pd_e2e.py itself, unchanged, against a fake nvidia-smi and a fake FastDeploy whose router and
-    api_server are the stubs on FastDeploy's ports: fixtures, readiness, workload, diagnose, the strict xfail
-    (the fake decode server never answers while the fix is off) and the teardowns all run."""
+def dry_run_environment(tmp_path: Path, gpus: int, with_7724: str) -> dict:
+    """A fake nvidia-smi listing ``gpus`` GPUs and a fake FastDeploy whose router and api_server are the stubs on
+    FastDeploy's ports, and whose cache messager (for ``fastdeploy-pd-fix status``) is the stand-in's."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "nvidia-smi").write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: Fake (UUID: GPU-$i)"; done\n')
+    listing = " ".join(str(index) for index in range(gpus))
+    (fake_bin / "nvidia-smi").write_text(
+        f'#!/bin/sh\nfor i in {listing}; do echo "GPU $i: Fake (UUID: GPU-$i)"; done\n'
+    )
     (fake_bin / "nvidia-smi").chmod(0o755)
     (tmp_path / "model").mkdir()
-    artifacts = tmp_path / "artifacts"
-    environ = {
+    return {
         **os.environ,
         "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": os.pathsep.join([str(STUBS / "fake_fastdeploy"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "FD_STANDIN_7724": with_7724,
         "FD_E2E_MODEL": str(tmp_path / "model"),
         "FD_E2E_PORT_BASE": str(free_port_block(40)),
-        "FD_E2E_ARTIFACTS_DIR": str(artifacts),
+        "FD_E2E_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
         "FD_E2E_REQUESTS": "4",
+        "FD_E2E_MAX_NUM_SEQS": "2",
+        "FD_E2E_ABORTED_REQUESTS": "3",
+        "FD_E2E_ABORT_AFTER_S": "10",  # the stubs answer a stream at once: the close never waits for this
         "FD_E2E_READY_ATTEMPTS": "500",
         "FD_E2E_READY_INTERVAL_S": "0.01",
         "FD_E2E_STOP_GRACE_S": "5",
@@ -267,16 +276,83 @@ def test_gpu_module_dry_run_on_a_fake_fastdeploy(tmp_path):
         "FD_E2E_EXPECT_UNFIXED": "1",
         "FD_E2E_REQUIRED": "1",
     }
-    command = [sys.executable, "-m", "pytest", "tests/e2e", "-p", "no:cacheprovider", "-q", "-rA"]
-    result = subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
+
+
+#: The dry runs of the GPU module: (name, fake GPUs, FD_STANDIN_7724, extra environment).
+DRY_RUNS = [
+    ("4-gpus-7724", 4, "1", {}),
+    ("2-gpus-pre-7724", 2, "0", {}),
+    ("1-gpu", 1, "1", {"FD_E2E_REQUIRED": "0"}),
+]
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """Every dry run of tests/e2e at once (each mostly waits: paddle's import for status, the stubs), then their
+    results by name: (tmp_path, completed process with stdout and stderr)."""
+    started = {}
+    for name, gpus, with_7724, extra in DRY_RUNS:
+        tmp_path = tmp_path_factory.mktemp(name)
+        environ = {**dry_run_environment(tmp_path, gpus, with_7724), **extra}
+        command = [sys.executable, "-m", "pytest", "tests/e2e", "-p", "no:cacheprovider", "-q", "-rA"]
+        output = open(tmp_path / "pytest-output.txt", "w+")
+        process = subprocess.Popen(command, cwd=REPO, env=environ, stdout=output, stderr=subprocess.STDOUT, text=True)
+        started[name] = (tmp_path, process, output)
+    results = {}
+    for name, (tmp_path, process, output) in started.items():
+        try:
+            process.wait(timeout=240)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        output.seek(0)
+        results[name] = (tmp_path, subprocess.CompletedProcess(process.args, process.returncode, output.read(), ""))
+        output.close()
+    return results
+
+
+def test_gpu_module_dry_run_with_4_gpus_and_a_release_with_7724(dry_runs):
+    """tests/e2e/test_pd_e2e.py itself, unchanged: fixtures, readiness, the race wave, the race proof (rank 1's early
+    layer-0 signals in the stub's logs), the abort wave, diagnose, the strict xfail (the fake decode server never
+    answers while the fix is off) and the teardowns all run; each server has its own two GPUs."""
+    tmp_path, result = dry_runs["4-gpus-7724"]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed, 1 xfailed" in result.stdout, result.stdout
+    assert "3 passed, 1 xfailed" in result.stdout, result.stdout
+    artifacts = tmp_path / "artifacts"
     prefill_log = (artifacts / "pd-plugin-ordered" / "prefill" / "stdout.log").read_text()
+    decode_log = (artifacts / "pd-plugin-ordered" / "decode" / "stdout.log").read_text()
     assert f"FD_PD_FIX_INJECT={DEFAULT_INJECT}" in prefill_log and "FD_PD_FIX_MODE=ordered" in prefill_log
     assert "--splitwise-role prefill" in prefill_log and "--tensor-parallel-size 2" in prefill_log
+    assert "CUDA_VISIBLE_DEVICES=0,1" in prefill_log and "CUDA_VISIBLE_DEVICES=2,3" in decode_log
+    assert "--gpu-memory-utilization" not in prefill_log + decode_log
+    for switch in ("ENABLE_V1_KVCACHE_MANAGER=0", "FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE=1"):
+        assert switch in prefill_log and switch in decode_log
+    assert "FD_DETERMINISTIC_MODE=1" in prefill_log and "NO_PROXY=" in prefill_log
     assert "FD_PD_FIX_MODE=observe" in (artifacts / "pd-unfixed-observe" / "decode" / "stdout.log").read_text()
     assert (artifacts / "pd-unfixed-observe" / "prefill" / "log" / "cache_messager_rank1.log").is_file()
     assert (artifacts / "mixed-reference" / "mixed" / "stdout.log").is_file()
+    assert (artifacts / "pd-plugin-ordered" / "engine-abort-notices.txt").is_file()
+    assert "3 streams closed: 3 after the server answered" in result.stdout
+
+
+def test_gpu_module_dry_run_with_2_shared_gpus_and_a_release_before_7724(dry_runs):
+    """Prefill and decode share GPUs 0,1 with a lowered --gpu-memory-utilization; the release cannot race, so the
+    race proof and the A/B run skip with that reason while the waves still run."""
+    tmp_path, result = dry_runs["2-gpus-pre-7724"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed, 2 skipped" in result.stdout, result.stdout
+    assert result.stdout.count("predates #7724") == 2, result.stdout  # the race proof's reason and the A/B run's
+    artifacts = tmp_path / "artifacts" / "pd-plugin-ordered"
+    for role in ("prefill", "decode"):
+        log = (artifacts / role / "stdout.log").read_text()
+        assert "CUDA_VISIBLE_DEVICES=0,1" in log and "--gpu-memory-utilization 0.4" in log
+
+
+def test_gpu_module_with_too_few_gpus_skips_with_the_reason(dry_runs):
+    _, result = dry_runs["1-gpu"]
+    assert result.returncode == 5, result.stdout + result.stderr  # no test ran: the module skipped itself
+    assert "1 GPU(s), the configured GPU ids need 2" in result.stdout, result.stdout
 
 
 def option(spec: ServerSpec, name: str) -> str:
@@ -302,6 +378,13 @@ def test_fastdeploy_pd_command_lines_over_ipc(tmp_path):
     assert {spec.env["ENABLE_V1_KVCACHE_SCHEDULER"] for spec in (prefill, decode)} == {"1"}
     assert len({spec.env["FD_LOG_DIR"] for spec in (router, prefill, decode)}) == 3
     assert prefill.env["FD_PD_FIX_INJECT"] == DEFAULT_INJECT and "FD_PD_FIX_INJECT" not in decode.env
+    assert settings.delayed_rank == 1 and settings.shared_gpus == ()
+    for spec in (prefill, decode):
+        assert spec.env["ENABLE_V1_KVCACHE_MANAGER"] == "0" and spec.env["FD_DETERMINISTIC_MODE"] == "1"
+        assert spec.env["FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE"] == "1"
+        assert "--gpu-memory-utilization" not in spec.argv  # own GPUs: FastDeploy's default
+    for spec in (router, prefill, decode):
+        assert spec.env["NO_PROXY"] == spec.env["no_proxy"] == "127.0.0.1,localhost,::1"
     assert (prefill.env["FD_PD_FIX"], prefill.env["FD_PD_FIX_MODE"]) == ("1", "ordered")
     ports = [port for spec in (router, prefill, decode) for port in spec.ports]
     assert len(ports) == len(set(ports)) and prefill.ports[0] == int(option(prefill, "--port"))
@@ -321,9 +404,69 @@ def test_fastdeploy_command_lines_over_rdma_and_the_mixed_reference(tmp_path):
     assert settings.unfixed_plugin_env == {"FD_PD_FIX": "1", "FD_PD_FIX_MODE": "observe"}
 
 
+def test_prefill_and_decode_sharing_two_gpus_get_a_lowered_memory_share(tmp_path):
+    environ = {"FD_E2E_MODEL": "/m", "NO_PROXY": "proxy.example,localhost", "FD_E2E_DETERMINISTIC": "0"}
+    settings = E2ESettings.from_env(environ, gpu_count=2)
+    router, prefill, decode = pd_deployment(settings, tmp_path, tmp_path / "out", "pd", PLUGIN_ORDERED, environ).specs
+    assert settings.shared_gpus == (0, 1)
+    for spec in (prefill, decode):
+        assert spec.env["CUDA_VISIBLE_DEVICES"] == "0,1" and option(spec, "--gpu-memory-utilization") == "0.4"
+        assert spec.env["FD_DETERMINISTIC_MODE"] == "0"
+    assert router.env["NO_PROXY"] == "proxy.example,localhost,127.0.0.1,::1"
+    (mixed,) = mixed_deployment(settings, tmp_path, tmp_path / "out", environ).specs
+    assert "--gpu-memory-utilization" not in mixed.argv  # alone on its GPUs
+
+    chosen = E2ESettings.from_env({**environ, "FD_E2E_EXTRA_SERVER_ARGS": "--gpu-memory-utilization 0.3"}, gpu_count=2)
+    _, prefill, _ = pd_deployment(chosen, tmp_path, tmp_path / "out", "pd", PLUGIN_ORDERED, environ).specs
+    assert prefill.argv.count("--gpu-memory-utilization") == 1 and option(prefill, "--gpu-memory-utilization") == "0.3"
+
+
+STATUS_WITH_7724 = """fastdeploy-pd-fix 0.1.0
+FastDeploy:  2.6.1 (/site-packages/fastdeploy/cache_manager/cache_messager.py)
+target:      CacheMessagerV1 recognised; get_output_kv_signal(buf, self.rank_id, 0); pending_layer0_signals (#7872+); \
+no finish_add_cache_task_barrier (#7724+); send loop waits for registration (#7724+)
+"""
+STATUS_PRE_7724 = """FastDeploy:  2.5.0 (/site-packages/fastdeploy/cache_manager/cache_messager.py)
+target:      CacheMessagerV1 recognised; get_output_kv_signal(buf, self.rank_id, 0); no pending buffer (pre-#7872); \
+finish_add_cache_task_barrier (pre-#7724); send loop does not wait for registration
+"""
+STATUS_NO_TARGET = """FastDeploy:  unknown; fastdeploy.cache_manager.cache_messager not importable: ImportError('libcuda')
+"""
+
+
+def test_the_release_features_come_from_the_status_feature_line():
+    assert release_features(STATUS_WITH_7724).can_race is True
+    before = release_features(STATUS_PRE_7724)
+    assert before.can_race is False and "predates #7724" in before.reason and "2.5.0" in before.reason
+    unknown = release_features(STATUS_NO_TARGET)
+    assert unknown.can_race is None and "libcuda" in unknown.reason
+    ran = subprocess.CompletedProcess([], 0, STATUS_PRE_7724, "")
+    assert probe_release(sys.executable, run=lambda *a, **k: ran).can_race is False
+    failed = subprocess.CompletedProcess([], 1, "", "No module named fastdeploy_pd_fix")
+    assert "No module named fastdeploy_pd_fix" in probe_release(sys.executable, run=lambda *a, **k: failed).reason
+
+
+def test_early_signal_counts_per_rank_and_engine_abort_notices(tmp_path):
+    log = tmp_path / "prefill" / "log"
+    log.mkdir(parents=True)
+    early = "INFO fastdeploy_pd_fix: early layer-0 signal #{}: slot 3 chunk [0, 256) arrived before its registration"
+    (log / "cache_messager_rank0.log").write_text("patched ...; active on rank_id=0 rank=0 nranks=2\n")
+    (log / "cache_messager_rank1.log").write_text("\n".join(early.format(n) for n in (1, 2, 3)) + "\n")
+    (log / "launch_cache_messager_1.log").write_text(early.format(7) + "\n")  # not a rank log: its stderr
+    (log / "cache_messager_device3.log").write_text("active on rank_id=2 rank=0 nranks=2\n" + early.format(4) + "\n")
+    assert early_signal_counts(tmp_path) == {0: 4, 1: 3}  # rank 0 of a second DP group logged 4: the highest counts
+
+    notice = "INFO fastdeploy_pd_fix: abort of request req-7 in slot 2 sent, emitted_end=512"
+    (log / "engine.log").write_text(f"something else\n{notice}\n")
+    (log / "cache_messager_rank0.log").write_text(f"{notice}\n")  # the messager's own log: not the engine's
+    assert engine_abort_notices(tmp_path) == [f"prefill/log/engine.log: {notice}"]
+
+
 @pytest.mark.parametrize(
     "environ, complaint",
     [
+        ({"FD_E2E_REFILL_REQUESTS": "16"}, "must exceed --max-num-seqs 16"),
+        ({"FD_E2E_SHARED_GPU_MEMORY_UTILIZATION": "0.6"}, "each needs a share in"),
         ({"FD_E2E_PREFILL_GPUS": "0"}, "TP size of 2"),
         ({"FD_E2E_DECODE_GPUS": "2"}, "IPC transfer needs equal TP sizes"),
         ({"FD_E2E_REQUESTS": "many"}, "FD_E2E_REQUESTS='many'"),
@@ -344,7 +487,9 @@ def test_the_skip_reason_names_every_missing_prerequisite(tmp_path):
     ready = E2ESettings.from_env({"MODEL_PATH": str(tmp_path)}, gpu_count=4)
     (tmp_path / "ERNIE-4.5-0.3B-Paddle").mkdir()
     assert prerequisite_problems(ready, 4, None, None) == []
-    assert prerequisite_problems(ready, 1, None, None) == ["1 GPU(s), the configured GPU ids need 4"]
+    assert prerequisite_problems(ready, 1, None, None) == [
+        "1 GPU(s), the configured GPU ids need 4 (prefill [0, 1]: the race needs TP 2 or more; decode [2, 3])"
+    ]
 
 
 def test_gpu_and_fastdeploy_probes():

@@ -1,24 +1,30 @@
-"""The engine's slot lifecycle on the stand-in (real rank processes): l1-l13 without the plugin, in upstream mode and
-in ordered mode, with the send thread's ground-truth checks.
+"""The engine's slot lifecycle on the stand-in (real rank processes): l1-l13 without the plugin, in upstream mode, in
+ordered mode (with the engine-side notices) and in ordered mode without them, with the send thread's ground-truth
+checks; and in ordered mode on three ranks.
 
-Every scenario runs once per mode on the default #7872 variant, all concurrently in one module fixture; each test
+Every scenario runs once per run mode on the default #7872 variant, all concurrently in one module fixture; each test
 reads the results. Outcomes and violation counts are the scenarios' documented ``expected`` values; the tests add
 what each case shows beyond them (identical sequences and violations on every rank, the log lines the rules write,
 the watchdog's report).
 """
 
 import pytest
+from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix import _bootstrap, config
+from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.standin.fastdeploy._standin.ground_truth import GroundTruth, normal_flow_owners
 from fastdeploy_pd_fix.standin.fastdeploy._standin.script import ScriptedStreams, recycled_requests
 from fastdeploy_pd_fix.standin.harness import run_many
-from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
+from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS, WITHOUT_NOTICES, WITHOUT_NOTICES_ENV
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS, resolve_scenario
 
 pytestmark = pytest.mark.timeout(600)
 
 MODES = (config.OFF, config.UPSTREAM, config.ORDERED)
+#: Run mode key -> (plugin mode, extra environment).
+RUNS = {mode: (mode, {}) for mode in MODES}
+RUNS[WITHOUT_NOTICES] = (config.ORDERED, WITHOUT_NOTICES_ENV)
+THREE_RANKS = "ordered, 3 ranks"
 DEADLINE_S = 2.0  # after every rank is ready; a finishing run needs well under a second
 WATCHDOG_S = "0.5"
 LIMITS = sorted(name for name, scenario in LIFECYCLE_SCENARIOS.items() if not scenario["decidable"])
@@ -27,13 +33,17 @@ DECIDABLE = sorted(name for name, scenario in LIFECYCLE_SCENARIOS.items() if sce
 
 @pytest.fixture(scope="module")
 def results():
-    assert _bootstrap.state["installed"], "install the plugin (pip install -e .) so that its .pth runs"
-    jobs = [
-        dict(scenario=name, mode=mode, deadline_s=DEADLINE_S, env={"FD_PD_FIX_WATCHDOG_S": WATCHDOG_S})
-        for name in LIFECYCLE_SCENARIOS
-        for mode in MODES
-    ]
-    return {(job["scenario"], job["mode"]): result for job, result in zip(jobs, run_many(jobs, parallel=6))}
+    require_plugin_installed()
+    keys, jobs = [], []
+    for name in LIFECYCLE_SCENARIOS:
+        for run, (mode, env) in RUNS.items():
+            keys.append((name, run))
+            jobs.append(
+                dict(scenario=name, mode=mode, deadline_s=DEADLINE_S, env={"FD_PD_FIX_WATCHDOG_S": WATCHDOG_S, **env})
+            )
+        keys.append((name, THREE_RANKS))
+        jobs.append(dict(scenario=name, mode=config.ORDERED, nranks=3, deadline_s=DEADLINE_S))
+    return dict(zip(keys, run_many(jobs, parallel=6)))
 
 
 def describe(result):
@@ -44,30 +54,57 @@ def messager_log(result, rank):
     return result.logs[rank].split("\n----- stdout/stderr of rank", 1)[0]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS, key=lambda name: int(name[1:])))
-def test_outcome_and_ground_truth_as_documented(results, name, mode):
-    result = results[(name, mode)]
-    outcome, violations = LIFECYCLE_SCENARIOS[name]["expected"][mode]
+def test_outcome_and_ground_truth_as_documented(results, name, run):
+    result = results[(name, run)]
+    outcome, violations = LIFECYCLE_SCENARIOS[name]["expected"][run]
     assert (result.outcome, result.ground_truth_violations()) == (outcome, violations), describe(result)
-    if mode != config.OFF:
+    if run != config.OFF:
+        mode = RUNS[run][0]
         assert all(f"(mode={mode}" in log for log in result.logs.values()), "the plugin patched every rank"
 
 
-@pytest.mark.parametrize("name", DECIDABLE)
-def test_ordered_finishes_decidable_cases_alike_on_every_rank_without_violation(results, name):
-    result = results[(name, config.ORDERED)]
+def sent_alike_without_violation(result, name, nranks=2):
     assert result.outcome == "finished" and result.same_batches_on_all_ranks(), describe(result)
-    assert result.violations == {0: [], 1: []}
-    one_batch_per_signal = [
+    assert result.violations == {rank: [] for rank in range(nranks)}, describe(result)
+    # one batch per signal, in signal order; a signal of an orphan or a dead request releases none
+    one_batch_per_signal = iter(
         [[slot, offset + length] for slot, offset, length in signal] for signal in LIFECYCLE_SCENARIOS[name]["signals"]
-    ]
-    assert result.batches[0] == one_batch_per_signal[: len(result.batches[0])]
+    )
+    assert all(batch in one_batch_per_signal for batch in result.batches[0]), describe(result)
+
+
+@pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS))
+def test_ordered_with_notices_finishes_every_case_alike_on_every_rank_without_violation(results, name):
+    sent_alike_without_violation(results[(name, config.ORDERED)], name)
+
+
+@pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS))
+def test_ordered_with_notices_on_three_ranks(results, name):
+    sent_alike_without_violation(results[(name, THREE_RANKS)], name, nranks=3)
+
+
+@pytest.mark.parametrize("name", DECIDABLE)
+def test_ordered_without_notices_finishes_decidable_cases_alike_on_every_rank_without_violation(results, name):
+    sent_alike_without_violation(results[(name, WITHOUT_NOTICES)], name)
+
+
+def test_notices_are_put_only_in_ordered_mode_and_handled_before_the_next_request(results):
+    line = "engine notice: abort of request A on slot 0 (emitted_end=None)"
+    assert all(line in messager_log(results[("l5", config.ORDERED)], rank) for rank in (0, 1))
+    for run in (config.UPSTREAM, WITHOUT_NOTICES):
+        assert "engine notice" not in messager_log(results[("l5", run)], 0), run
+    l10 = messager_log(results[("l10", config.ORDERED)], 0)
+    assert "dropped layer-0 task slot=0 prefilled_token_num=4 from kv signal: chunk [0, 4) belongs to orphan O" in l10
+    l13 = messager_log(results[("l13", config.ORDERED)], 0)
+    assert "belongs to request A aborted before registering" in l13
+    assert "request A was counted before and is already closed" in l13
 
 
 @pytest.mark.parametrize("name", LIMITS)
-def test_ordered_errs_alike_on_every_rank_where_the_streams_cannot_decide(results, name):
-    result = results[(name, config.ORDERED)]
+def test_ordered_without_notices_errs_alike_on_every_rank_where_the_streams_cannot_decide(results, name):
+    result = results[(name, WITHOUT_NOTICES)]
     assert result.same_batches_on_all_ranks(), describe(result)
     assert result.violations[0] == result.violations[1], describe(result)
 
@@ -76,7 +113,7 @@ def test_l1_the_issues_abort_then_reuse_finishes_with_and_without_the_plugin(res
     for mode in MODES:
         result = results[("l1", mode)]
         assert result.finished == {0: ["B", "C", "D"], 1: ["B", "C", "D"]}, describe(result)
-    ordered = messager_log(results[("l1", config.ORDERED)], 0)
+    ordered = messager_log(results[("l1", WITHOUT_NOTICES)], 0)
     assert "request A on slot 3 abandoned after 128 of 256 tokens: chunk [0, 64) does not continue it" in ordered
     assert "does not advance past" not in ordered, "the old rule 4 dropped B's only task and hung"
 
@@ -98,19 +135,19 @@ def test_l3_l4_ordered_sends_the_aborted_requests_batch_with_its_own_task(result
     assert "sends B's blocks up to token 4 before that chunk was computed" in off.violations[0][1]
 
 
-def test_limits_show_what_the_user_sees(results):
-    l5 = results[("l5", config.ORDERED)]
+def test_limits_show_what_the_user_sees_without_notices(results):
+    l5 = results[("l5", WITHOUT_NOTICES)]
     assert l5.finished == {0: ["A"], 1: ["A"]} and l5.violations[0] == [
         "batch #1 task (0, 4): the chunk is B's, the send thread read A's task",
         "batch #1 task (0, 4): sends A's blocks up to token 4 before that chunk was computed",
     ]
-    l6 = results[("l6", config.ORDERED)]
+    l6 = results[("l6", WITHOUT_NOTICES)]
     assert l6.finished == {0: [], 1: []} and "the chunk is B's, the send thread read A's task" in l6.violations[0][0]
     for name in ("l10", "l13"):
-        violations = {mode: results[(name, mode)].violations for mode in MODES}
-        assert violations[config.OFF] == violations[config.UPSTREAM] == violations[config.ORDERED], name
-    assert "the chunk is O's, the send thread read B's task" in results[("l10", config.ORDERED)].violations[0][0]
-    l11 = results[("l11", config.ORDERED)]
+        violations = {run: results[(name, run)].violations for run in (config.OFF, config.UPSTREAM, WITHOUT_NOTICES)}
+        assert violations[config.OFF] == violations[config.UPSTREAM] == violations[WITHOUT_NOTICES], name
+    assert "the chunk is O's, the send thread read B's task" in results[("l10", WITHOUT_NOTICES)].violations[0][0]
+    l11 = results[("l11", WITHOUT_NOTICES)]
     assert l11.batches == {0: [], 1: []}
     assert all(
         "the oldest layer-0 signal has waited" in messager_log(l11, rank) and "((0, 0, 4),)" in messager_log(l11, rank)
@@ -131,7 +168,7 @@ def test_lifecycle_scenarios_are_registered_and_valid():
     assert {f"l{number}" for number in range(1, 14)} <= set(SCENARIOS)
     for name in LIFECYCLE_SCENARIOS:
         scenario = resolve_scenario(name)
-        assert set(scenario["expected"]) == set(MODES), name
+        assert set(scenario["expected"]) == set(RUNS), name
 
 
 def test_aborted_requests_hand_their_slot_on_at_once_and_repeats_hand_nothing_on():

@@ -260,7 +260,8 @@ def test_only_the_two_method_ranges_change(patched, source_repo, base):
     after = (patched[base].clone / TARGET_PATH).read_text(encoding="utf-8")
     cls = next(node for node in ast.parse(before).body if getattr(node, "name", "") == "CacheMessagerV1")
     consume = next(node for node in cls.body if getattr(node, "name", "") == "consume_signals")
-    store = analyse_source(before).task_stores[0]
+    register = analyse_source(before).register
+    loop = register.body[1] if isinstance(register.body[0], ast.Expr) else register.body[0]  # after a docstring
     changes = [
         opcode
         for opcode in difflib.SequenceMatcher(
@@ -268,12 +269,13 @@ def test_only_the_two_method_ranges_change(patched, source_repo, base):
         ).get_opcodes()
         if opcode[0] != "equal"
     ]
-    inserted_hooks = [change for change in changes if change[1] == change[2] == store.end_lineno]
+    inserted_hooks = [change for change in changes if change[1] == change[2] == loop.lineno - 1]
     assert len(inserted_hooks) == 1
     hook = after.splitlines()[inserted_hooks[0][3] : inserted_hooks[0][4]]
-    assert [line.strip() for line in hook] == ["self._layer0_release_on_registration()"]  # it attaches the step
+    # it attaches the step before the registration loop reads anything
+    assert [line.strip() for line in hook] == ["self._layer0_release_on_registration()"]
     for tag, first, last, _, _ in changes:
-        if (first, last) != (store.end_lineno, store.end_lineno):
+        if (first, last) != (loop.lineno - 1, loop.lineno - 1):
             assert consume.lineno - 1 <= first and last <= consume.end_lineno, (tag, first, last)
     assert git(patched[base].clone, "diff", "--name-only", "HEAD~1").split() == sorted(
         [TARGET_PATH, TEST_PATH, *generate.package_files()]

@@ -5,8 +5,8 @@ patched, and in ``ordered`` mode every race scenario finishes with the same batc
 """
 
 import pytest
+from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix import _bootstrap
 from fastdeploy_pd_fix.standin.harness import all_variants, run_many
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.tools.diagnose import diagnose
@@ -17,7 +17,7 @@ VARIANTS = all_variants()
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin_installed():
-    assert _bootstrap.state["installed"], "install the plugin (pip install . or -e .) so that its .pth runs"
+    require_plugin_installed()
 
 
 def variant_id(variant):

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix import _bootstrap
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
 from fastdeploy_pd_fix.tools import preflight
@@ -64,7 +64,7 @@ def describe(report) -> str:
 
 @pytest.fixture(scope="module")
 def race_reports():
-    assert _bootstrap.state["installed"], "install the plugin (pip install -e .) so that its .pth runs"
+    require_plugin_installed()
     return {path.name: run_preflight(path, RACE) for path in UPSTREAM_FILES}
 
 

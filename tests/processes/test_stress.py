@@ -6,8 +6,8 @@ The process runs are kept small (about 25 s together); the long randomized runs 
 import json
 
 import pytest
+from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix import _bootstrap
 from fastdeploy_pd_fix.standin.harness import ScenarioResult
 from fastdeploy_pd_fix.standin.scenarios import parse_event, validate_scenario
 from fastdeploy_pd_fix.tools import stress, stress_workload
@@ -88,16 +88,37 @@ def test_generated_scenarios_are_valid_reproducible_and_varied():
     assert expected <= seen
 
 
-def test_lifecycle_aborts_and_repeats_keep_the_base_workload_and_its_ground_truth():
+def test_lifecycle_aborts_orphans_and_repeats_keep_the_base_workload_and_its_ground_truth():
     seen = set()
     for seed in range(200):
         base = stress_workload.generate_scenario(seed, lifecycle=False)
         scenario = stress_workload.generate_scenario(seed)
         assert scenario == stress_workload.generate_scenario(seed), "a seed gives one scenario"
         assert [len(tasks) for tasks in scenario["owners"]] == [len(signal) for signal in scenario["signals"]]
-        assert stress.first_registrations(scenario) == stress.first_registrations(base), "every request registers"
+        orphans = scenario.get("orphans", [])
+        registering = [entry for entry in stress.first_registrations(base) if entry["request_id"] not in orphans]
+        assert stress.first_registrations(scenario) == registering, "every request but the orphans registers"
+        reads = scenario["registrations"]
+        for request_id in orphans:
+            seen.add("orphan")
+            assert [entry for read in reads for entry in read if entry["request_id"] == request_id] == [
+                {"notice": "orphan", "request_id": request_id, **orphan_fields(scenario, request_id)}
+            ]
         for request_id in scenario.get("aborted", []):
             seen.add("abort")
+            notice = next(
+                index
+                for index, read in enumerate(reads)
+                if read[0].get("notice") == "abort" and read[0]["request_id"] == request_id
+            )
+            registration = notice - 1
+            while reads[registration][0].get("notice") == "abort":
+                registration -= 1  # behind the abort notices of requests registered in the same read
+            assert any(entry["request_id"] == request_id for entry in reads[registration]), "right after its read"
+            for schedule in scenario["schedules"]:
+                position = schedule.index(f"reg{registration}")
+                following = [f"reg{index}" for index in range(registration + 1, notice + 1)]
+                assert schedule[position + 1 : position + 1 + len(following)] == following, "every rank (the fence)"
             emitted = [
                 task
                 for signal, owners in zip(scenario["signals"], scenario["owners"])
@@ -110,14 +131,21 @@ def test_lifecycle_aborts_and_repeats_keep_the_base_workload_and_its_ground_trut
                 for task, owner in zip(signal, owners)
                 if owner == request_id
             ]
-            assert 1 <= len(emitted) < len(original) and emitted == original[: len(emitted)]
+            assert len(emitted) < len(original) and emitted == original[: len(emitted)]
+            emitted_end = reads[notice][0]["emitted_end"]
+            assert emitted_end == (emitted[-1][1] + emitted[-1][2] if emitted else None)
             last_owners = scenario["owners"][-1]
             assert set(last_owners) - set(scenario["aborted"]), "a request that finishes is in the last signal"
         if any(request.get("parts") == "decode" for read in scenario["registrations"] for request in read):
             seen.add("repeat")
         if not scenario.get("aborted") and not stress.workload_class(scenario).endswith("repeat"):
             assert scenario["signals"] == base["signals"] and scenario["schedules"] == base["schedules"]
-    assert seen == {"abort", "repeat"}
+    assert seen == {"abort", "repeat", "orphan"}
+
+
+def orphan_fields(scenario, request_id):
+    request = next(request for request in scenario["requests"] if request["request_id"] == request_id)
+    return {"slot": request["slot"], "need_prefill_tokens": sum(request["chunks"])}
 
 
 def test_the_short_runs_cover_the_interesting_workloads():
@@ -181,7 +209,7 @@ def summary_line(output):
 
 
 def test_ordered_mode_releases_every_task_once_in_signal_order(capsys):
-    assert _bootstrap.state["installed"], "install the plugin (pip install -e .) so that its .pth runs"
+    require_plugin_installed()
     first, runs = ORDERED_SEEDS
     code = stress.main(["--runs", str(runs), "--seed", str(first), "--mode", "ordered"])
     output = capsys.readouterr().out

@@ -3,11 +3,13 @@
 The exhaustive families: ordered mode has no violation, its limits are exactly the workloads the two streams cannot
 decide, upstream's send-time failures are found (they need the send thread as a third actor), invariant 7 holds
 outside the limits, and mutants of the ordered release (no send-time binding; a timing-dependent release) are caught.
-Then a hypothesis property over random lifecycle histories, driven through random interleavings of the three actors.
+Then a hypothesis property over random lifecycle histories, driven through random interleavings of the three actors,
+without the engine's notices and with them (tests/property/test_lifecycle_notices.py has the notice families).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -39,6 +41,7 @@ from fastdeploy_pd_fix.verify.lifecycle import (
     Occupancy,
     build,
     lifecycle_families,
+    with_notices,
 )
 from fastdeploy_pd_fix.verify.lifecycle_search import LifecycleExplorer, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.report import explore
@@ -141,10 +144,24 @@ def test_a_timing_dependent_release_diverges_in_the_lifecycle_families(monkeypat
     assert DEADLOCK in {c.kind for c in report.counterexamples}
 
 
-def test_verify_prints_both_modes_side_by_side(capsys):
-    assert command.main(["--quick", "--show", "1"]) == 0
+def test_verify_prints_both_modes_side_by_side(capsys, tmp_path):
+    """Without and with notices and upstream, per lifecycle family; the JSON file carries all three."""
+    out_path = tmp_path / "verify.json"
+    assert command.main(["--quick", "--show", "1", "--json-out", str(out_path)]) == 0
     out = capsys.readouterr().out
     assert "upstream viol." in out and "abort-after-final-signal" in out and "orphan-alone+other-slot" in out
+    assert "notices viol." in out and "notices limits" in out
+    saved = json.loads(out_path.read_text())
+    assert saved["notices"] == "both" and saved["notice_violations"] == saved["notice_limitations"] == 0
+    lifecycle_rows = [row for row in saved["table"] if row["lifecycle"]]
+    assert lifecycle_rows and all(row["notice_limitations"] == 0 for row in lifecycle_rows)
+    assert sum(row["limitations"] for row in lifecycle_rows) > 0  # without notices, the limits stay
+
+
+def test_verify_notices_on_leaves_out_the_runs_without(capsys):
+    assert command.main(["--quick", "--notices", "on", "--compare", "none"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("abort-before-signal"))
+    assert row.split()[6:10] == ["-", "-", "0", "0"]  # violations, limits (without notices); with notices
 
 
 # --- Random lifecycle histories ---------------------------------------------------------------------------------
@@ -230,3 +247,16 @@ def test_random_lifecycle_histories_ordered(workload, seeds):
             assert not kinds, (workload.describe(), sorted(findings))
         else:
             assert not kinds - {SEND_BINDING, SEND_EARLY, SEND_MISSING, LIVENESS, STUCK, HANG, DROPPED_LIVE}, kinds
+
+
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(workload=lifecycle_workloads(), seeds=st.lists(st.integers(0, 2**32), min_size=6, max_size=6))
+def test_random_lifecycle_histories_with_notices_are_decided(workload, seeds):
+    """With the engine's notices (and the fence), every random history is decided: identical outputs for any two
+    interleavings, and no finding at all, ambiguity feature or not."""
+    noticed = with_notices(workload)
+    results = [run_schedule(noticed, seed) for seed in seeds + [0, 1]]
+    first_rank, _ = results[0]
+    for rank, findings in results:
+        assert (rank.batches, rank.drops, rank.waits) == (first_rank.batches, first_rank.drops, first_rank.waits)
+        assert not findings, (noticed.describe(), sorted(findings))

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support.installed import require_plugin_installed
 
 from fastdeploy_pd_fix import _bootstrap
 
@@ -44,9 +45,7 @@ TARGET = textwrap.dedent(
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin_installed():
-    assert _bootstrap.state[
-        "installed"
-    ], "fastdeploy_pd_fix.pth did not run in this interpreter: install the plugin (pip install . or -e .) first"
+    require_plugin_installed()
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,3 +218,55 @@ def test_a_broken_package_gives_one_line_not_a_traceback(tmp_path):
 def test_the_pth_file_is_one_import_line():
     lines = (REPO / "fastdeploy_pd_fix.pth").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("import ")  # site.py executes only lines starting with import
+
+
+MODULES_PROBE = "import json, sys; print(json.dumps(sorted(sys.modules)))"
+
+
+def test_the_start_up_budget_no_module_beyond_what_the_switched_off_plugin_loads(tmp_path):
+    """With fastdeploy importable (import hook on, for the messager module and both engine modules) the start-up
+    loads exactly the modules it loads when switched off: the hooks add no import."""
+    root = fake_fastdeploy(tmp_path / "path")
+    loaded = {}
+    for switch in ("1", "0"):
+        completed = subprocess.run(
+            [sys.executable, "-c", MODULES_PROBE],
+            env=clean_environment(PYTHONPATH=str(root), FD_PD_FIX=switch),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert completed.returncode == 0, completed.stderr
+        loaded[switch] = set(json.loads(completed.stdout.strip().splitlines()[-1]))
+    assert loaded["1"] == loaded["0"]
+    plugin = {name for name in loaded["1"] if name.startswith("fastdeploy_pd_fix")}
+    assert plugin == {
+        "fastdeploy_pd_fix",
+        "fastdeploy_pd_fix._bootstrap",
+        "fastdeploy_pd_fix.config",
+        "fastdeploy_pd_fix.target",
+    }
+
+
+def test_the_import_hook_calls_each_module_its_own_callback(tmp_path, monkeypatch):
+    package = tmp_path / "hooked_pkg"
+    package.mkdir()
+    for name in ("__init__", "first", "second", "third"):
+        (package / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+    finder = _bootstrap.PatchAfterImport(
+        {
+            "hooked_pkg.first": lambda module: calls.append(("first", module.NAME)),
+            "hooked_pkg.second": lambda module: calls.append(("second", module.NAME)),
+        }
+    )
+    monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
+    try:
+        import hooked_pkg.first  # noqa: F401
+        import hooked_pkg.second  # noqa: F401
+        import hooked_pkg.third  # noqa: F401
+    finally:
+        for name in [name for name in sys.modules if name.startswith("hooked_pkg")]:
+            del sys.modules[name]
+    assert calls == [("first", "first"), ("second", "second")]

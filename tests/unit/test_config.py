@@ -36,6 +36,21 @@ def test_anything_else_stays_on_with_a_warning(value):
     assert on and f"FD_PD_FIX={value!r} is not understood" in warning and "stays on" in warning
 
 
+def test_every_injection_stage_parses_and_the_old_syntax_still_works():
+    value = (
+        "registration:rank=1:delay_ms=500, registration_after_barrier:rank=1:delay_ms=300,signal:rank=0:delay_ms=20"
+    )
+    assert config.injections({config.ENV_INJECT: value}) == (
+        [
+            config.Injection("registration", 1, 0.5),
+            config.Injection("registration_after_barrier", 1, 0.3),
+            config.Injection("signal", 0, 0.02),
+        ],
+        [],
+    )
+    assert {injection.stage for injection in config.parse_injection(value)[0]} == set(config.INJECTION_STAGES)
+
+
 @pytest.mark.parametrize(
     "value, deadline",
     [("30", 30.0), (" 2.5 ", 2.5), ("0.5", 0.5), ("1e3", 1000.0), ("", None), ("0", None), ("0.0", None)],

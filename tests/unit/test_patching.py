@@ -13,6 +13,7 @@ import pytest
 
 from fastdeploy_pd_fix.analysis import analyse_class
 from fastdeploy_pd_fix.core.messager_step import BoundTaskDict
+from fastdeploy_pd_fix.core.notice import abort_notice, encode
 from fastdeploy_pd_fix.plugin import runtime
 from fastdeploy_pd_fix.plugin.patching import is_patched, original_method, patch_class, unpatch_class
 
@@ -269,3 +270,27 @@ def test_observe_mode_keeps_a_plain_dict_and_journals_each_batch_once(caplog):
     assert messager.cache_prefilled_engine_ids_queue.get_nowait() == [(3, 4)]
     assert messager._fd_pd_fix_runtime.observer.held_for()[0] == [(3, 4)]
     assert len([record for record in caplog.records if "queued batch #1 [(3, 4)]" in record.getMessage()]) == 1
+
+
+class NoticeReads:
+    """An engine_worker_queue client whose get_cache_info returns one read of a notice and a part."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def get_cache_info(self):
+        items, self.items = self.items, []
+        return items
+
+
+@pytest.mark.parametrize("mode", ["observe", "ordered"])
+def test_engine_notices_never_reach_the_registration_loop(caplog, mode):
+    patch_class(ThreeArgs, mode)
+    messager = ThreeArgs()
+    part = {"request_id": "B", "current_id": 0}
+    messager.engine_worker_queue = NoticeReads([encode(abort_notice(0, "A", None)), part])
+    caplog.set_level(logging.INFO)
+    messager._add_cache_task_thread()
+    assert messager.engine_worker_queue.get_cache_info() == [part]
+    expected = {"observe": "engine notice ignored in observe mode", "ordered": "engine notice: abort of request A"}
+    assert expected[mode] in caplog.text

@@ -15,6 +15,7 @@ from support.messager import StepMessager
 
 from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.core.messager_step import BoundTaskDict, make_step
+from fastdeploy_pd_fix.core.notice import abort_notice, encode, fence_notice, orphan_notice
 from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, UpstreamRelease, make_release
 
 A0 = Registration(0, "A", 8)  # slot 0, two chunks of 4
@@ -29,7 +30,8 @@ def reg(slot, request_id, need):
 
 
 def run(policy, events):
-    """Feed ("sig", tasks) / ("reg", Registration) events; return all batches and drops in release order."""
+    """Feed ("sig", tasks) / ("reg", Registration) / ("notice", Notice) events; return all batches and drops in
+    release order."""
     outcome = run_outcome(policy, events)
     return outcome["batches"], outcome["drops"]
 
@@ -42,6 +44,8 @@ def run_outcome(policy, events):
         if kind == "reg":
             registered[payload.slot] = payload.need_prefill_tokens
             released = policy.add_registration(payload, registered)
+        elif kind == "notice":
+            released = policy.add_notice(payload, registered)
         else:
             released = policy.add_signal(payload, registered)
         outcome["batches"] += released.batches
@@ -499,3 +503,141 @@ def test_send_of_a_request_resets_its_slot_when_nothing_newer_arrived():
     messager.cache_prefilled_engine_ids_queue.get(timeout=HANDSHAKE_TIMEOUT_S)
     messager.engine_cache_tasks[3] = dict()
     assert messager.engine_cache_tasks[3] == {}
+
+
+# -- engine notices (rule 8): the cases the two streams alone cannot decide (design doc section 4) ---------------
+
+
+def abort(slot, request_id, emitted_end):
+    return ("notice", abort_notice(slot, request_id, emitted_end))
+
+
+def orphan(slot, request_id, need):
+    return ("notice", orphan_notice(slot, request_id, need))
+
+
+def sig(*tasks):
+    return ("sig", list(tasks))
+
+
+@pytest.mark.parametrize("with_notice", [True, False])
+def test_abort_before_the_first_signal_then_reuse(with_notice):
+    notices = [abort(0, "A", None), ("notice", fence_notice(1))] if with_notice else []
+    outcome = run_outcome(OrderedRelease(), [reg(0, "A", 4)] + notices + [reg(0, "B", 4), sig((0, 0, 4))])
+    # without the notice, B's only chunk is the same triple A's would be: it goes to A (the documented limit)
+    assert outcome["bound"] == [("B",) if with_notice else ("A",)]
+
+
+@pytest.mark.parametrize("with_notice", [True, False])
+def test_next_request_starting_where_the_aborted_one_stopped(with_notice):
+    events = [reg(0, "A", 4), sig((0, 0, 2))] + ([abort(0, "A", 2)] if with_notice else [])
+    outcome = run_outcome(OrderedRelease(), events + [reg(0, "B", 4), sig((0, 2, 4))])
+    assert outcome["batches"] == [((0, 2),), ((0, 4),)]
+    assert outcome["bound"] == [("A",), ("B",) if with_notice else ("A",)]
+
+
+def test_orphan_chunks_are_dropped_and_the_next_request_gets_its_own():
+    events = [orphan(0, "O", 4), sig((0, 0, 4)), reg(0, "B", 4), sig((0, 0, 4))]
+    outcome = run_outcome(OrderedRelease(), events)
+    assert outcome["bound"] == [("B",)]
+    assert [drop.reason for drop in outcome["drops"]] == ["chunk [0, 4) belongs to orphan O"]
+
+
+def test_orphan_whose_slot_is_not_reused_holds_nothing_behind_it():
+    policy = OrderedRelease()
+    outcome = run_outcome(policy, [orphan(0, "O", 4), sig((0, 0, 4)), reg(1, "A", 4), sig((1, 0, 4))])
+    assert outcome["bound"] == [("A",)]
+    assert not policy.has_waiting() and policy.open_registrations() == {}
+
+
+def test_aborted_request_whose_d_part_comes_late_is_dead_and_its_registration_ignored():
+    events = [abort(0, "A", 2), sig((0, 0, 2)), reg(0, "B", 4), reg(0, "A", 4), sig((0, 0, 4))]
+    outcome = run_outcome(OrderedRelease(), events)
+    assert outcome["bound"] == [("B",)]
+    assert "aborted before registering" in outcome["drops"][0].reason
+    assert any("request A was counted before" in line for line in outcome["ignored"])
+
+
+def test_aborted_request_that_never_registers_does_not_take_the_next_request_chunk():
+    outcome = run_outcome(OrderedRelease(), [abort(0, "A", 4), sig((0, 0, 4)), reg(0, "B", 4), sig((0, 0, 4))])
+    assert outcome["bound"] == [("B",)]
+
+
+def test_abort_after_the_final_chunk_was_released_changes_nothing():
+    policy = OrderedRelease()
+    outcome = run_outcome(policy, [reg(0, "A", 4), sig((0, 0, 4)), abort(0, "A", 4), reg(0, "B", 4), sig((0, 0, 4))])
+    assert outcome["bound"] == [("A",), ("B",)] and outcome["ignored"] == []
+
+
+def test_issue_abcd_with_notices_sends_each_request_its_own_chunks():
+    events = [reg(3, "A", 256), sig((3, 0, 128)), abort(3, "A", 128)]
+    events += [reg(3, "B", 64), sig((3, 0, 64)), reg(3, "C", 128), sig((3, 0, 64)), sig((3, 64, 128))]
+    events += [reg(3, "D", 32), sig((3, 0, 32))]
+    policy = OrderedRelease()
+    outcome = run_outcome(policy, events)
+    assert outcome["bound"] == [("A",), ("B",), ("C",), ("C",), ("D",)]
+    assert outcome["drops"] == [] and policy.open_registrations() == {}
+
+
+def test_chunk_beyond_an_aborted_request_emitted_end_goes_to_the_next_request():
+    # emitted_end says 4, but the engine emitted only [0, 2): B's chunk does not continue A, so A closes (logged)
+    events = [reg(0, "A", 8), sig((0, 0, 2)), abort(0, "A", 4), reg(0, "B", 4), sig((0, 0, 4))]
+    outcome = run_outcome(OrderedRelease(), events)
+    assert outcome["bound"] == [("A",), ("B",)]
+    assert any("closed at 2 of emitted_end=4" in line for line in outcome["ignored"])
+
+
+def test_repeated_and_contradicting_notices_are_reported_not_applied():
+    policy = OrderedRelease()
+    events = [reg(0, "A", 8), sig((0, 0, 4)), abort(0, "A", 2), orphan(0, "A", 8), abort(0, "A", 8)]
+    outcome = run_outcome(policy, events + [reg(0, "B", 4), sig((0, 0, 4))])
+    assert outcome["bound"] == [("A",), ("B",)]
+    assert any("emitted_end=2 is before the 4 tokens" in line for line in outcome["ignored"])
+    assert any("orphan notice for request A ignored" in line for line in outcome["ignored"])
+
+
+def test_upstream_ignores_notices():
+    policy = UpstreamRelease()
+    for notice in (abort_notice(0, "A", None), fence_notice(1), orphan_notice(0, "O", 4)):
+        assert policy.add_notice(notice, {}) == release.Released()
+
+
+class CacheInfoReads:
+    """An ``engine_worker_queue`` client whose ``get_cache_info`` returns the scripted reads in turn."""
+
+    def __init__(self, reads):
+        self.reads = list(reads)
+
+    def get_cache_info(self):
+        return self.reads.pop(0) if self.reads else []
+
+
+def test_attached_step_takes_notices_out_of_cache_info_reads(caplog):
+    messager = StepMessager()
+    part = {"request_id": "B", "current_id": 0}
+    malformed = {"fastdeploy_pd_fix_notice": 99, "kind": "abort"}
+    messager.engine_worker_queue = CacheInfoReads(
+        [[encode(abort_notice(0, "A", None)), encode(fence_notice(1))], [part, malformed]]
+    )
+    step = attached_step(messager)
+    step.handle_registration(0, task(0, "A", 4))
+    with caplog.at_level(logging.INFO):
+        assert messager.engine_worker_queue.get_cache_info() == []  # notices only: an empty read on every rank
+        assert messager.engine_worker_queue.get_cache_info() == [part]
+    assert "engine notice: abort of request A on slot 0 (emitted_end=None)" in caplog.text
+    assert "notice format version 99" in caplog.text
+    messager.idx_cache_task_dict[0] = task(0, "B", 4)
+    step.handle_buffer(signal(0, 0, 4))
+    assert messager.cache_prefilled_engine_ids_queue.get_nowait() == [(0, 4)]
+    assert step.policy.open_registrations() == {}  # A was closed by its abort, B by its chunk
+
+
+def test_layer0_task_before_its_registration_is_logged_as_early(caplog):
+    messager = StepMessager()
+    step = attached_step(messager)
+    with caplog.at_level(logging.INFO):
+        step.handle_buffer(signal(1, 0, 4))
+        messager.idx_cache_task_dict[1] = task(1, "A", 8)
+        step.handle_buffer(signal(1, 4, 8))
+    assert step.early_layer0_signals == 1
+    assert "early layer-0 signal #1: slot 1 chunk [0, 4) arrived before its registration" in caplog.text

@@ -4,7 +4,9 @@ Every tensor-parallel rank of the prefill cache messager sees the same kv signal
 rank in its own interleaving. The release must give every rank the same batches and drop the same tasks, whatever
 the interleaving: otherwise the ranks wait on the send barriers in different orders and hang. It must also bind
 each task to the request it belongs to when the engine aborts a request mid-prefill and gives its slot to the next
-request without telling the messager, and when a cache-info part arrives twice.
+request without telling the messager, and when a cache-info part arrives twice; and the engine's slot-lifecycle
+notices (an abort, a request computed without transfer), read from get_cache_info, must decide what the two streams
+alone cannot.
 """
 
 import itertools
@@ -14,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step, release
+from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step, notice, release
 
 
 def kv_signal_buffer(tasks, layer=0):
@@ -222,11 +224,22 @@ def test_invalid_registration_and_mode_are_rejected():
 class FakeMessager:
     """The attributes of CacheMessagerV1 that the per-signal step reads and writes."""
 
-    def __init__(self):
+    def __init__(self, cache_info_reads=()):
         self.engine_cache_task_thread_lock = threading.Lock()
         self.engine_cache_tasks = [dict() for _ in range(kv_signal.MAX_TASKS)]
         self.idx_cache_task_dict = {}
         self.cache_prefilled_engine_ids_queue = queue.Queue()
+        self.engine_worker_queue = FakeEngineWorkerQueue(cache_info_reads)
+
+
+class FakeEngineWorkerQueue:
+    """get_cache_info returns the scripted reads in turn, then nothing."""
+
+    def __init__(self, reads):
+        self.reads = list(reads)
+
+    def get_cache_info(self):
+        return self.reads.pop(0) if self.reads else []
 
 
 class RecordingLogger:
@@ -239,10 +252,17 @@ class RecordingLogger:
     warning = error = exception = info
 
 
-def store(messager, logger, engine_idx, task):
-    """What _add_cache_task_thread does with the fix: store the task, then attach the release (idempotent)."""
+def attached_step(messager, logger):
+    """What _add_cache_task_thread does with the fix before its loop: attach the release (idempotent)."""
+    step = messager_step.step_for(messager, release.ORDERED, logger)
+    step.attach()
+    step.attach()
+    return step
+
+
+def store(messager, engine_idx, task):
+    """What _add_cache_task_thread's loop does with a completed task."""
     messager.idx_cache_task_dict[engine_idx] = task
-    messager_step.step_for(messager, release.ORDERED, logger).attach()
 
 
 def send_queued_batches(messager, sent):
@@ -262,14 +282,14 @@ def test_messager_step_queues_and_journals_the_same_batches_on_every_rank():
     journals = []
     for order in interleavings(scenario):
         messager, logger = FakeMessager(), RecordingLogger()
-        step = messager_step.step_for(messager, release.ORDERED, logger)
+        step = attached_step(messager, logger)
         assert messager_step.step_for(messager, release.ORDERED, logger) is step  # one step per messager
         for kind, index in order:
             if kind == "sig":
                 assert step.handle_buffer(kv_signal_buffer(scenario["signals"][index]))
                 continue
             for request_id, engine_idx, need_prefill_tokens in scenario["registrations"][index]:
-                store(messager, logger, engine_idx, cache_task(request_id, need_prefill_tokens))
+                store(messager, engine_idx, cache_task(request_id, need_prefill_tokens))
         queued = [tuple(map(tuple, messager.cache_prefilled_engine_ids_queue.get_nowait())) for _ in range(2)]
         assert queued == scenario["batches"] and messager.cache_prefilled_engine_ids_queue.empty()
         assert messager.engine_cache_tasks[0] == {"prefilled_layer_idx": 0, "prefilled_token_num": 8}
@@ -286,16 +306,57 @@ def test_send_loop_reads_each_batch_own_task_after_an_abort_and_slot_reuse(send_
     expected = [("A", 128), ("B", 64), ("C", 128), ("C", 256), ("D", 64)]
     for order in interleavings(scenario):
         messager, logger, sent = FakeMessager(), RecordingLogger(), []
-        step = messager_step.step_for(messager, release.ORDERED, logger)
+        step = attached_step(messager, logger)
         for kind, index in order:
             if kind == "sig":
                 step.handle_buffer(kv_signal_buffer(scenario["signals"][index]))
             else:
                 for request_id, engine_idx, need_prefill_tokens in scenario["registrations"][index]:
-                    store(messager, logger, engine_idx, cache_task(request_id, need_prefill_tokens))
+                    store(messager, engine_idx, cache_task(request_id, need_prefill_tokens))
             if send_early:
                 send_queued_batches(messager, sent)
         send_queued_batches(messager, sent)
         assert sent == expected, order
         assert dict(messager.idx_cache_task_dict) == {}, order  # D's entry deleted by D's send, nobody else's
         assert len([line for line in logger.lines if "request A on slot 3 abandoned" in line]) == 1, order
+
+
+def test_abort_notice_decides_a_request_aborted_before_its_first_chunk():
+    # A registers and is aborted before its first chunk; B registers on its slot and computes [0, 4), the very chunk
+    # A would have computed. Only the engine's notice, read between the two registrations, can tell: B's chunk is
+    # B's on every rank. The engine fences the abort, so B's signal comes after it in every rank's view.
+    reads = [
+        [{"request_id": "A-part"}],
+        [notice.encode(notice.abort_notice(0, "A", None)), notice.encode(notice.fence_notice(1))],
+        [{"request_id": "B-part"}],
+    ]
+    for signal_after in (2, 3):  # the signal comes after the abort (the fence), before or after B's store
+        messager, logger, sent = FakeMessager(reads), RecordingLogger(), []
+        step = attached_step(messager, logger)
+        for read in range(3):
+            others = messager.engine_worker_queue.get_cache_info()
+            assert all(not notice.is_notice(item) for item in others)  # the loop never sees a notice
+            if read == 0:
+                store(messager, 0, cache_task("A", 4))
+            if read == 2:
+                store(messager, 0, cache_task("B", 4))
+            if read + 1 == signal_after:
+                step.handle_buffer(kv_signal_buffer([[0, 0, 4]]))
+        if signal_after == 3:
+            step.handle_buffer(kv_signal_buffer([[0, 0, 4]]))
+        send_queued_batches(messager, sent)
+        assert sent == [("B", 4)], signal_after
+        assert any("engine notice: abort of request A on slot 0" in line for line in logger.lines)
+
+
+def test_orphan_notice_drops_the_chunks_of_a_request_computed_without_transfer():
+    reads = [[notice.encode(notice.orphan_notice(0, "O", 4))]]
+    messager, logger, sent = FakeMessager(reads), RecordingLogger(), []
+    step = attached_step(messager, logger)
+    assert messager.engine_worker_queue.get_cache_info() == []
+    step.handle_buffer(kv_signal_buffer([[0, 0, 4]]))  # O's chunk: no transfer
+    store(messager, 0, cache_task("B", 4))
+    step.handle_buffer(kv_signal_buffer([[0, 0, 4]]))  # B's chunk
+    send_queued_batches(messager, sent)
+    assert sent == [("B", 4)]
+    assert any("belongs to orphan O" in line for line in logger.lines)

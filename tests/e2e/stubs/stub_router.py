@@ -2,13 +2,17 @@
 
 Endpoints: ``POST /register`` ({"role", "host_ip", "port"}), ``GET /registered_number``, ``GET /health``,
 ``POST /v1/completions`` and ``/v1/chat/completions`` (sent to the first prefill, then the first decode instance;
-the decode answer is returned, as the real router does in splitwise mode). Test handshake: ``GET
+the decode answer is returned, as the real router does in splitwise mode; a streamed one is relayed from the prefill
+instance, and closed there when its client closes). Test handshake: ``GET
 /wait_polls?count=N`` answers once ``/registered_number`` has been answered N times.
 
 Start-up handshake: with ``--port 0`` the port is written to ``--port-file`` once the server listens.
 """
 
 import argparse
+import json
+import select
+import socket
 import threading
 import urllib.parse
 
@@ -68,9 +72,31 @@ class RouterHandler(JsonHandler):
         if not (prefill and decode):
             self.reply(503, {"error": "no prefill or no decode instance registered"})
             return
+        if request.get("stream"):
+            self.relay_stream(prefill[0], request)
+            return
         for instance in prefill + decode:
             status, body = http_json(f"http://{instance['host_ip']}:{instance['port']}{self.path}", request)
         self.reply(status, body)
+
+    def relay_stream(self, instance, request):
+        """A streamed request goes to the prefill instance, its answer relayed byte by byte; when the client closes,
+        so does the router (the real router's client disconnect reaching the servers)."""
+        body = json.dumps(request).encode()
+        head = f"POST {self.path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        self.close_connection = True
+        with socket.create_connection((instance["host_ip"], instance["port"])) as upstream:
+            upstream.sendall(head.encode() + body)
+            ends = {self.connection: upstream, upstream: self.connection}
+            while True:
+                readable, _, _ = select.select(list(ends), [], [], 60)
+                if not readable:
+                    return
+                for source in readable:
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    ends[source].sendall(data)
 
 
 def main():

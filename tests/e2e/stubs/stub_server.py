@@ -9,12 +9,18 @@ Misbehaviours on request: ``--register-after-router-polls N`` registers only onc
 ``/registered_number`` polls (a late registration, by handshake rather than by sleeping), ``--never-register``,
 ``--never-answer`` (completion requests are accepted and never answered), ``--exit-code N`` (dies at start-up),
 ``--answer-suffix`` (different outputs), ``--cache-messager-logs agree|diverge`` (writes two ranks' cache messager
-logs to ``$FD_LOG_DIR`` in the plugin's format), ``--detached-child-file F`` (starts a child in a session of its
-own that listens on a port and writes "pid port" to F, as FastDeploy's cache messagers run under setsid).
+logs to ``$FD_LOG_DIR`` in the plugin's format, rank 1 with early layer-0 signals), ``--detached-child-file F``
+(starts a child in a session of its own that listens on a port and writes "pid port" to F, as FastDeploy's cache
+messagers run under setsid).
+
+A streamed request (``"stream": true``) is answered with its status line and headers at once, then held: a client
+that closes the connection aborts it (with ``--abort-notices`` the stub logs the engine-side notice line to
+``$FD_LOG_DIR/engine.log``); one that waits gets the answer as one SSE event after ``--stream-hold-s``.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +29,8 @@ from pathlib import Path
 
 from stub_common import HOST, JsonHandler, announce_port, http_json, make_server, write_atomically
 
+# Per rank: the early layer-0 signals its messager logs (the race counter of core/messager_step.py).
+EARLY_SIGNALS = ([], [(0, 0, 256), (1, 0, 128)])
 BATCHES = {
     "agree": ([[(0, 256)], [(1, 128)]], [[(0, 256)], [(1, 128)]]),
     "diverge": ([[(0, 256)], [(1, 128)]], [[(0, 256)], [(1, 64)]]),
@@ -51,13 +59,40 @@ def make_handler(args):
             if args.never_answer:
                 threading.Event().wait()  # hold the connection open forever, like a deadlocked engine
             text = answer_text(request, args.answer_suffix)
+            if request.get("stream"):
+                self.stream(request, text)
+                return
             if self.path == "/v1/completions":
                 choice = {"index": 0, "text": text, "finish_reason": "length"}
             else:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
             self.reply(200, {"id": "stub", "choices": [choice]})
 
+        def stream(self, request, text):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.flush()
+            self.connection.settimeout(args.stream_hold_s)
+            try:
+                closed = self.connection.recv(1) == b""  # the client sends nothing more: b"" is its close
+            except OSError:  # the hold ran out (socket.timeout), or a reset
+                closed = False
+            if closed:
+                if args.abort_notices:
+                    log_abort_notice(request)
+                return
+            event = {"choices": [{"index": 0, "text": text, "finish_reason": "length"}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode())
+
     return ServerHandler
+
+
+def log_abort_notice(request: dict) -> None:
+    """The engine-side notice a prefill engine with the plugin logs when a request is aborted."""
+    digest = hashlib.sha256(str(request.get("prompt")).encode()).hexdigest()[:8]
+    with open(Path(os.environ["FD_LOG_DIR"]) / "engine.log", "a", encoding="utf-8") as log:
+        log.write(f"INFO fastdeploy_pd_fix: abort of request stub-{digest} in slot 0 sent, emitted_end=None\n")
 
 
 def register(args, port: int) -> None:
@@ -75,7 +110,12 @@ def write_cache_messager_logs(kind: str) -> None:
     log_dir = Path(os.environ["FD_LOG_DIR"])
     log_dir.mkdir(parents=True, exist_ok=True)
     for rank, batches in enumerate(BATCHES[kind]):
-        lines = [f"stub cache messager rank {rank} started"]
+        lines = [f"stub cache messager rank {rank} started; active on rank_id={rank} rank={rank} nranks=2"]
+        for number, (slot, offset, end) in enumerate(EARLY_SIGNALS[rank], start=1):
+            lines.append(
+                f"INFO fastdeploy_pd_fix: early layer-0 signal #{number}: slot {slot} chunk [{offset}, {end}) "
+                "arrived before its registration"
+            )
         for number, batch in enumerate(batches, start=1):
             digest = hashlib.blake2b(repr(batches[:number]).encode(), digest_size=4).hexdigest()
             lines.append(f"INFO fastdeploy_pd_fix: queued batch #{number} {batch} seq_hash={digest}")
@@ -104,6 +144,8 @@ def main():
     parser.add_argument("--answer-suffix", default="")
     parser.add_argument("--cache-messager-logs", choices=sorted(BATCHES))
     parser.add_argument("--detached-child-file")
+    parser.add_argument("--abort-notices", action="store_true")
+    parser.add_argument("--stream-hold-s", type=float, default=5.0)
     parser.add_argument("--hold-port", metavar="PID_FILE", help="run as the detached child")
     args = parser.parse_args()
 

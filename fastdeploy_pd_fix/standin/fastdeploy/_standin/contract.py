@@ -34,6 +34,16 @@ BOTH_PARTS, PREFILL_PART, DECODE_PART = "both", "prefill", "decode"
 PARTS = (BOTH_PARTS, PREFILL_PART, DECODE_PART)
 
 
+#: A registration-read entry with this key is an engine notice, not a request (``"abort"``: with ``emitted_end``;
+#: ``"orphan"``: with ``need_prefill_tokens``). The stand-in engine puts it only where the plugin's engine-side patch
+#: would (``fastdeploy_pd_fix.config.engine_notices()`` on in the rank's environment); an abort comes with its fence.
+NOTICE_ENTRY = "notice"
+
+
+def is_notice_entry(entry):
+    return NOTICE_ENTRY in entry
+
+
 def parse_event(token):
     """``"sig3"`` -> ``("sig", 3)``; a control token -> ``("stall", None)``."""
     if token in CONTROLS:

@@ -21,7 +21,7 @@ Imported by the ranks only (``fastdeploy._standin.ground_truth``); it reads noth
 
 import threading
 
-from .contract import DECODE_PART
+from .contract import DECODE_PART, is_notice_entry
 
 #: Block ids of the n-th request of a scenario start at ``BLOCK_ID_BASE * (n + 1)``: every request has its own.
 BLOCK_ID_BASE = 1000
@@ -33,7 +33,7 @@ def registered_requests(registrations):
     requests = {}
     for read in registrations:
         for request in read:
-            if request.get("parts") == DECODE_PART or request["request_id"] in requests:
+            if is_notice_entry(request) or request.get("parts") == DECODE_PART or request["request_id"] in requests:
                 continue
             requests[request["request_id"]] = {
                 "slot": int(request["slot"]),

@@ -12,7 +12,11 @@ which each rank sees them:
   with the send-thread controls of :mod:`.contract` (``stall``, ``hold``, ``go``, ``drain``) where a scenario
   needs the send thread at a given point;
 * optional ``aborted``: request ids the engine aborts (their slot goes to the next request at once, they need not
-  finish), and ``owners``: the request each signal task belongs to (:mod:`.ground_truth`).
+  finish), and ``owners``: the request each signal task belongs to (:mod:`.ground_truth`);
+* registration-read entries that are engine notices (:data:`.contract.NOTICE_ENTRY`): put as the plugin's
+  engine-side patch puts them (an abort followed by its fence) when ``fastdeploy_pd_fix.config.engine_notices()``
+  is on in this rank's environment, else left out (a read of nothing). The scenario's schedules keep the fence:
+  a slot's next request's signals come after the abort's read.
 
 Event k of a rank's schedule is delivered only after event k-1 was acknowledged: a signal by the next
 ``get_output_kv_signal`` call (the consume loop has finished with it), a registration read by the next
@@ -40,6 +44,9 @@ import os
 import signal
 import threading
 
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.core import notice
+
 from .contract import (
     BOTH_PARTS,
     DECODE_PART,
@@ -49,10 +56,12 @@ from .contract import (
     ENV_SCENARIO,
     GO,
     HOLD,
+    NOTICE_ENTRY,
     PREFILL_PART,
     REGISTRATION,
     SIGNAL,
     STALL,
+    is_notice_entry,
     parse_event,
 )
 from .ground_truth import GroundTruth, block_ids, registered_requests
@@ -85,6 +94,28 @@ def cache_info_parts(request, block_size, blocks=None):
     }
     parts = request.get("parts", BOTH_PARTS)
     return {PREFILL_PART: [prefill_part], DECODE_PART: [decode_part]}.get(parts, [prefill_part, decode_part])
+
+
+def notice_items(entry):
+    """The cache-info items of one notice entry, as the engine-side patch puts them."""
+    kind = entry[NOTICE_ENTRY]
+    if kind == notice.ORPHAN:
+        return [notice.encode(notice.orphan_notice(entry["slot"], entry["request_id"], entry["need_prefill_tokens"]))]
+    return [
+        notice.encode(notice.abort_notice(entry["slot"], entry["request_id"], entry["emitted_end"])),
+        notice.encode(notice.fence_notice(f"after-abort-of-{entry['request_id']}")),
+    ]
+
+
+def read_items(read, block_size, ground_truth, notices_on):
+    """The cache-info items one scenario read delivers: each request's parts, each notice's items (if on)."""
+    items = []
+    for entry in read:
+        if is_notice_entry(entry):
+            items += notice_items(entry) if notices_on else []
+        else:
+            items += cache_info_parts(entry, block_size, ground_truth.blocks_of(entry["request_id"]))
+    return items
 
 
 class ScriptedStreams:
@@ -255,7 +286,7 @@ def recycled_requests(registrations, aborted=()):
     their slot is free at once). An entry without a prefill part hands no slot on."""
     last_request_of_slot, recycled = {}, []
     for read in registrations:
-        handing = [r for r in read if r.get("parts") != DECODE_PART]
+        handing = [r for r in read if not is_notice_entry(r) and r.get("parts") != DECODE_PART]
         recycled.append(
             [
                 last_request_of_slot[r["slot"]]
@@ -282,14 +313,8 @@ def activate(rank, block_size, send_queue=None):
     must_finish = [
         request_id for request_id in registered_requests(scenario["registrations"]) if request_id not in aborted
     ]
-    reads = [
-        [
-            part
-            for request in read
-            for part in cache_info_parts(request, block_size, ground_truth.blocks_of(request["request_id"]))
-        ]
-        for read in scenario["registrations"]
-    ]
+    notices_on, _ = config.engine_notices()
+    reads = [read_items(read, block_size, ground_truth, notices_on) for read in scenario["registrations"]]
     _progress.open(os.path.join(os.getenv(ENV_OUT, "."), f"rank{rank}.jsonl"), must_finish)
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())

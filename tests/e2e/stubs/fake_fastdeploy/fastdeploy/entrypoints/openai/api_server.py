@@ -1,7 +1,8 @@
 """Fake ``python -m fastdeploy.entrypoints.openai.api_server``: becomes a stub server on ``--port``.
 
-The prefill server writes agreeing cache messager logs of two ranks. The decode server never answers when the
-fix is off (``FD_PD_FIX=0``, or the ``observe``/``upstream`` modes), which imitates the deadlock the A/B test expects.
+The prefill server writes agreeing cache messager logs of two ranks (rank 1 with early layer-0 signals) and logs an
+engine-side abort notice for each stream its client closes. The decode server never answers when the fix is off
+(``FD_PD_FIX=0``, or the ``observe``/``upstream`` modes), which imitates the deadlock the A/B test expects.
 """
 
 import argparse
@@ -11,6 +12,9 @@ from pathlib import Path
 
 STUBS = Path(__file__).resolve().parents[4]
 UNFIXED = os.environ.get("FD_PD_FIX") == "0" or os.environ.get("FD_PD_FIX_MODE") in ("observe", "upstream")
+# The environment the test gives each server, echoed to its output for the harness test to check.
+SHOWN_PREFIXES = ("FD_PD_FIX", "ENABLE_V1_")
+SHOWN = ("CUDA_VISIBLE_DEVICES", "FD_DETERMINISTIC_MODE", "FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE", "NO_PROXY")
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -18,13 +22,14 @@ if __name__ == "__main__":
     parser.add_argument("--splitwise-role", default="mixed")
     parser.add_argument("--router")
     args, _ = parser.parse_known_args()  # model, ports, TP size ...: what FastDeploy would need, not the stub
-    plugin_env = sorted(f"{name}={value}" for name, value in os.environ.items() if name.startswith("FD_PD_FIX"))
-    print(f"fake api_server {args.splitwise_role}: {' '.join(sys.argv[1:])} | {' '.join(plugin_env)}", flush=True)
+    shown = [name for name in os.environ if name.startswith(SHOWN_PREFIXES) or name in SHOWN]
+    settings = sorted(f"{name}={os.environ[name]}" for name in shown)
+    print(f"fake api_server {args.splitwise_role}: {' '.join(sys.argv[1:])} | {' '.join(settings)}", flush=True)
     stub = [sys.executable, str(STUBS / "stub_server.py"), "--port", str(args.port), "--role", args.splitwise_role]
     if args.router:
         stub += ["--router", args.router]
     if args.splitwise_role == "prefill":
-        stub += ["--cache-messager-logs", "agree"]
+        stub += ["--cache-messager-logs", "agree", "--abort-notices"]
     if args.splitwise_role == "decode" and UNFIXED:
         stub += ["--never-answer"]
     os.execv(sys.executable, stub)

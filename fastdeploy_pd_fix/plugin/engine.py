@@ -1,0 +1,394 @@
+"""The engine-side patch: slot-lifecycle notices into the cache-info stream (release rules R8 and R9).
+
+The messagers see two streams (layer-0 kv signals, completed registrations) that cannot tell some engine histories
+apart; the engine can. In FastDeploy's engine process, on the prefill role only, this patch puts the notices of
+:mod:`fastdeploy_pd_fix.core.notice` into the same ``put_cache_info`` mailbox as the P- and D-parts, so every messager
+rank reads them at the same position of the stream. What is patched, why, and when to remove it is in
+:data:`fastdeploy_pd_fix.plugin.patching.MANIFEST` (``fastdeploy-pd-fix status`` prints it):
+
+* ``ResourceManagerV1.recycle_abort_task(request_id)`` frees an aborted request's slot. Before the original runs, the
+  wrapper puts ``ABORT(slot, request_id, emitted_end)``, then ``FENCE(serial)``, as two batches. A put returns once
+  every rank has read the previous batch, so the slot's next admission put (a P-part, or an ``ORPHAN``) returns
+  only after every rank has read the fence, that is after every rank has handled the abort (R9).
+* ``ResourceManagerV1.add_request_in_p(requests)`` hands admitted requests to the scheduler. Those without
+  ``disaggregate_info`` had no P-part and are computed without transfer; before the original runs, the wrapper puts
+  one batch with ``ORPHAN(slot, request_id, len(prompt_token_ids))`` for each of them.
+* ``SplitwiseConnector.__init__`` stores the engine's mailbox and resource manager; the wrapper records the pair
+  (:class:`Mailboxes`), because the resource manager has no reference to the mailbox.
+
+Each class is patched only when :func:`fastdeploy_pd_fix.config.engine_notices` is on (plugin on, ordered mode,
+``FD_PD_FIX_ENGINE_NOTICES`` not off) and :func:`check_target` recognises it; otherwise it is left untouched, with
+one log line. A wrapper never breaks the engine: whatever goes wrong in our part is logged (once per kind) and the
+original runs; no notice is sent then, and the messagers fall back to their two-stream rules.
+
+FastDeploy facts this relies on (read in public FastDeploy code; store ids of the ``search`` tool):
+
+* ``resource_manager_v1.py`` (store id 56534741536): ``recycle_abort_task`` frees the slot (``tasks_list``,
+  ``stop_flags``) under ``self.lock``, and only for a request in ``self.requests`` and ``to_be_aborted_req_id_set``;
+  ``_trigger_abort``, which fills that set, resets ``num_computed_tokens`` to 0 first; ``_prepare_prefill_task`` sets
+  ``prefill_end_index`` to the end of every chunk it schedules; ``get_prefix_cached_blocks`` sets
+  ``num_computed_tokens`` to the matched length before any chunk is scheduled; ``add_request_in_p`` appends to
+  ``running``; the role is ``self.config.scheduler_config.splitwise_role``.
+* ``Request`` (store id 55071290549): ``prefill_end_index`` starts at 0, ``idx`` at None.
+* ``splitwise_connector.py`` (store id 55108248927): ``__init__`` sets ``self.engine_worker_queue`` and
+  ``self.resource_manager``; ``send_cache_info_to_messager`` skips tasks without ``disaggregate_info`` and puts the
+  others with ``self.engine_worker_queue.put_cache_info``. Older releases take another argument list (store id
+  54642821048), so the wrapper reads the attributes, not the arguments.
+* ``EngineWorkerQueue.put_cache_info`` (store id 18481370361): under ``lock_info``, waits until every client has
+  read the previous batch, then replaces it and returns (it does not wait for the new batch to be read).
+
+Not confirmed: that a scheduled chunk always runs on the GPU (``emitted_end`` is exact only then); that no caller of
+``recycle_abort_task`` holds a lock the messagers need (the two puts block the calling thread until every rank has
+read); ``ResourceManagerV2`` (store id 59711216585) frees slots through its own request manager and is not targeted;
+preemption on a prefill instance (``reschedule_preempt_task``) is not announced.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+import operator
+import threading
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, List, Mapping, Optional, Tuple
+
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.core.notice import NOTICE_KEY, abort_notice, encode, fence_notice, orphan_notice
+from fastdeploy_pd_fix.plugin import LOG_PREFIX
+from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
+from fastdeploy_pd_fix.target import (
+    CONNECTOR_CLASS,
+    CONNECTOR_MAILBOX,
+    CONNECTOR_METHODS,
+    CONNECTOR_MODULE,
+    CONNECTOR_RESOURCE_MANAGER,
+    MAILBOX_PUT,
+    RESOURCE_MANAGER_CLASS,
+    RESOURCE_MANAGER_METHODS,
+    RESOURCE_MANAGER_MODULE,
+    UPSTREAMED_PACKAGE,
+)
+
+logger = logging.getLogger("fastdeploy_pd_fix")
+
+#: The class attribute a patched engine class carries: its :class:`EngineState`.
+STATE_ATTRIBUTE = "_fd_pd_fix_engine_state"
+#: The attribute a connector's resource manager gets: the mailbox that connector puts into.
+MAILBOX_ATTRIBUTE = "_fd_pd_fix_mailbox"
+#: Source text that shows a class already announces slot lifecycles itself (the notice marker key, or the package
+#: ``make-patch`` adds to FastDeploy).
+UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
+#: The only role whose messagers read the cache-info mailbox. Elsewhere nobody may read it, and a second put would
+#: block for ever.
+PREFILL_ROLE = "prefill"
+
+_warned = set()
+_warned_lock = threading.Lock()
+_patch_lock = threading.Lock()
+#: Fence serials of this process (``next`` on a count is atomic under the GIL).
+_fence_serials = itertools.count(1)
+
+
+def warn_once(key: str, message: str) -> None:
+    """Log ``message`` the first time ``key`` comes up in this process: a wrapper runs on every abort and admission."""
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    logger.warning(f"{LOG_PREFIX}{message}")
+
+
+class Mailboxes:
+    """The cache-info mailboxes of this process's splitwise connectors, and the resource manager each one serves."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._mailboxes: List[object] = []
+
+    def capture(self, connector) -> None:
+        """Record ``connector``'s mailbox, once its ``__init__`` has run. Never raises."""
+        try:
+            mailbox = getattr(connector, CONNECTOR_MAILBOX, None)
+            if not callable(getattr(mailbox, MAILBOX_PUT, None)):
+                warn_once(
+                    "connector without mailbox",
+                    f"{type(connector).__name__} has no {CONNECTOR_MAILBOX}.{MAILBOX_PUT}: engine notices not sent",
+                )
+                return
+            with self._lock:
+                if not any(known is mailbox for known in self._mailboxes):
+                    self._mailboxes.append(mailbox)
+            resource_manager = getattr(connector, CONNECTOR_RESOURCE_MANAGER, None)
+            if resource_manager is not None:
+                try:
+                    setattr(resource_manager, MAILBOX_ATTRIBUTE, mailbox)
+                except (AttributeError, TypeError):  # no instance dict: the process's only mailbox serves it
+                    pass
+        except Exception as error:
+            warn_once(f"capture {type(error).__name__}", f"mailbox not captured from the connector: {error!r}")
+
+    def mailbox_for(self, resource_manager):
+        """The mailbox of the connector built with ``resource_manager``; else the process's only one; else None
+        (no connector built yet, or several and none built with it)."""
+        mailbox = getattr(resource_manager, MAILBOX_ATTRIBUTE, None)
+        if mailbox is not None:
+            return mailbox
+        with self._lock:
+            return self._mailboxes[0] if len(self._mailboxes) == 1 else None
+
+    def forget(self) -> None:
+        with self._lock:
+            self._mailboxes.clear()
+
+
+MAILBOXES = Mailboxes()
+
+
+def splitwise_role(resource_manager) -> Optional[str]:
+    """The instance's role (``prefill``, ``decode``, ``mixed``), where FastDeploy keeps it; None if not found."""
+    engine_config = getattr(resource_manager, "config", None)
+    role = getattr(getattr(engine_config, "scheduler_config", None), "splitwise_role", None)
+    return role if role is not None else getattr(engine_config, "splitwise_role", None)
+
+
+def launched_prefill_end(request) -> Optional[int]:
+    """``emitted_end``: the end of the request's last prefill chunk handed to a forward step; None when none was.
+
+    ``prefill_end_index`` is set for every chunk ``_prepare_prefill_task`` schedules and starts at 0; a chunk has at
+    least one token, so 0 means no chunk (a prefix-cache hit alone does not count). Not ``num_computed_tokens``: it
+    holds the matched length before any chunk, and ``_trigger_abort`` resets it to 0 before the slot is freed. A
+    request without the attribute raises AttributeError: no notice then (not knowing is not None)."""
+    end = operator.index(request.prefill_end_index)
+    return end if end > 0 else None
+
+
+def _mailbox_or_warn(resource_manager):
+    mailbox = MAILBOXES.mailbox_for(resource_manager)
+    if mailbox is None:
+        warn_once(
+            "no mailbox",
+            f"no cache-info mailbox known for this {type(resource_manager).__name__} (no {CONNECTOR_CLASS} built with "
+            "it): engine notices not sent, the messagers use their two-stream rules",
+        )
+    return mailbox
+
+
+def _serves_prefill(resource_manager) -> bool:
+    role = splitwise_role(resource_manager)
+    if role is None:
+        warn_once("no role", "splitwise role not found on the resource manager: engine notices not sent")
+    return role == PREFILL_ROLE
+
+
+def announce_abort(resource_manager, request_id) -> None:
+    """Put ``ABORT`` then ``FENCE`` if the original ``recycle_abort_task`` is about to free ``request_id``'s slot."""
+    if not _serves_prefill(resource_manager):
+        return
+    request = resource_manager.requests.get(request_id)
+    if request is None:
+        return  # not a live request: the original frees nothing
+    aborting = getattr(resource_manager, "to_be_aborted_req_id_set", None)
+    if aborting is not None and request_id not in aborting:
+        return  # the original frees the slot only once the worker has taken the abort
+    mailbox = _mailbox_or_warn(resource_manager)
+    if mailbox is None:
+        return
+    notice = abort_notice(request.idx, request_id, launched_prefill_end(request))
+    getattr(mailbox, MAILBOX_PUT)([encode(notice)])
+    getattr(mailbox, MAILBOX_PUT)([encode(fence_notice(next(_fence_serials)))])
+    logger.info(f"{LOG_PREFIX}engine notice put: {notice.describe()}, fenced")
+
+
+def announce_orphans(resource_manager, requests) -> None:
+    """Put one batch with an ``ORPHAN`` for each request of ``requests`` without ``disaggregate_info``."""
+    if not _serves_prefill(resource_manager):
+        return
+    if not isinstance(requests, (list, tuple)):  # an iterator would be consumed before the original sees it
+        warn_once("requests not a list", f"add_request_in_p got a {type(requests).__name__}: no orphan notices")
+        return
+    orphans = [request for request in requests if request.disaggregate_info is None]
+    if not orphans:
+        return
+    mailbox = _mailbox_or_warn(resource_manager)
+    if mailbox is None:
+        return
+    items = [
+        encode(orphan_notice(request.idx, request.request_id, len(request.prompt_token_ids))) for request in orphans
+    ]
+    getattr(mailbox, MAILBOX_PUT)(items)
+    for request in orphans:
+        logger.info(f"{LOG_PREFIX}engine notice put: orphan {request.request_id} on slot {request.idx}")
+
+
+def _guarded(where: str, announce: Callable, *args) -> None:
+    try:
+        announce(*args)
+    except Exception as error:  # never break the engine because of the plugin
+        warn_once(
+            f"{where} {type(error).__name__}",
+            f"{where}: notice not sent, the original runs: {error!r} (further {type(error).__name__} not logged)",
+        )
+
+
+def make_recycle_abort_task(original):
+    @functools.wraps(original)
+    def recycle_abort_task(self, request_id, *args, **kwargs):
+        _guarded("recycle_abort_task", announce_abort, self, request_id)
+        return original(self, request_id, *args, **kwargs)
+
+    recycle_abort_task.__fd_pd_fix__ = True
+    return recycle_abort_task
+
+
+def make_add_request_in_p(original):
+    @functools.wraps(original)
+    def add_request_in_p(self, requests, *args, **kwargs):
+        _guarded("add_request_in_p", announce_orphans, self, requests)
+        return original(self, requests, *args, **kwargs)
+
+    add_request_in_p.__fd_pd_fix__ = True
+    return add_request_in_p
+
+
+def make_connector_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        MAILBOXES.capture(self)
+
+    __init__.__fd_pd_fix__ = True
+    return __init__
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """One engine class: where it lives, the methods we wrap (with their leading parameters) and the wrappers."""
+
+    module: str
+    class_name: str
+    methods: Mapping[str, Tuple[str, ...]]
+    factories: Mapping[str, Callable]
+
+
+RESOURCE_MANAGER = EngineTarget(
+    RESOURCE_MANAGER_MODULE,
+    RESOURCE_MANAGER_CLASS,
+    MappingProxyType(RESOURCE_MANAGER_METHODS),
+    MappingProxyType({"recycle_abort_task": make_recycle_abort_task, "add_request_in_p": make_add_request_in_p}),
+)
+CONNECTOR = EngineTarget(
+    CONNECTOR_MODULE,
+    CONNECTOR_CLASS,
+    MappingProxyType(CONNECTOR_METHODS),
+    MappingProxyType({"__init__": make_connector_init}),
+)
+TARGETS = {target.module: target for target in (RESOURCE_MANAGER, CONNECTOR)}
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the patch put on an engine class, as one attribute: the target, the original methods, the record."""
+
+    target: EngineTarget
+    originals: Mapping[str, Callable]
+    record: PatchRecord
+
+
+def patch_state(cls) -> Optional[EngineState]:
+    return vars(cls).get(STATE_ATTRIBUTE)
+
+
+def notices_off_reason() -> Optional[str]:
+    """Why the engine sends no notices in this environment; None when it does."""
+    if config.engine_notices()[0]:
+        return None
+    if config.switched_off():
+        return f"{config.ENV_SWITCH}={config.switch_value()} switches the plugin off"
+    mode = config.selected_mode()[0]
+    if mode != config.ORDERED:
+        return f"{config.ENV_MODE}={mode}: only ordered mode reads notices"
+    return f"{config.ENV_ENGINE_NOTICES} is off"
+
+
+def check_target(cls, target: EngineTarget) -> Optional[str]:
+    """Why ``cls`` is not recognised as ``target``, or None: each method is a Python function with the expected
+    leading parameters, and the class source (needed to tell) does not show notices of its own."""
+    for name, leading in target.methods.items():
+        method = getattr(cls, name, None)
+        if not inspect.isfunction(method):
+            return f"{name} is missing or not a Python function"
+        parameters = tuple(inspect.signature(method).parameters)
+        if parameters[: len(leading)] != leading:
+            return f"{name}({', '.join(parameters)}) does not start with ({', '.join(leading)})"
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError) as error:
+        return f"source not readable, so no telling whether it announces slot lifecycles itself: {error!r}"
+    marker = next((marker for marker in UPSTREAM_MARKERS if marker in source), None)
+    if marker is not None:
+        return f"it already announces slot lifecycles (its source mentions {marker})"
+    return None
+
+
+def patch_engine_class(cls, target: EngineTarget) -> PatchRecord:
+    """Wrap ``target``'s methods of ``cls`` when notices are on and ``cls`` is recognised; otherwise leave it
+    untouched. Idempotent; never raises; logs one decision line."""
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    mode, mode_warning = config.selected_mode()
+    warning = "; ".join(filter(None, [config.switch()[1], mode_warning, config.engine_notices()[1]]))
+    with _patch_lock:
+        state = patch_state(cls)
+        if state is not None:
+            return PatchRecord(name, "already patched", "nothing to do", mode, "", "")
+        off = notices_off_reason()
+        try:
+            unrecognised = None if off else check_target(cls, target)
+        except Exception as error:  # an unexpected shape must not break FastDeploy: stand aside
+            unrecognised = f"check failed: {error!r}"
+        reason = off or unrecognised or "engine notices patched in (" + ", ".join(target.methods) + ")"
+        decision = "stood aside" if off or unrecognised else "patched"
+        features = "engine notices " + ("off" if off else "on (prefill role only)")
+        record = PatchRecord(
+            name, decision, reason + (f" ({warning})" if warning else ""), mode, fastdeploy_version(), features
+        )
+        if decision == "patched":
+            originals = {method: getattr(cls, method) for method in target.methods}
+            setattr(cls, STATE_ATTRIBUTE, EngineState(target, MappingProxyType(originals), record))
+            for method, factory in target.factories.items():
+                setattr(cls, method, factory(originals[method]))
+        RECORDS.append(record)
+    log = logger.warning if unrecognised or warning else logger.info
+    log(record.describe())
+    return record
+
+
+def unpatch_engine_class(cls) -> None:
+    """Restore the original methods (tests, A/B runs); unpatching the connector forgets its captured mailboxes."""
+    with _patch_lock:
+        state = patch_state(cls)
+        if state is None:
+            return
+        for method, original in state.originals.items():
+            setattr(cls, method, original)
+        delattr(cls, STATE_ATTRIBUTE)
+        if state.target is CONNECTOR:
+            MAILBOXES.forget()
+
+
+def patch_engine_module(module) -> Optional[PatchRecord]:
+    """Post-import hook entry point: patch the target class of ``module`` (one of the engine modules)."""
+    target = TARGETS.get(getattr(module, "__name__", None))
+    if target is None:
+        return None
+    cls = getattr(module, target.class_name, None)
+    if not isinstance(cls, type):
+        record = PatchRecord(
+            f"{target.module}.{target.class_name}", "stood aside", "no such class", config.selected_mode()[0], "", ""
+        )
+        RECORDS.append(record)
+        logger.warning(record.describe())
+        return record
+    return patch_engine_class(cls, target)
