@@ -7,8 +7,9 @@ rank reads them at the same position of the stream. What is patched, why, and wh
 :data:`fastdeploy_pd_fix.plugin.patching.MANIFEST` (``fastdeploy-pd-fix status`` prints it):
 
 * ``ResourceManagerV1.recycle_abort_task(request_id)`` frees an aborted request's slot. Before the original runs, the
-  wrapper puts ``ABORT(slot, request_id, emitted_end)``, then ``FENCE(serial)``, as two batches. A put returns once
-  every rank has read the previous batch, so the slot's next admission put (a P-part, or an ``ORPHAN``) returns
+  wrapper puts ``ABORT(slot, request_id, emitted_end)``, then ``FENCE(serial)``, as two batches
+  (:func:`fastdeploy_pd_fix.core.engine_notices.abort_batches`). A put returns once every rank has read the previous
+  batch, so the slot's next admission put (a P-part, or an ``ORPHAN``) returns
   only after every rank has read the fence, that is after every rank has handled the abort (R9).
 * ``ResourceManagerV1.add_request_in_p(requests)`` hands admitted requests to the scheduler. Those without
   ``disaggregate_info`` had no P-part and are computed without transfer; before the original runs, the wrapper puts
@@ -23,13 +24,9 @@ original runs; no notice is sent then, and the messagers fall back to their two-
 
 FastDeploy facts this relies on (read in public FastDeploy code; store ids of the ``search`` tool):
 
-* ``resource_manager_v1.py`` (store id 56534741536): ``recycle_abort_task`` frees the slot (``tasks_list``,
-  ``stop_flags``) under ``self.lock``, and only for a request in ``self.requests`` and ``to_be_aborted_req_id_set``;
-  ``_trigger_abort``, which fills that set, resets ``num_computed_tokens`` to 0 first; ``_prepare_prefill_task`` sets
-  ``prefill_end_index`` to the end of every chunk it schedules; ``get_prefix_cached_blocks`` sets
-  ``num_computed_tokens`` to the matched length before any chunk is scheduled; ``add_request_in_p`` appends to
-  ``running``; the role is ``self.config.scheduler_config.splitwise_role``.
-* ``Request`` (store id 55071290549): ``prefill_end_index`` starts at 0, ``idx`` at None.
+* ``resource_manager_v1.py`` (store id 56534741536) and ``Request`` (store id 55071290549): what
+  :mod:`fastdeploy_pd_fix.core.engine_notices` reads (the notices' rules live there, shared with ``make-patch``);
+  ``recycle_abort_task`` frees the slot under ``self.lock``; ``add_request_in_p`` appends to ``running``.
 * ``splitwise_connector.py`` (store id 55108248927): ``__init__`` sets ``self.engine_worker_queue`` and
   ``self.resource_manager``; ``send_cache_info_to_messager`` skips tasks without ``disaggregate_info`` and puts the
   others with ``self.engine_worker_queue.put_cache_info``. Older releases take another argument list (store id
@@ -49,14 +46,14 @@ import functools
 import inspect
 import itertools
 import logging
-import operator
 import threading
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, List, Mapping, Optional, Tuple
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.notice import NOTICE_KEY, abort_notice, encode, fence_notice, orphan_notice
+from fastdeploy_pd_fix.core.engine_notices import abort_batches, orphan_batch, splitwise_role
+from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
 from fastdeploy_pd_fix.target import (
@@ -81,9 +78,6 @@ MAILBOX_ATTRIBUTE = "_fd_pd_fix_mailbox"
 #: Source text that shows a class already announces slot lifecycles itself (the notice marker key, or the package
 #: ``make-patch`` adds to FastDeploy).
 UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
-#: The only role whose messagers read the cache-info mailbox. Elsewhere nobody may read it, and a second put would
-#: block for ever.
-PREFILL_ROLE = "prefill"
 
 _warned = set()
 _warned_lock = threading.Lock()
@@ -147,24 +141,6 @@ class Mailboxes:
 MAILBOXES = Mailboxes()
 
 
-def splitwise_role(resource_manager) -> Optional[str]:
-    """The instance's role (``prefill``, ``decode``, ``mixed``), where FastDeploy keeps it; None if not found."""
-    engine_config = getattr(resource_manager, "config", None)
-    role = getattr(getattr(engine_config, "scheduler_config", None), "splitwise_role", None)
-    return role if role is not None else getattr(engine_config, "splitwise_role", None)
-
-
-def launched_prefill_end(request) -> Optional[int]:
-    """``emitted_end``: the end of the request's last prefill chunk handed to a forward step; None when none was.
-
-    ``prefill_end_index`` is set for every chunk ``_prepare_prefill_task`` schedules and starts at 0; a chunk has at
-    least one token, so 0 means no chunk (a prefix-cache hit alone does not count). Not ``num_computed_tokens``: it
-    holds the matched length before any chunk, and ``_trigger_abort`` resets it to 0 before the slot is freed. A
-    request without the attribute raises AttributeError: no notice then (not knowing is not None)."""
-    end = operator.index(request.prefill_end_index)
-    return end if end > 0 else None
-
-
 def _mailbox_or_warn(resource_manager):
     mailbox = MAILBOXES.mailbox_for(resource_manager)
     if mailbox is None:
@@ -176,51 +152,33 @@ def _mailbox_or_warn(resource_manager):
     return mailbox
 
 
-def _serves_prefill(resource_manager) -> bool:
-    role = splitwise_role(resource_manager)
-    if role is None:
+def _put(resource_manager, batches) -> None:
+    """Put each batch in order (each put waits until every rank has read the previous batch), then log them."""
+    if splitwise_role(resource_manager) is None:
         warn_once("no role", "splitwise role not found on the resource manager: engine notices not sent")
-    return role == PREFILL_ROLE
+    if not batches:
+        return
+    mailbox = _mailbox_or_warn(resource_manager)
+    if mailbox is None:
+        return
+    for batch in batches:
+        getattr(mailbox, MAILBOX_PUT)(batch)
+    for notice in (decode(item) for batch in batches for item in batch):
+        if notice.kind != FENCE:
+            logger.info(
+                f"{LOG_PREFIX}engine notice put: {notice.describe()}" + (", fenced" if notice.kind == ABORT else "")
+            )
 
 
 def announce_abort(resource_manager, request_id) -> None:
     """Put ``ABORT`` then ``FENCE`` if the original ``recycle_abort_task`` is about to free ``request_id``'s slot."""
-    if not _serves_prefill(resource_manager):
-        return
-    request = resource_manager.requests.get(request_id)
-    if request is None:
-        return  # not a live request: the original frees nothing
-    aborting = getattr(resource_manager, "to_be_aborted_req_id_set", None)
-    if aborting is not None and request_id not in aborting:
-        return  # the original frees the slot only once the worker has taken the abort
-    mailbox = _mailbox_or_warn(resource_manager)
-    if mailbox is None:
-        return
-    notice = abort_notice(request.idx, request_id, launched_prefill_end(request))
-    getattr(mailbox, MAILBOX_PUT)([encode(notice)])
-    getattr(mailbox, MAILBOX_PUT)([encode(fence_notice(next(_fence_serials)))])
-    logger.info(f"{LOG_PREFIX}engine notice put: {notice.describe()}, fenced")
+    _put(resource_manager, abort_batches(resource_manager, request_id, next(_fence_serials)))
 
 
 def announce_orphans(resource_manager, requests) -> None:
     """Put one batch with an ``ORPHAN`` for each request of ``requests`` without ``disaggregate_info``."""
-    if not _serves_prefill(resource_manager):
-        return
-    if not isinstance(requests, (list, tuple)):  # an iterator would be consumed before the original sees it
-        warn_once("requests not a list", f"add_request_in_p got a {type(requests).__name__}: no orphan notices")
-        return
-    orphans = [request for request in requests if request.disaggregate_info is None]
-    if not orphans:
-        return
-    mailbox = _mailbox_or_warn(resource_manager)
-    if mailbox is None:
-        return
-    items = [
-        encode(orphan_notice(request.idx, request.request_id, len(request.prompt_token_ids))) for request in orphans
-    ]
-    getattr(mailbox, MAILBOX_PUT)(items)
-    for request in orphans:
-        logger.info(f"{LOG_PREFIX}engine notice put: orphan {request.request_id} on slot {request.idx}")
+    batch = orphan_batch(resource_manager, requests)
+    _put(resource_manager, [batch] if batch else [])
 
 
 def _guarded(where: str, announce: Callable, *args) -> None:

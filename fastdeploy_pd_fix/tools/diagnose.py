@@ -299,6 +299,21 @@ def group_ranks(logs: Sequence[RankLog], tp: Optional[int]) -> Tuple[List[Group]
     ], notes
 
 
+def _without_batches_beside(group: Group, logs: Iterable[RankLog]) -> List[RankLog]:
+    """The messager logs of ``group``'s folder without a queued batch that may belong to its DP group (their DP id
+    is unknown or the group's)."""
+    beside = []
+    for log in logs:
+        if log.entries or log.path.parent != group.folder:
+            continue
+        dp = log.dp
+        if dp is None and None not in (log.rank_id, log.tp) and log.tp > 0:
+            dp = log.rank_id // log.tp
+        if group.dp is None or dp is None or dp == group.dp:
+            beside.append(log)
+    return sorted(beside, key=lambda log: log.sort_key)
+
+
 def _counts(logs: Iterable[RankLog]) -> str:
     return ", ".join(f"{log.label}: {len(log.entries)} batches" for log in logs)
 
@@ -361,7 +376,16 @@ def diagnose_logs(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
         heading = f"{' '.join(where)}: " if several else ""
         counts = _counts(group.logs)
         if len(group.logs) < 2:
-            sections.append(f"{heading}only one rank's log found ({counts}); nothing to compare")
+            silent = _without_batches_beside(group, logs.ranks)
+            if silent:
+                names = ", ".join(f"{log.label} ({log.path.name})" for log in silent)
+                sections.append(
+                    f"{heading}only one rank queued batches ({counts}); no 'queued batch' line from {names}: "
+                    "nothing to compare (a rank that queued nothing is behind or dropped its signals: a hang, "
+                    "not a divergence)"
+                )
+            else:
+                sections.append(f"{heading}only one rank's log found ({counts}); nothing to compare")
             continue
         compared += 1
         divergence = first_divergence({index: log.entries for index, log in enumerate(group.logs)})

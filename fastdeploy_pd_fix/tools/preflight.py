@@ -155,8 +155,13 @@ def run_good(record: dict) -> bool:
     return record["outcome"] == "finished" and record["identical"] and record["violations"] == 0
 
 
-def play(tree, scenarios, deadline_s: float, parallel: int, runs_dir: Path, progress) -> Dict[str, dict]:
-    """Run every scenario in both modes on the tree; ``progress(line)`` once per scenario as it completes."""
+def play(
+    tree, scenarios, deadline_s: float, parallel: int, runs_dir: Path, progress, modes=MODES, keep_runs: bool = False
+) -> Dict[str, dict]:
+    """Run every scenario in each of ``modes`` (:data:`config.RUN_MODES`; default plugin off and on) on the tree;
+    ``progress(line)`` once per scenario as it completes. Each run has its folder ``runs_dir/MODE/SCENARIO-*``;
+    ``keep_runs``: leave it there (its ``log/`` holds the messagers' logs, for ``fastdeploy-pd-fix diagnose``) and
+    name it in the record's ``run_dir``; otherwise it is removed once read."""
     from fastdeploy_pd_fix.standin.harness import run_scenario
 
     def rank_arguments(rank, nranks, port, num_layers):
@@ -167,25 +172,27 @@ def play(tree, scenarios, deadline_s: float, parallel: int, runs_dir: Path, prog
             name,
             mode=mode,
             deadline_s=deadline_s,
-            workdir=runs_dir,
+            workdir=runs_dir / mode,
             standin_root=tree.root,
             rank_arguments=rank_arguments,
         )
         record = _run_record(result, _rank_logs(result.workdir))
-        if result.workdir:
+        if keep_runs:
+            record["run_dir"] = str(result.workdir)
+        elif result.workdir:
             shutil.rmtree(result.workdir, ignore_errors=True)
         return record
 
     records: Dict[str, dict] = {name: {} for name in scenarios}
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {pool.submit(one, name, mode): (name, mode) for name in scenarios for mode in MODES}
+        futures = {pool.submit(one, name, mode): (name, mode) for name in scenarios for mode in modes}
         done = 0
         for future in as_completed(futures):
             name, mode = futures[future]
             records[name][mode] = future.result()
-            if len(records[name]) == len(MODES):
+            if len(records[name]) == len(modes):
                 done += 1
-                cells = " | ".join(f"{mode} {cell(records[name][mode])}" for mode in MODES)
+                cells = " | ".join(f"{mode} {cell(records[name][mode])}" for mode in modes)
                 progress(f"[{done:>2}/{len(scenarios)}] {name}: {cells}")
     return records
 
@@ -255,11 +262,13 @@ def preflight(
         )
         progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(MODES)} on 2 rank processes each ...")
         workers = parallel or max(2, min(8, 2 * (os.cpu_count() or 1)))
-        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress)
+        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress, keep_runs=bool(keep))
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     report["scenarios"] = {name: {"kind": _kind(name), **records[name]} for name in scenarios}
+    if keep:
+        report["kept"] = str(work)
     _conclude(report, records)
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     return report
@@ -338,6 +347,8 @@ def print_report(report: dict) -> None:
     if "decision" in report:
         print(f"plugin:   {report['decision']}")
     print(f"verdict:  {report['verdict']}")
+    if "kept" in report:
+        print(f"kept:     {report['kept']} (rank logs in runs/MODE/SCENARIO-*/log: fastdeploy-pd-fix diagnose FOLDER)")
     if "elapsed_s" in report:
         print(f"({report['elapsed_s']}s)")
 

@@ -177,7 +177,8 @@ def add_lifecycle(scenario: dict, rng: random.Random) -> None:
     every rank, so the fence holds: the slot's next request computes only after its recycle dependencies'
     reads). It is drawn only where a chunk of a request that is not aborted stays in the last signal, so that the
     send loop takes every batch before the rank exits. An orphan's registration entry becomes its orphan notice
-    (``orphans``); at least one request still registers and finishes.
+    (``orphans``); it is drawn among the requests without a task in the last signal, so that one still carries a
+    batch, and at least one request still registers and finishes.
     """
     signals, owners = scenario["signals"], scenario["owners"]
     aborted = []
@@ -201,8 +202,9 @@ def add_lifecycle(scenario: dict, rng: random.Random) -> None:
         scenario["aborted"] = aborted
     finishing = [request for request in scenario["requests"] if request["request_id"] not in aborted]
     orphans = []
+    in_last_signal = set(scenario["owners"][-1])  # they keep a batch in the last signal (see above): never orphans
     for request in finishing[1:]:  # the first one always registers and finishes
-        if rng.random() < ORPHAN_PROBABILITY:
+        if rng.random() < ORPHAN_PROBABILITY and request["request_id"] not in in_last_signal:
             orphans.append(request["request_id"])
             read = _registration_read(scenario, request["request_id"])
             position = [entry.get("request_id") for entry in read].index(request["request_id"])

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from support.installed import require_plugin_installed
 
-
 TESTS = Path(__file__).resolve().parents[1]
 #: The fake package: module path -> source. The engine modules are the ones target.ENGINE_MODULES names.
 FAKE_FASTDEPLOY = {

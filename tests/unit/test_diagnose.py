@@ -50,6 +50,17 @@ def test_diagnose_without_comparable_logs(tmp_path, ranks):
     assert diagnose(tmp_path)[0] == 2
 
 
+def test_a_rank_that_queued_nothing_is_named_not_reported_missing(tmp_path):
+    """s2 unpatched on a real pre-#7872 file: rank 1 drops both early signals and queues nothing, rank 0 queues two
+    batches. Both logs are there; the report must not say only one was found."""
+    write_rank_log(tmp_path, 0, [[(0, 4)], [(0, 8)]])
+    write_rank_log(tmp_path, 1, [])
+    code, report = diagnose(tmp_path)
+    assert code == 2, report
+    assert report.startswith("only one rank queued batches (rank 0: 2 batches); no 'queued batch' line from rank 1 ")
+    assert "(cache_messager_rank1.log)" in report and "only one rank's log found" not in report
+
+
 @pytest.mark.parametrize("prefix", ["fastdeploy_pd_fix: ", "layer0_release: "])
 def test_diagnose_reads_what_the_core_journal_logs_for_the_plugin_and_the_upstreamed_fix(tmp_path, prefix):
     for rank, batches in ((0, [[(0, 4), (1, 4)]]), (1, [[(0, 4)], [(1, 4)]])):

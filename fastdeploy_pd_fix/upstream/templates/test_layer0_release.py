@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step, notice, release
+from fastdeploy.cache_manager.layer0_release import engine_notices, kv_signal, messager_step, notice, release
 
 
 def kv_signal_buffer(tasks, layer=0):
@@ -360,3 +360,38 @@ def test_orphan_notice_drops_the_chunks_of_a_request_computed_without_transfer()
     send_queued_batches(messager, sent)
     assert sent == [("B", 4)]
     assert any("belongs to orphan O" in line for line in logger.lines)
+
+
+class FakeResourceManager:
+    """What engine_notices reads of ResourceManagerV1 and its requests."""
+
+    def __init__(self, role, requests):
+        self.config = type("Config", (), {"scheduler_config": type("Scheduler", (), {"splitwise_role": role})})()
+        self.requests = {request.request_id: request for request in requests}
+        self.to_be_aborted_req_id_set = set()
+
+
+class FakeRequest:
+    def __init__(self, request_id, idx, prefill_end_index=0, disaggregate_info=None, prompt_length=4):
+        self.request_id, self.idx, self.prefill_end_index = request_id, idx, prefill_end_index
+        self.disaggregate_info, self.prompt_token_ids = disaggregate_info, [0] * prompt_length
+
+
+def test_engine_puts_an_abort_then_a_fence_and_orphans_on_the_prefill_role_only():
+    aborted = FakeRequest("A", 3, prefill_end_index=128, disaggregate_info={"role": "decode"})
+    unstarted = FakeRequest("B", 4, disaggregate_info={"role": "decode"})
+    manager = FakeResourceManager("prefill", [aborted, unstarted])
+    assert engine_notices.abort_batches(manager, "A", 1) == []  # not taken for abort yet: nothing is freed
+    manager.to_be_aborted_req_id_set |= {"A", "B"}
+    abort, fence = engine_notices.abort_batches(manager, "A", 1)
+    assert notice.decode(abort[0]) == notice.abort_notice(3, "A", 128)
+    assert notice.decode(fence[0]) == notice.fence_notice(1)
+    assert notice.decode(engine_notices.abort_batches(manager, "B", 2)[0][0]).value is None  # no chunk launched
+    orphan = FakeRequest("O", 5, prompt_length=7)
+    assert [notice.decode(item) for item in engine_notices.orphan_batch(manager, [orphan, aborted])] == [
+        notice.orphan_notice(5, "O", 7)
+    ]
+    decode_side = FakeResourceManager("decode", [aborted])
+    decode_side.to_be_aborted_req_id_set.add("A")
+    assert engine_notices.abort_batches(decode_side, "A", 1) == []
+    assert engine_notices.orphan_batch(decode_side, [orphan]) == []
