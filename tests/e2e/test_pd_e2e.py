@@ -12,9 +12,9 @@ beat their registrations and rank 0's do not. One deployment with the plugin in 
    and the other rank's count differs. Skipped, with the reason, where ``fastdeploy-pd-fix status`` reports a release
    before #7724 (no race is possible there) or ``FD_E2E_INJECT`` delays no rank on its own;
 3. the abort wave: streamed requests closed by the client mid-prefill, then more requests than ``--max-num-seqs``,
-   which reuse the freed slots: every one of those completes within the deadline, and diagnose still finds no
-   divergence. The engine-side abort notices of the prefill logs (``abort of request ... emitted_end=``), if any, are
-   attached to the report, not asserted on.
+   which reuse the freed slots: every one of those completes within the deadline with the mixed server's outputs,
+   and diagnose still finds no divergence. The engine-side abort notices of the prefill logs (``abort of request
+   ... emitted_end=``), if any, are attached to the report, not asserted on.
 
 A/B: with ``FD_E2E_EXPECT_UNFIXED=1`` (a release with #7724 and without #8034) the same race wave without the fix is
 expected to hang (strict xfail). A hang fails with every rank's cache messager log and diagnose's verdict in the
@@ -70,13 +70,21 @@ def payloads():
 
 
 @pytest.fixture(scope="module")
-def reference_texts(request, run_root, artifacts_root, payloads):
-    """Outputs of a mixed server on the same prompts. It is stopped before any PD server starts (same GPUs); the
-    finalizer covers a failure on the way."""
+def refill_payloads():
+    return fd.refill_payloads(SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def references(request, run_root, artifacts_root, payloads, refill_payloads):
+    """Outputs of a mixed server on the race wave's and the refill wave's prompts. It is stopped before any PD
+    server starts (same GPUs); the finalizer covers a failure on the way."""
     mixed = fd.mixed_deployment(SETTINGS, run_root / "mixed-reference", artifacts_root / "mixed-reference")
     request.addfinalizer(mixed.teardown)
     mixed.start()
-    texts = mixed.run_workload(payloads, SETTINGS.deadline_s)
+    texts = {
+        "race": mixed.run_workload(payloads, SETTINGS.deadline_s),
+        "refill": mixed.run_workload(refill_payloads, SETTINGS.deadline_s),
+    }
     mixed.teardown()
     return texts
 
@@ -97,7 +105,7 @@ def start_pd(request, run_root, artifacts_root, label, plugin_env):
 
 
 @pytest.fixture(scope="module")
-def ordered_pd(request, run_root, artifacts_root, reference_texts):
+def ordered_pd(request, run_root, artifacts_root, references):
     """The plugin's deployment (after the reference: they use the same GPUs), shared by the waves below."""
     return start_pd(request, run_root, artifacts_root, "pd-plugin-ordered", fd.PLUGIN_ORDERED)
 
@@ -108,8 +116,8 @@ def race_wave(ordered_pd, payloads):
     return ordered_pd.run_workload(payloads, SETTINGS.deadline_s)
 
 
-def test_race_wave_completes_with_the_mixed_outputs_and_equal_rank_sequences(ordered_pd, race_wave, reference_texts):
-    check_outputs_equal(race_wave, reference_texts, SETTINGS.max_mismatches)
+def test_race_wave_completes_with_the_mixed_outputs_and_equal_rank_sequences(ordered_pd, race_wave, references):
+    check_outputs_equal(race_wave, references["race"], SETTINGS.max_mismatches)
     code, report = ordered_pd.diagnose()
     assert code == 0, f"fastdeploy-pd-fix diagnose on the prefill logs: exit code {code}\n{report}"
 
@@ -125,15 +133,16 @@ def test_race_happened_on_the_delayed_rank_only(ordered_pd, race_wave):
     assert all(count != counts[delayed] for count in others.values()), f"the ranks' arrival orders agree: {report}"
 
 
-def test_abort_wave_then_a_wave_beyond_max_num_seqs_completes_without_divergence(
-    ordered_pd, race_wave, record_property
+def test_abort_wave_then_a_wave_beyond_max_num_seqs_completes_with_the_mixed_outputs(
+    ordered_pd, race_wave, references, refill_payloads, record_property
 ):
     closed = ordered_pd.close_streams_early(fd.abort_wave_payloads(SETTINGS), SETTINGS.abort_after_s)
     print(describe_closed_streams(closed))
     record_property("closed_streams", describe_closed_streams(closed))
 
-    texts = ordered_pd.run_workload(fd.refill_payloads(SETTINGS), SETTINGS.deadline_s)
+    texts = ordered_pd.run_workload(refill_payloads, SETTINGS.deadline_s)
     assert len(texts) == SETTINGS.refill_requests
+    check_outputs_equal(texts, references["refill"], SETTINGS.max_mismatches)  # the freed slots' next requests
     code, report = ordered_pd.diagnose()
 
     notices = engine_abort_notices(ordered_pd.server_artifacts("prefill"))
