@@ -37,7 +37,8 @@ MAX_INJECTED_DELAY_MS = 3_600_000
 Injection = namedtuple("Injection", "stage rank delay_s")
 
 
-#: ``FD_PD_FIX`` spellings (compared after ``strip().lower()``); unset or empty is on.
+#: On/off spellings of ``FD_PD_FIX`` and ``FD_PD_FIX_ENGINE_NOTICES`` (compared after ``strip().lower()``); unset or
+#: empty is on.
 SWITCH_OFF_VALUES = ("0", "false", "off", "no")
 SWITCH_ON_VALUES = ("1", "true", "on", "yes", "")
 
@@ -45,19 +46,24 @@ SWITCH_ON_VALUES = ("1", "true", "on", "yes", "")
 MIN_WATCHDOG_S = 0.5
 
 
-def switch(environ=os.environ):
-    """``(on, warning)`` from ``FD_PD_FIX``: 0/false/off/no (any case, surrounding whitespace ignored) is off;
-    1/true/on/yes, empty or unset is on; anything else is on, with a warning (the safe side: the fix stays)."""
-    raw = environ.get(ENV_SWITCH)
+def _on_off(environ, name: str, what_stays_on: str):
+    """``(on, warning)`` from an on/off variable: 0/false/off/no (any case, surrounding whitespace ignored) is off;
+    1/true/on/yes, empty or unset is on; anything else is on, with a warning (the safe side)."""
+    raw = environ.get(name)
     value = (raw or "").strip().lower()
     if value in SWITCH_OFF_VALUES:
         return False, None
     if value in SWITCH_ON_VALUES:
         return True, None
     return True, (
-        f"{ENV_SWITCH}={raw!r} is not understood (off: {'/'.join(SWITCH_OFF_VALUES)}, on: "
-        f"{'/'.join(SWITCH_ON_VALUES[:-1])}); the plugin stays on"
+        f"{name}={raw!r} is not understood (off: {'/'.join(SWITCH_OFF_VALUES)}, on: "
+        f"{'/'.join(SWITCH_ON_VALUES[:-1])}); {what_stays_on}"
     )
+
+
+def switch(environ=os.environ):
+    """``(on, warning)`` from ``FD_PD_FIX`` (see :func:`_on_off`; an unknown value keeps the fix on)."""
+    return _on_off(environ, ENV_SWITCH, "the plugin stays on")
 
 
 def switched_off(environ=os.environ) -> bool:
@@ -86,16 +92,7 @@ def engine_notices(environ=os.environ):
     warning). Off, the messager side still runs ordered mode on the two streams alone (its documented limits)."""
     if switched_off(environ) or selected_mode(environ)[0] != ORDERED:
         return False, None
-    raw = environ.get(ENV_ENGINE_NOTICES)
-    value = (raw or "").strip().lower()
-    if value in SWITCH_OFF_VALUES:
-        return False, None
-    if value in SWITCH_ON_VALUES:
-        return True, None
-    return (
-        True,
-        f"{ENV_ENGINE_NOTICES}={raw!r} is not understood (off: {'/'.join(SWITCH_OFF_VALUES)}); notices stay on",
-    )
+    return _on_off(environ, ENV_ENGINE_NOTICES, "notices stay on")
 
 
 def watchdog_setting(environ=os.environ):

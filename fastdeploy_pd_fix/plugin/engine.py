@@ -181,34 +181,29 @@ def announce_orphans(resource_manager, requests) -> None:
     _put(resource_manager, [batch] if batch else [])
 
 
-def _guarded(where: str, announce: Callable, *args) -> None:
-    try:
-        announce(*args)
-    except Exception as error:  # never break the engine because of the plugin
-        warn_once(
-            f"{where} {type(error).__name__}",
-            f"{where}: notice not sent, the original runs: {error!r} (further {type(error).__name__} not logged)",
-        )
+def announcing_first(announce: Callable[[object, object], None]) -> Callable:
+    """A wrapper factory for a method ``(self, argument, ...)``: ``announce(self, argument)`` runs first, guarded
+    (whatever goes wrong in it is logged once per kind), then the original, always."""
 
+    def make_wrapper(original):
+        where = original.__name__
 
-def make_recycle_abort_task(original):
-    @functools.wraps(original)
-    def recycle_abort_task(self, request_id, *args, **kwargs):
-        _guarded("recycle_abort_task", announce_abort, self, request_id)
-        return original(self, request_id, *args, **kwargs)
+        @functools.wraps(original)
+        def wrapper(self, argument, *args, **kwargs):
+            try:
+                announce(self, argument)
+            except Exception as error:  # never break the engine because of the plugin
+                warn_once(
+                    f"{where} {type(error).__name__}",
+                    f"{where}: notice not sent, the original runs: {error!r} (further {type(error).__name__} not "
+                    "logged)",
+                )
+            return original(self, argument, *args, **kwargs)
 
-    recycle_abort_task.__fd_pd_fix__ = True
-    return recycle_abort_task
+        wrapper.__fd_pd_fix__ = True
+        return wrapper
 
-
-def make_add_request_in_p(original):
-    @functools.wraps(original)
-    def add_request_in_p(self, requests, *args, **kwargs):
-        _guarded("add_request_in_p", announce_orphans, self, requests)
-        return original(self, requests, *args, **kwargs)
-
-    add_request_in_p.__fd_pd_fix__ = True
-    return add_request_in_p
+    return make_wrapper
 
 
 def make_connector_init(original):
@@ -235,7 +230,12 @@ RESOURCE_MANAGER = EngineTarget(
     RESOURCE_MANAGER_MODULE,
     RESOURCE_MANAGER_CLASS,
     MappingProxyType(RESOURCE_MANAGER_METHODS),
-    MappingProxyType({"recycle_abort_task": make_recycle_abort_task, "add_request_in_p": make_add_request_in_p}),
+    MappingProxyType(
+        {
+            "recycle_abort_task": announcing_first(announce_abort),
+            "add_request_in_p": announcing_first(announce_orphans),
+        }
+    ),
 )
 CONNECTOR = EngineTarget(
     CONNECTOR_MODULE,
