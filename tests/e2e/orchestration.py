@@ -79,13 +79,6 @@ class OutputMismatch(WorkloadFailure):
 # --- ports -----------------------------------------------------------------------------------------------------
 
 
-def find_free_port(host: str = LOOPBACK) -> int:
-    """A port that is free now (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
     """True when no socket holds ``port``: a bind with SO_REUSEADDR succeeds (connections in TIME_WAIT do not count,
     a listener on 0.0.0.0 does)."""
@@ -100,6 +93,48 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
 
 def busy_ports(ports: Sequence[int], host: str = LOOPBACK) -> List[int]:
     return [port for port in ports if not port_is_free(port, host)]
+
+
+# The states of /proc/net/tcp by number (include/net/tcp_states.h).
+TCP_STATES = "? ESTABLISHED SYN_SENT SYN_RECV FIN_WAIT1 FIN_WAIT2 TIME_WAIT CLOSE CLOSE_WAIT LAST_ACK LISTEN".split()
+
+
+def port_holders(port: int) -> List[str]:
+    """What holds local ``port`` (Linux /proc): one line per socket, with its TCP state, its peer and the processes
+    that have it open, so that a busy port names its culprit ("ESTABLISHED to 127.0.0.1:8700 in pid 12 (python)")."""
+    sockets = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port:
+                number = int(state, 16)
+                name = TCP_STATES[number] if number < len(TCP_STATES) else state
+                peer = "" if name == "LISTEN" else f" to port {int(remote.rsplit(':', 1)[1], 16)}"
+                sockets.append((f"{name}{peer}", inode))
+    owners: Dict[str, List[str]] = {inode: [] for _, inode in sockets if inode != "0"}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd") if owners else ():
+        try:
+            fds = list(fd_dir.iterdir())
+            command = (fd_dir.parent / "comm").read_text().strip()
+        except OSError:
+            continue
+        links = set()
+        for fd in fds:
+            try:
+                links.add(os.readlink(fd))
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                pass
+        for inode in owners:
+            if f"socket:[{inode}]" in links:
+                owners[inode].append(f"pid {fd_dir.parent.name} ({command})")
+    return [
+        f"{state} in {', '.join(owners.get(inode) or ['no process (kept by the kernel)'])}" for state, inode in sockets
+    ]
 
 
 def wait_until_ports_free(ports: Sequence[int], host: str, timeout_s: float) -> List[int]:
@@ -305,9 +340,10 @@ class Cluster:
     def start(self, spec: ServerSpec) -> ServerProcess:
         busy = busy_ports(spec.ports, self.host)
         if busy:
+            holders = "; ".join(f"{port}: {', '.join(port_holders(port))}" for port in busy)
             raise PortsBusy(
-                f"{spec.name}: port(s) {busy} already in use on {self.host}; stop what holds them or choose other "
-                "ports (FD_E2E_PORT_BASE, FD_E2E_ROUTER_PORT)"
+                f"{spec.name}: port(s) {busy} already in use on {self.host} ({holders}); stop what holds them or "
+                "choose other ports (FD_E2E_PORT_BASE, FD_E2E_ROUTER_PORT)"
             )
         server = ServerProcess(spec)
         self.servers.append(server)
@@ -338,7 +374,10 @@ class Cluster:
             problems += server.stop()
         still_busy = wait_until_ports_free(self.ports(), self.host, self.port_free_timeout_s)
         if still_busy:
-            problems.append(f"port(s) {still_busy} still in use {self.port_free_timeout_s} s after the teardown")
+            holders = "; ".join(f"{port}: {', '.join(port_holders(port)) or 'no socket left'}" for port in still_busy)
+            problems.append(
+                f"port(s) {still_busy} still in use {self.port_free_timeout_s} s after the teardown ({holders})"
+            )
         if problems:
             raise TeardownError(f"teardown of {self.name}: " + "; ".join(problems))
 

@@ -5,11 +5,13 @@ registers only after the router has answered a given number of polls.
 """
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import pytest
 from e2e.fastdeploy_servers import (
@@ -38,13 +40,13 @@ from e2e.orchestration import (
     RequestsHung,
     ServerSpec,
     ServerStartError,
+    TeardownError,
     WaitForHealth,
     WaitForRegistration,
     busy_ports,
     check_outputs_equal,
     early_signal_counts,
     engine_abort_notices,
-    find_free_port,
     identify,
     is_running,
     process_group_of,
@@ -220,9 +222,23 @@ def test_a_busy_port_is_refused_before_anything_starts(tmp_path):
         spec = stub_spec(tmp_path, "mixed", "stub_server.py")
         spec.ports.append(port)
         cluster = Cluster("busy")
-        with pytest.raises(PortsBusy, match=str(port)):
+        with pytest.raises(PortsBusy, match=str(port)) as refusal:
             cluster.start(spec)
         assert cluster.servers == []
+        assert f"{port}: LISTEN in pid {os.getpid()} (" in str(refusal.value)  # the message names the holder
+
+
+def test_a_port_still_held_after_the_teardown_is_reported_with_its_holder(tmp_path):
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        spec = stub_spec(tmp_path, "mixed", "stub_server.py")
+        cluster = Cluster("held", port_free_timeout_s=0.1)
+        cluster.start(spec)
+        spec.ports.append(port)  # as if the server had left it behind
+        with pytest.raises(TeardownError, match=rf"\[{port}\] still in use .*{port}: LISTEN in pid {os.getpid()} \("):
+            cluster.teardown()
 
 
 def test_output_mismatches_are_reported_with_both_texts():
@@ -235,16 +251,19 @@ def test_output_mismatches_are_reported_with_both_texts():
 # --- FastDeploy command lines, prerequisites, CI script --------------------------------------------------------
 
 
-def free_port_block(size: int) -> int:
-    """The first of ``size`` consecutive ports that are all free now."""
-    for _ in range(50):
-        base = find_free_port()
-        if base + size < 65536 and not busy_ports(range(base, base + size)):
-            return base
-    raise AssertionError(f"no {size} consecutive free ports")
+def free_port_blocks(count: int, size: int) -> List[int]:
+    """The first ports of ``count`` disjoint blocks of ``size`` ports, all free now and all below the kernel's
+    ephemeral range: a port inside that range may be taken at any moment as the local port of an outgoing connection
+    (the dry runs make many), and then stays busy for as long as that connection lives."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(10000, low - size, size))
+    random.shuffle(candidates)
+    bases = [base for base in candidates if not busy_ports(range(base, base + size))][:count]
+    assert len(bases) == count, f"not {count} blocks of {size} free ports in 10000..{low}"
+    return bases
 
 
-def dry_run_environment(tmp_path: Path, gpus: int, with_7724: str) -> dict:
+def dry_run_environment(tmp_path: Path, gpus: int, with_7724: str, port_base: int) -> dict:
     """A fake nvidia-smi listing ``gpus`` GPUs and a fake FastDeploy whose router and api_server are the stubs on
     FastDeploy's ports, and whose cache messager (for ``fastdeploy-pd-fix status``) is the stand-in's."""
     fake_bin = tmp_path / "bin"
@@ -261,7 +280,7 @@ def dry_run_environment(tmp_path: Path, gpus: int, with_7724: str) -> dict:
         "PYTHONPATH": os.pathsep.join([str(STUBS / "fake_fastdeploy"), str(REPO), os.environ.get("PYTHONPATH", "")]),
         "FD_STANDIN_7724": with_7724,
         "FD_E2E_MODEL": str(tmp_path / "model"),
-        "FD_E2E_PORT_BASE": str(free_port_block(40)),
+        "FD_E2E_PORT_BASE": str(port_base),
         "FD_E2E_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
         "FD_E2E_REQUESTS": "4",
         "FD_E2E_MAX_NUM_SEQS": "2",
@@ -291,9 +310,10 @@ def dry_runs(tmp_path_factory):
     """Every dry run of tests/e2e at once (each mostly waits: paddle's import for status, the stubs), then their
     results by name: (tmp_path, completed process with stdout and stderr)."""
     started = {}
-    for name, gpus, with_7724, extra in DRY_RUNS:
+    port_bases = free_port_blocks(len(DRY_RUNS), 40)
+    for (name, gpus, with_7724, extra), port_base in zip(DRY_RUNS, port_bases):
         tmp_path = tmp_path_factory.mktemp(name)
-        environ = {**dry_run_environment(tmp_path, gpus, with_7724), **extra}
+        environ = {**dry_run_environment(tmp_path, gpus, with_7724, port_base), **extra}
         command = [sys.executable, "-m", "pytest", "tests/e2e", "-p", "no:cacheprovider", "-q", "-rA"]
         output = open(tmp_path / "pytest-output.txt", "w+")
         process = subprocess.Popen(command, cwd=REPO, env=environ, stdout=output, stderr=subprocess.STDOUT, text=True)
