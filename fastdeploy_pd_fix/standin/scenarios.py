@@ -6,7 +6,8 @@ A scenario is a plain dict (written to JSON for the rank processes):
 * ``registrations``: ``get_cache_info`` reads, each a list of ``{"request_id", "slot", "need_prefill_tokens"}``
   (optional ``"parts"``: ``"prefill"`` or ``"decode"`` for one cache-info half only);
 * ``schedules``: per rank, the order of ``sig<i>`` / ``reg<j>`` events (ranks beyond the list repeat the last one),
-  with the send-thread controls ``stall`` / ``hold`` / ``go`` / ``drain`` where needed;
+  with the send-thread controls ``stall`` / ``hold`` / ``go`` / ``drain`` where needed; ``reg<j>@barrier``: the
+  next event may come once the read passed its ``cache_info_barrier``, before its tasks are stored;
 * ``expected_without_fix``: outcome per release variant when no plugin is active (the same for every #7724 and
   kv-signal op variant), with the reason in ``why``;
 * optional, for the engine's slot lifecycle: ``aborted`` (request ids the engine aborts) and ``owners`` (per signal,

@@ -20,7 +20,11 @@ ENV_EXIT_AFTER_BATCHES = "FD_STANDIN_EXIT_AFTER_BATCHES"
 
 SIGNAL = "sig"
 REGISTRATION = "reg"
-EVENT_TOKEN = re.compile(rf"^({SIGNAL}|{REGISTRATION})(\d+)$")
+#: A registration read ``reg<N>@barrier`` counts as acknowledged as soon as its ``cache_info_barrier`` returned, so
+#: the rank's next event may come while the read's tasks are still being stored: the window an engine that does not
+#: wait for registration (#7724 on) leaves open, and where ``FD_PD_FIX_INJECT=registration_after_barrier`` sleeps.
+AT_BARRIER = "@barrier"
+EVENT_TOKEN = re.compile(rf"^({SIGNAL}|{REGISTRATION})(\d+)$|^({REGISTRATION})(\d+){AT_BARRIER}$")
 #: Schedule controls of the send thread, applied when the schedule reaches them (no thread reads them):
 #: ``stall``: the send thread takes no batch from the queue until ``go``; ``hold``: it reads no task of a batch it
 #: took until ``go``; ``go``: ends both; ``drain``: the next event is delivered only once the send thread has no
@@ -45,10 +49,17 @@ def is_notice_entry(entry):
 
 
 def parse_event(token):
-    """``"sig3"`` -> ``("sig", 3)``; a control token -> ``("stall", None)``."""
+    """``"sig3"`` -> ``("sig", 3)``, ``"reg1@barrier"`` -> ``("reg", 1)``; a control token -> ``("stall", None)``."""
     if token in CONTROLS:
         return token, None
     match = EVENT_TOKEN.match(str(token))
     if match is None:
-        raise ValueError(f"bad schedule event {token!r}: expected sig<N>, reg<N> or one of {', '.join(CONTROLS)}")
-    return match.group(1), int(match.group(2))
+        expected = f"sig<N>, reg<N>, reg<N>{AT_BARRIER} or one of {', '.join(CONTROLS)}"
+        raise ValueError(f"bad schedule event {token!r}: expected {expected}")
+    kind, index = (group for group in match.groups() if group is not None)
+    return kind, int(index)
+
+
+def acknowledged_at_barrier(token):
+    """True for ``reg<N>@barrier``."""
+    return str(token).endswith(AT_BARRIER)

@@ -20,7 +20,8 @@ which each rank sees them:
 
 Event k of a rank's schedule is delivered only after event k-1 was acknowledged: a signal by the next
 ``get_output_kv_signal`` call (the consume loop has finished with it), a registration read by the next
-``get_cache_info`` call (processed and through its barriers). This forces one interleaving of the two threads
+``get_cache_info`` call (processed and through its barriers), or, written ``reg<N>@barrier``, as soon as its
+``cache_info_barrier`` returned (its tasks may not be stored yet). This forces one interleaving of the two threads
 without any sleep. A control takes effect when the schedule reaches it: put ``stall``/``hold`` before the signal
 whose batch must wait. Nothing is delivered before :func:`activate`: the engine sends no request before the
 messager has reported its cache ready.
@@ -61,6 +62,7 @@ from .contract import (
     REGISTRATION,
     SIGNAL,
     STALL,
+    acknowledged_at_barrier,
     is_notice_entry,
     parse_event,
 )
@@ -74,8 +76,12 @@ logger = logging.getLogger("cache_messager")
 
 
 def schedule_of_rank(scenario, rank):
+    """This rank's events, and the positions of those acknowledged at their ``cache_info_barrier``."""
     schedules = scenario["schedules"]
-    return [parse_event(token) for token in schedules[min(rank, len(schedules) - 1)]]
+    tokens = schedules[min(rank, len(schedules) - 1)]
+    return [parse_event(token) for token in tokens], {
+        n for n, token in enumerate(tokens) if acknowledged_at_barrier(token)
+    }
 
 
 def cache_info_parts(request, block_size, blocks=None):
@@ -129,6 +135,7 @@ class ScriptedStreams:
         self._reads = []
         self._next_event = 0
         self._unacknowledged = None  # kind of the event delivered and not yet acknowledged
+        self._acknowledged_at_barrier = set()  # positions of the reg<N>@barrier events
         self._recycled_requests = []  # per read: the requests whose slots it hands on (must be finished first)
         self._finished = set()
         self._ground_truth = None
@@ -139,9 +146,12 @@ class ScriptedStreams:
         self._held = False
         self._has_stall = False
 
-    def activate(self, events, signals, reads, recycled_requests=None, ground_truth=None, send_queue=None):
+    def activate(
+        self, events, signals, reads, recycled_requests=None, ground_truth=None, send_queue=None, at_barrier=()
+    ):
         with self._condition:
             self._events, self._signals, self._reads = list(events), signals, reads
+            self._acknowledged_at_barrier = set(at_barrier)
             self._recycled_requests = recycled_requests or [[] for _ in reads]
             self._ground_truth = ground_truth
             self._send_queue = send_queue
@@ -149,6 +159,15 @@ class ScriptedStreams:
             self._active = True
             self._pass_controls()
             self._condition.notify_all()
+
+    def cache_info_barrier_passed(self):
+        """The registration thread's ``cache_info_barrier.wait()`` returned: a ``reg<N>@barrier`` read delivered last
+        counts as acknowledged now, before its tasks are stored."""
+        with self._condition:
+            if self._unacknowledged == REGISTRATION and self._next_event in self._acknowledged_at_barrier:
+                self._unacknowledged = None
+                self._next_event += 1
+                self._condition.notify_all()
 
     def note_finished(self, request_id):
         with self._condition:
@@ -319,7 +338,8 @@ def activate(rank, block_size, send_queue=None):
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
     recycled = recycled_requests(scenario["registrations"], aborted)
-    _streams.activate(schedule_of_rank(scenario, rank), scenario["signals"], reads, recycled, ground_truth, send_queue)
+    events, at_barrier = schedule_of_rank(scenario, rank)
+    _streams.activate(events, scenario["signals"], reads, recycled, ground_truth, send_queue, at_barrier)
     return True
 
 
@@ -329,6 +349,10 @@ def next_kv_signal(block):
 
 def next_cache_infos():
     return _streams.next_cache_infos()
+
+
+def cache_info_barrier_passed():
+    _streams.cache_info_barrier_passed()
 
 
 def record_batch(batch):

@@ -23,6 +23,22 @@ BARRIER_NAMES = (
 )
 
 
+class ScriptedCacheInfoBarrier:
+    """The rank's proxy of the engine's ``cache_info_barrier``; tells the scripted streams when a wait returned (a
+    ``reg<N>@barrier`` read is acknowledged then)."""
+
+    def __init__(self, barrier):
+        self._barrier = barrier
+
+    def wait(self, *args, **kwargs):
+        arrival = self._barrier.wait(*args, **kwargs)
+        standin_script.cache_info_barrier_passed()
+        return arrival
+
+    def __getattr__(self, name):  # parties, abort, reset, ...: the proxy's own
+        return getattr(self._barrier, name)
+
+
 class EngineRecords:
     """Engine-side record of the per-rank reports, optionally appended to a JSON-lines file."""
 
@@ -95,7 +111,7 @@ class EngineWorkerQueue:
         self.manager.connect()
         self.address = tuple(address)
         self.engine_records = self.manager.get_engine_records()
-        self.cache_info_barrier = self.manager.get_cache_info_barrier()
+        self.cache_info_barrier = ScriptedCacheInfoBarrier(self.manager.get_cache_info_barrier())
         if not WITH_7724:
             # #7724 removed the finish_add_cache_task barrier and report.
             self.finish_add_cache_task_barrier = self.manager.get_finish_add_cache_task_barrier()
