@@ -23,6 +23,7 @@ Standard library only, relative imports only.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import List, Optional
 
@@ -30,6 +31,8 @@ from .notice import abort_notice, encode, fence_notice, orphan_notice
 
 #: The only role whose messagers read the cache-info mailbox.
 PREFILL_ROLE = "prefill"
+#: Fence serials of this process, for :func:`abort_batches` (``next`` on a count is atomic under the GIL).
+FENCE_SERIALS = itertools.count(1)
 
 
 def splitwise_role(resource_manager) -> Optional[str]:

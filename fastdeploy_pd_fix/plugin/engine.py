@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from types import MappingProxyType
 from typing import Callable, List, Mapping, Optional, Tuple
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.engine_notices import abort_batches, orphan_batch, splitwise_role
+from fastdeploy_pd_fix.core.engine_notices import FENCE_SERIALS, abort_batches, orphan_batch, splitwise_role
 from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
@@ -82,8 +81,6 @@ UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
 _warned = set()
 _warned_lock = threading.Lock()
 _patch_lock = threading.Lock()
-#: Fence serials of this process (``next`` on a count is atomic under the GIL).
-_fence_serials = itertools.count(1)
 
 
 def warn_once(key: str, message: str) -> None:
@@ -172,7 +169,7 @@ def _put(resource_manager, batches) -> None:
 
 def announce_abort(resource_manager, request_id) -> None:
     """Put ``ABORT`` then ``FENCE`` if the original ``recycle_abort_task`` is about to free ``request_id``'s slot."""
-    _put(resource_manager, abort_batches(resource_manager, request_id, next(_fence_serials)))
+    _put(resource_manager, abort_batches(resource_manager, request_id, next(FENCE_SERIALS)))
 
 
 def announce_orphans(resource_manager, requests) -> None:

@@ -25,8 +25,8 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -161,21 +161,14 @@ def play(
     """Run every scenario in each of ``modes`` (:data:`config.RUN_MODES`; default plugin off and on) on the tree;
     ``progress(line)`` once per scenario as it completes. Each run has its folder ``runs_dir/MODE/SCENARIO-*``;
     ``keep_runs``: leave it there (its ``log/`` holds the messagers' logs, for ``fastdeploy-pd-fix diagnose``) and
-    name it in the record's ``run_dir``; otherwise it is removed once read."""
-    from fastdeploy_pd_fix.standin.harness import run_scenario
+    name it in the record's ``run_dir``; otherwise it is removed once read. The runs go through
+    :func:`~fastdeploy_pd_fix.standin.harness.run_many`, so SIGINT and SIGTERM kill every run's processes."""
+    from fastdeploy_pd_fix.standin.harness import run_many
 
     def rank_arguments(rank, nranks, port, num_layers):
         return preflight_tree.command_line(tree.options, rank, nranks, port, num_layers)
 
-    def one(name, mode):
-        result = run_scenario(
-            name,
-            mode=mode,
-            deadline_s=deadline_s,
-            workdir=runs_dir / mode,
-            standin_root=tree.root,
-            rank_arguments=rank_arguments,
-        )
+    def record_of(result):
         record = _run_record(result, _rank_logs(result.workdir))
         if keep_runs:
             record["run_dir"] = str(result.workdir)
@@ -183,17 +176,36 @@ def play(
             shutil.rmtree(result.workdir, ignore_errors=True)
         return record
 
+    runs = [(name, mode) for name in scenarios for mode in modes]
     records: Dict[str, dict] = {name: {} for name in scenarios}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = {pool.submit(one, name, mode): (name, mode) for name in scenarios for mode in modes}
-        done = 0
-        for future in as_completed(futures):
-            name, mode = futures[future]
-            records[name][mode] = future.result()
+    lock = threading.Lock()
+    done = []
+
+    def on_result(index, result):  # in the run's thread, as it ends
+        name, mode = runs[index]
+        record = record_of(result)
+        with lock:
+            records[name][mode] = record
             if len(records[name]) == len(modes):
-                done += 1
+                done.append(name)
                 cells = " | ".join(f"{mode} {cell(records[name][mode])}" for mode in modes)
-                progress(f"[{done:>2}/{len(scenarios)}] {name}: {cells}")
+                progress(f"[{len(done):>2}/{len(scenarios)}] {name}: {cells}")
+
+    jobs = [
+        dict(
+            scenario=name,
+            mode=mode,
+            deadline_s=deadline_s,
+            workdir=runs_dir / mode,
+            standin_root=tree.root,
+            rank_arguments=rank_arguments,
+        )
+        for name, mode in runs
+    ]
+    results = run_many(jobs, parallel=parallel, on_result=on_result)
+    for (name, mode), result in zip(runs, results):
+        if mode not in records[name]:  # its progress callback failed: the same error, raised here
+            records[name][mode] = record_of(result)
     return records
 
 

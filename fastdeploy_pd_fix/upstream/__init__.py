@@ -4,6 +4,8 @@
   ``fastdeploy/cache_manager/layer0_release/``, and its CPU unit test (``templates/test_layer0_release.py``).
 * :mod:`.rewrite`: the branch-specific part, ``cache_messager.py`` with ``consume_signals`` replaced and one line
   added to ``_add_cache_task_thread``; both call the copied package, as the plugin calls :mod:`fastdeploy_pd_fix.core`.
+* :mod:`.rewrite_engine`: the engine side, where recognised: the slot-lifecycle notices put by ``ResourceManagerV1``
+  into the mailbox ``SplitwiseConnector`` gives it, as the plugin's engine-side patch does at run time.
 * :mod:`.message`: titles and commit messages in FastDeploy's PR template (``templates/*.md``).
 * :mod:`.git`: the git plumbing; :mod:`.command`: ``make_patch``, ``portable_patch`` and the command line.
 """

@@ -4,9 +4,10 @@
     fastdeploy-pd-fix make-patch --portable-only --out patches      # the branch-independent part, in a scratch repo
 
 The commit (on ``pd-fix/layer0-release`` by default, from ``--base``) holds the portable part (:mod:`.generate`)
-unless the base has it already, and the branch-specific ``cache_messager.py`` (:mod:`.rewrite`). A checkout that is
-not recognised, one that already uses ``layer0_release``, and a dirty working tree are refused with a message and
-exit code 1; nothing is changed then.
+unless the base has it already, the branch-specific ``cache_messager.py`` (:mod:`.rewrite`) and, where the branch's
+two engine files are recognised, the engine-side notices (:mod:`.rewrite_engine`; otherwise a note says why). A
+checkout that is not recognised, one that already uses ``layer0_release``, and a dirty working tree are refused with
+a message and exit code 1; nothing is changed then.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.upstream import PACKAGE_PATH, TARGET_PATH, MakePatchError, git, message
 from fastdeploy_pd_fix.upstream.generate import portable_files
 from fastdeploy_pd_fix.upstream.rewrite import patch_source
+from fastdeploy_pd_fix.upstream.rewrite_engine import ENGINE_PATHS, EngineNotRecognised, patch_engine
 
 DEFAULT_BRANCH = "pd-fix/layer0-release"
 DEFAULT_OUT = "pd-fix-patches"
@@ -51,6 +53,22 @@ def _new_portable_files(repo: Path, base: str, base_commit: str) -> Dict[str, st
         elif existing.decode("utf-8", errors="replace") != text:
             raise MakePatchError(f"{path} exists on {base} and differs from what this version generates")
     return files
+
+
+def _wire_engine(repo: Path, base_commit: str, files: Dict[str, str]) -> Optional[str]:
+    """Add the engine files with the notices wired in to ``files``; or why not (nothing added then)."""
+    sources = {}
+    for path in ENGINE_PATHS:
+        text = git.show(repo, base_commit, path)
+        try:
+            sources[path] = None if text is None else text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"{path} is not UTF-8: {error}"
+    try:
+        files.update(patch_engine(sources))
+    except EngineNotRecognised as error:
+        return str(error)
+    return None
 
 
 def make_patch(
@@ -97,9 +115,14 @@ def make_patch(
         except UnicodeDecodeError as error:
             raise MakePatchError(f"{TARGET_PATH} is not UTF-8: {error}") from error
         files[TARGET_PATH], analysis = patch_source(source, mode)
+        engine_unwired = _wire_engine(repo, base_commit, files)
+        if engine_unwired:
+            notes.append(f"engine side not wired: {engine_unwired}; the commit message names the calls to add")
         title = message.commit_title(base, upstream_pr)
         store = ast.unparse(analysis.task_stores[0])
-        text = message.full_message(title, base, mode, analysis, store, upstream_pr, PACKAGE_MARKER in files)
+        text = message.full_message(
+            title, base, mode, analysis, store, upstream_pr, PACKAGE_MARKER in files, engine_unwired
+        )
         if message.is_release_branch(base) and not upstream_pr:
             placeholder = message.UPSTREAM_PR_PLACEHOLDER
             notes.append(f"title uses the placeholder #{placeholder}: amend it, or rerun with --upstream-pr N")

@@ -13,6 +13,7 @@ from fastdeploy_pd_fix.analysis import TargetAnalysis
 from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.upstream.generate import template
 from fastdeploy_pd_fix.upstream.rewrite import REGISTRATION_METHOD
+from fastdeploy_pd_fix.upstream.rewrite_engine import MAILBOX_ATTRIBUTE, PUT_METHOD
 
 TITLE = "[BugFix][KVCache] Rank-invariant layer-0 release in CacheMessagerV1"
 PORTABLE_TITLE = "[BugFix][KVCache] Add layer0_release: rank-invariant layer-0 release core and its CPU unit tests"
@@ -65,7 +66,31 @@ def registration_calls(analysis: TargetAnalysis) -> str:
     return "no finish_add_cache_task report or barrier (#7724)"
 
 
-def _modifications(mode: str, analysis: TargetAnalysis, store: str, adds_package: bool) -> str:
+def _engine_line(engine_unwired: Optional[str]) -> str:
+    """What the commit does on the engine side, or why not and what to add by hand."""
+    if engine_unwired is None:
+        return (
+            "- ResourceManagerV1 puts the engine's slot-lifecycle notices into the cache-info mailbox, each before "
+            "the method's own body: recycle_abort_task the abort and its fence (engine_notices.abort_batches), "
+            "add_request_in_p an orphan notice for each request without disaggregate_info "
+            f"(engine_notices.orphan_batch), through one new method, {PUT_METHOD}. SplitwiseConnector.__init__ gives "
+            f"the resource manager its engine_worker_queue as {MAILBOX_ATTRIBUTE}. Prefill role only: engine_notices "
+            "returns nothing elsewhere, and nothing is put without the mailbox."
+        )
+    return (
+        f"- The engine side is not wired on this branch ({engine_unwired}). To add by hand, as the fastdeploy-pd-fix "
+        "plugin does at run time: in ResourceManagerV1.recycle_abort_task, before the slot is freed, put each batch "
+        "of `engine_notices.abort_batches(self, request_id, next(engine_notices.FENCE_SERIALS))` with the engine "
+        "worker queue's put_cache_info; in ResourceManagerV1.add_request_in_p, put "
+        "`engine_notices.orphan_batch(self, requests)` if it is not empty; give the resource manager the "
+        "SplitwiseConnector's engine_worker_queue. Until then the release runs on the two streams alone, with the "
+        "limits named in release.py."
+    )
+
+
+def _modifications(
+    mode: str, analysis: TargetAnalysis, store: str, adds_package: bool, engine_unwired: Optional[str]
+) -> str:
     package_line = (
         "- New package fastdeploy/cache_manager/layer0_release/ (standard library and numpy only): the kv-signal "
         "parser, the release policy and the messager's per-signal step, with CPU unit tests in "
@@ -93,6 +118,7 @@ def _modifications(mode: str, analysis: TargetAnalysis, store: str, adds_package
         f"- One small new method, {REGISTRATION_METHOD}. The release state (policy, lock, batch journal) is created "
         "lazily, on first use by either prefill thread (messager_step.step_for uses dict.setdefault, so both threads "
         "get the same one): this leaves __init__ untouched and keeps the diff to the two methods the fix is about.",
+        _engine_line(engine_unwired),
     ]
     if analysis.has_pending_buffer:
         lines.append(
@@ -116,8 +142,10 @@ def full_message(
     store: str,
     upstream_pr: Optional[str],
     adds_package: bool,
+    engine_unwired: Optional[str] = None,
 ) -> str:
-    """The message of the branch-specific commit; ``store`` is the task store statement the hook follows."""
+    """The message of the branch-specific commit; ``store`` is the task store statement the hook follows;
+    ``engine_unwired``: why the engine side is not wired (None: it is)."""
     cherry_pick = is_release_branch(base)
     if cherry_pick and not upstream_pr:
         origin = (
@@ -137,7 +165,7 @@ def full_message(
             "full_message.md",
             title=title,
             origin=_fill(origin) + "\n\n" if origin else "",
-            modifications=_modifications(mode, analysis, store, adds_package),
+            modifications=_modifications(mode, analysis, store, adds_package, engine_unwired),
             generated=generated,
             checklist=_checklist(cherry_pick),
             related=_render("related.md"),

@@ -69,12 +69,12 @@ def ${registration_method}(self):
 )
 
 
-def _lines(text: str) -> List[str]:
+def split_lines(text: str) -> List[str]:
     """Lines with their ``\\n`` kept, split exactly where the syntax tree counts lines."""
     return re.findall(r"[^\n]*\n|[^\n]+$", text)
 
 
-def _alone_on_its_lines(lines: List[str], node: ast.stmt) -> bool:
+def alone_on_its_lines(lines: List[str], node: ast.stmt) -> bool:
     before = lines[node.lineno - 1][: node.col_offset]
     after = lines[node.end_lineno - 1][node.end_col_offset :].strip()
     return not before.strip() and (not after or after.startswith("#"))
@@ -87,7 +87,7 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
         raise MakePatchError(f"{TARGET_PATH} already imports {UPSTREAMED_PACKAGE}: this branch is already fixed")
     if not analysis.recognised:
         raise MakePatchError(f"{TARGET_PATH}: {analysis.reason}; this checkout is not recognised")
-    lines = _lines(source)
+    lines = split_lines(source)
     if len(analysis.task_stores) != 1:
         raise MakePatchError(
             "expected one `self.idx_cache_task_dict[...] = ...` statement in _add_cache_task_thread, "
@@ -96,8 +96,8 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
     store = analysis.task_stores[0]
     if len(store.targets) != 1:
         raise MakePatchError(f"unexpected task store `{ast.unparse(store)}`; this checkout is not recognised")
-    first = _first_statement(analysis.register)
-    if not _alone_on_its_lines(lines, first):
+    first = first_statement(analysis.register)
+    if not alone_on_its_lines(lines, first):
         raise MakePatchError("the first statement of _add_cache_task_thread shares its line with other code")
     cls = target_class_node(ast.parse(source))
     attributes = {node.attr for node in ast.walk(cls) if isinstance(node, ast.Attribute)}
@@ -113,7 +113,7 @@ def rewritable(source: str) -> Tuple[TargetAnalysis, ast.Assign]:
     return analysis, store
 
 
-def _first_statement(function: ast.FunctionDef) -> ast.stmt:
+def first_statement(function: ast.FunctionDef) -> ast.stmt:
     """The first statement of ``function`` after its docstring (the loop, in every release)."""
     body = function.body
     docstring = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
@@ -130,7 +130,7 @@ def patch_source(source: str, mode: str = release.ORDERED) -> Tuple[str, TargetA
         raise MakePatchError(f"unknown mode {mode!r}; expected one of {', '.join(release.RELEASE_MODES)}")
     analysis, store = rewritable(source)
     consume = analysis.consume
-    lines = _lines(source)
+    lines = split_lines(source)
     def_line = lines[consume.lineno - 1]
     newline = "\r\n" if def_line.endswith("\r\n") else "\n"
     imports = [ast.unparse(node) for node in analysis.local_imports]
@@ -143,7 +143,7 @@ def patch_source(source: str, mode: str = release.ORDERED) -> Tuple[str, TargetA
         registration_method=REGISTRATION_METHOD,
     )
     replacement = _indent(methods.rstrip("\n"), def_line[: consume.col_offset], newline)
-    first = _first_statement(analysis.register)
+    first = first_statement(analysis.register)
     hook = f"{lines[first.lineno - 1][: first.col_offset]}self.{REGISTRATION_METHOD}(){newline}"
     edits = [  # (first line, last line, new lines), applied bottom-up so that line numbers stay valid
         (consume.lineno, consume.end_lineno, replacement),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import engine_model
 from support.render import VARIANT_NAMES, render_cache_messager, render_standin
 
 from fastdeploy_pd_fix.analysis import analyse_source
@@ -27,6 +28,7 @@ from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.tools.diagnose import diagnose
 from fastdeploy_pd_fix.upstream import PACKAGE_PATH, TARGET_PATH, TEST_PATH, MakePatchError, command, generate, message
 from fastdeploy_pd_fix.upstream.rewrite import patch_source, rewritable
+from fastdeploy_pd_fix.upstream.rewrite_engine import ENGINE_PATHS, RESOURCE_MANAGER_PATH, patch_engine
 
 # One module-scoped batch of 10 multi-process runs (about 10 s on 2 idle cores); allow for a loaded machine.
 pytestmark = [
@@ -66,11 +68,19 @@ def init_repo(path: Path) -> Path:
     return path
 
 
+#: The branch that also holds our model of the two engine files make-patch wires the notices into.
+ENGINE_BRANCH = "develop"
+
+
 def commit_variant(repo: Path, branch: str, variant: dict) -> None:
-    """A branch off the root commit holding the stand-in rendered for ``variant``."""
+    """A branch off the root commit holding the stand-in rendered for ``variant`` (and, on :data:`ENGINE_BRANCH`,
+    the engine model's files)."""
     root = git(repo, "rev-list", "--max-parents=0", "HEAD").split()[0]
     git(repo, "checkout", "--quiet", "-B", branch, root)
     render_standin(repo, **variant)
+    for path, text in engine_model.fastdeploy_files().items() if branch == ENGINE_BRANCH else ():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text, encoding="utf-8")
     git(repo, "add", "-A")
     git(repo, "commit", "--quiet", "-m", f"stand-in {variant}")
 
@@ -277,8 +287,9 @@ def test_only_the_two_method_ranges_change(patched, source_repo, base):
     for tag, first, last, _, _ in changes:
         if (first, last) != (loop.lineno - 1, loop.lineno - 1):
             assert consume.lineno - 1 <= first and last <= consume.end_lineno, (tag, first, last)
+    engine_files = list(ENGINE_PATHS) if base == ENGINE_BRANCH else []  # the engine side, tested below
     assert git(patched[base].clone, "diff", "--name-only", "HEAD~1").split() == sorted(
-        [TARGET_PATH, TEST_PATH, *generate.package_files()]
+        [TARGET_PATH, TEST_PATH, *generate.package_files(), *engine_files]
     )
 
 
@@ -495,3 +506,21 @@ def test_portable_patch_then_make_patch_gives_the_branch_specific_part_only(tmp_
     assert git(repo, "diff", "--name-only", "HEAD~1").split() == [TARGET_PATH]
     assert "already on this branch" in git(repo, "log", "-1", "--format=%B")
     assert len(result.patches) == 1
+
+
+# ---- the engine side ----
+
+
+@pytest.mark.parametrize("base", BRANCHES)
+def test_the_engine_side_is_wired_where_the_branch_has_engine_files_it_recognises(patched, base):
+    clone_dir, result = patched[base].clone, patched[base].result
+    body = git(clone_dir, "log", "-1", "--format=%B")
+    if base == ENGINE_BRANCH:
+        expected = patch_engine(engine_model.fastdeploy_files())
+        assert {path: (clone_dir / path).read_text(encoding="utf-8") for path in ENGINE_PATHS} == expected
+        assert "ResourceManagerV1 puts the engine's slot-lifecycle notices" in body
+        assert not [note for note in result.notes if "engine side" in note]
+    else:
+        assert not any((clone_dir / path).exists() for path in ENGINE_PATHS)
+        assert f"engine side not wired: the base has no {RESOURCE_MANAGER_PATH}" in " ".join(result.notes)
+        assert "The engine side is not wired on this branch (the base has no" in " ".join(body.split())

@@ -139,8 +139,8 @@ def test_keep_keeps_every_runs_logs_and_without_it_nothing_stays(tmp_path, monke
     without ``--keep`` the work folder goes. The rank processes are replaced by a run that only writes logs."""
     from fastdeploy_pd_fix.standin import harness
 
-    def fake_run_scenario(name, *, mode, workdir, **_):
-        run_dir = Path(workdir) / f"{name}-{mode}"
+    def fake_run_scenario(scenario, *, mode, workdir, **_):
+        run_dir = Path(workdir) / f"{scenario}-{mode}"
         (run_dir / "log").mkdir(parents=True)
         for rank in (0, 1):
             decision = f"fastdeploy_pd_fix 0.1.0: patched __main__.CacheMessagerV1 (mode={mode}): active"

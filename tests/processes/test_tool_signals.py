@@ -1,6 +1,7 @@
 """A long-running tool stopped with SIGTERM or SIGINT leaves no engine or rank process and no temporary folder."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,32 +29,44 @@ def processes_in(folder: Path):
     return found
 
 
+REPOSITORY = Path(__file__).resolve().parents[2]
+UPSTREAM = REPOSITORY / ".." / "shared" / "upstream"
+#: A real upstream file preflight patches (test data; see tests/processes/test_preflight.py), if there is one.
+UPSTREAM_TARGET = next(
+    (path for path in sorted(UPSTREAM.glob("cache_messager@*.py")) if "class CacheMessagerV1" in path.read_text()),
+    None,
+)
+FIRST_PROGRESS_LINE = re.compile(r"^\[\s*1/\d+\]")
+#: Each tool with a command line whose progress goes to stderr.
+TOOLS = {
+    "demo": [sys.executable, "-m", "fastdeploy_pd_fix", "demo"],
+    "preflight": [sys.executable, "-m", "fastdeploy_pd_fix", "preflight", "--json", "--source", str(UPSTREAM_TARGET)],
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs /proc to find the runs' processes")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_demo_cleans_up_on_a_signal(tmp_path, signum):
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_tool_cleans_up_on_a_signal(tmp_path, tool, signum):
+    if tool == "preflight" and UPSTREAM_TARGET is None:
+        pytest.skip(f"no real upstream CacheMessagerV1 file in {UPSTREAM.resolve()}")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "fastdeploy_pd_fix", "demo"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    process = subprocess.Popen(TOOLS[tool], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     try:
         # Handshake: the first progress line means runs are under way and the next ones have started.
         lines = []
-        for line in demo.stderr:
+        for line in process.stderr:
             lines.append(line)
-            if line.startswith("[1/"):
+            if FIRST_PROGRESS_LINE.match(line):
                 break
-        assert any(line.startswith("[1/") for line in lines), "".join(lines)
-        # Eleven runs are still to come or under way, each in its own temporary folder from start to end.
-        assert any(path.name.startswith("fd-standin-") for path in tmp_path.iterdir()), "no run under way"
-        demo.send_signal(signum)
-        code = demo.wait(EXIT_WAIT_S)
+        assert any(FIRST_PROGRESS_LINE.match(line) for line in lines), "".join(lines)
+        # More runs are still to come or under way, each in a temporary folder from start to end.
+        assert any(path.name.startswith("fd-") for path in tmp_path.iterdir()), "no run under way"
+        process.send_signal(signum)
+        code = process.wait(EXIT_WAIT_S)
     finally:
-        if demo.poll() is None:
-            demo.kill()
+        if process.poll() is None:
+            process.kill()
     assert code == 128 + signum
     assert processes_in(tmp_path) == []
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith("fd-standin-")] == []
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith("fd-")] == []

@@ -14,10 +14,15 @@ on, nothing more.
   read the previous batch, then replaces it; a reader gets each batch once.
 * :func:`admit`: the #7724 admission on a prefill instance (preallocate, P-part unless the request has no
   ``disaggregate_info``, ``add_request_in_p``).
+* :func:`fastdeploy_files`: the two classes as source files at FastDeploy's paths (make-patch's engine side).
 """
 
+import inspect
+import sys
 import threading
 from types import SimpleNamespace
+
+from fastdeploy_pd_fix.target import CONNECTOR_MODULE, RESOURCE_MANAGER_MODULE
 
 
 class EngineRequest:
@@ -145,3 +150,18 @@ def admit(resource_manager, connector, request: EngineRequest, matched_tokens: i
     if request.disaggregate_info is not None:
         connector.send_cache_info_to_messager([request], 0)
     resource_manager.add_request_in_p([request])
+
+
+def fastdeploy_files() -> dict:
+    """FastDeploy path -> source text of ``ResourceManagerV1`` and ``SplitwiseConnector``, each in a module of its own
+    with the imports it needs and one ``from fastdeploy...`` import (for where make-patch puts its own)."""
+    module = sys.modules[__name__]
+    resource_manager = (
+        "from __future__ import annotations\n\nimport threading\nfrom types import SimpleNamespace\n\n"
+        "from fastdeploy.utils import llm_logger\n\n\n" + inspect.getsource(module.ResourceManagerV1)
+    )
+    connector = "import json\n\n\n" + inspect.getsource(module.SplitwiseConnector)
+    return {
+        RESOURCE_MANAGER_MODULE.replace(".", "/") + ".py": resource_manager,
+        CONNECTOR_MODULE.replace(".", "/") + ".py": connector,
+    }
