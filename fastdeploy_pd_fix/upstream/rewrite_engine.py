@@ -9,6 +9,9 @@ time (:mod:`fastdeploy_pd_fix.plugin.engine`), by line insertion into the branch
 * ``splitwise_connector.py``: ``SplitwiseConnector.__init__``, right after it has stored both the engine worker queue
   and the resource manager, gives the resource manager that queue as ``layer0_release_mailbox``.
 
+Every public ``ResourceManagerV1`` we read declares ``add_request_in_p(self, requests: list[Request])``, so
+``orphan_batch``'s refusal of an iterator (a TypeError, which the plugin catches) does not arise there.
+
 Both files are edited or neither (a half-wired engine puts nothing). A file that is missing or not recognised is
 reported with the reason, and make-patch then commits the messager side alone and says so. Every other byte stays.
 """

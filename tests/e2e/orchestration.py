@@ -101,7 +101,7 @@ TCP_STATES = "? ESTABLISHED SYN_SENT SYN_RECV FIN_WAIT1 FIN_WAIT2 TIME_WAIT CLOS
 
 def port_holders(port: int) -> List[str]:
     """What holds local ``port`` (Linux /proc): one line per socket, with its TCP state, its peer and the processes
-    that have it open, so that a busy port names its culprit ("ESTABLISHED to 127.0.0.1:8700 in pid 12 (python)")."""
+    that have it open, so that a busy port names its culprit ("ESTABLISHED to port 8700 in pid 12 (python)")."""
     sockets = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:

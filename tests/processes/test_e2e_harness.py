@@ -4,6 +4,7 @@ reason and ci/run_gpu_e2e.sh. Handshakes, not sleeps: stubs announce their port 
 registers only after the router has answered a given number of polls.
 """
 
+import itertools
 import os
 import random
 import socket
@@ -258,7 +259,7 @@ def free_port_blocks(count: int, size: int) -> List[int]:
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     candidates = list(range(10000, low - size, size))
     random.shuffle(candidates)
-    bases = [base for base in candidates if not busy_ports(range(base, base + size))][:count]
+    bases = list(itertools.islice((base for base in candidates if not busy_ports(range(base, base + size))), count))
     assert len(bases) == count, f"not {count} blocks of {size} free ports in 10000..{low}"
     return bases
 
