@@ -215,31 +215,33 @@ def test_teardown_reaches_a_child_that_started_a_session_of_its_own(tmp_path, de
     assert wait_until_ports_free([port], LOOPBACK, 5.0) == []
 
 
-def test_a_busy_port_is_refused_before_anything_starts(tmp_path):
+@pytest.fixture
+def held_port():
+    """A port held by a listening socket of this test process."""
     with socket.socket() as holder:
         holder.bind((LOOPBACK, 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        spec = stub_spec(tmp_path, "mixed", "stub_server.py")
-        spec.ports.append(port)
-        cluster = Cluster("busy")
-        with pytest.raises(PortsBusy, match=str(port)) as refusal:
-            cluster.start(spec)
-        assert cluster.servers == []
-        assert f"{port}: LISTEN in pid {os.getpid()} (" in str(refusal.value)  # the message names the holder
+        yield holder.getsockname()[1]
 
 
-def test_a_port_still_held_after_the_teardown_is_reported_with_its_holder(tmp_path):
-    with socket.socket() as holder:
-        holder.bind((LOOPBACK, 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        spec = stub_spec(tmp_path, "mixed", "stub_server.py")
-        cluster = Cluster("held", port_free_timeout_s=0.1)
+def test_a_busy_port_is_refused_before_anything_starts(tmp_path, held_port):
+    spec = stub_spec(tmp_path, "mixed", "stub_server.py")
+    spec.ports.append(held_port)
+    cluster = Cluster("busy")
+    with pytest.raises(PortsBusy, match=str(held_port)) as refusal:
         cluster.start(spec)
-        spec.ports.append(port)  # as if the server had left it behind
-        with pytest.raises(TeardownError, match=rf"\[{port}\] still in use .*{port}: LISTEN in pid {os.getpid()} \("):
-            cluster.teardown()
+    assert cluster.servers == []
+    assert f"{held_port}: LISTEN in pid {os.getpid()} (" in str(refusal.value)  # the message names the holder
+
+
+def test_a_port_still_held_after_the_teardown_is_reported_with_its_holder(tmp_path, held_port):
+    spec = stub_spec(tmp_path, "mixed", "stub_server.py")
+    cluster = Cluster("held", port_free_timeout_s=0.1)
+    cluster.start(spec)
+    spec.ports.append(held_port)  # as if the server had left it behind
+    holder = rf"{held_port}: LISTEN in pid {os.getpid()} \("
+    with pytest.raises(TeardownError, match=rf"\[{held_port}\] still in use .*{holder}"):
+        cluster.teardown()
 
 
 def test_output_mismatches_are_reported_with_both_texts():
