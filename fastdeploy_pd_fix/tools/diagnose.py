@@ -273,6 +273,16 @@ TP_UNKNOWN = (
 )
 
 
+def dp_group_of(log: RankLog, size: Optional[int], stated: bool = True) -> Optional[int]:
+    """The DP group of ``log`` (None: unknown): the DP id the log states (when ``stated``), else ``rank_id // size``
+    for tensor-parallel size ``size``."""
+    if stated and log.dp is not None:
+        return log.dp
+    if size is not None and size > 0 and log.rank_id is not None:
+        return log.rank_id // size
+    return None
+
+
 def group_ranks(logs: Sequence[RankLog], tp: Optional[int]) -> Tuple[List[Group], List[str]]:
     """The DP groups to compare (``dp = rank_id // tp`` unless a log states its DP id) and notes."""
     sizes, notes = resolve_tp(logs, tp)
@@ -280,11 +290,7 @@ def group_ranks(logs: Sequence[RankLog], tp: Optional[int]) -> Tuple[List[Group]
     groups: Dict[Tuple[Path, Optional[int]], List[RankLog]] = {}
     for log in logs:
         size = sizes[log.path.parent]
-        dp = None
-        if size is not None:
-            dp = log.dp if tp is None and log.dp is not None else None
-            if dp is None and log.rank_id is not None:
-                dp = log.rank_id // size
+        dp = None if size is None else dp_group_of(log, size, stated=tp is None)  # --tp N overrides stated DP ids
         groups.setdefault((log.path.parent, dp), []).append(log)
     if any(len(members) > 1 for (folder, _), members in groups.items() if folder in unknown):
         notes.append(TP_UNKNOWN)
@@ -306,9 +312,7 @@ def _without_batches_beside(group: Group, logs: Iterable[RankLog]) -> List[RankL
     for log in logs:
         if log.entries or log.path.parent != group.folder:
             continue
-        dp = log.dp
-        if dp is None and None not in (log.rank_id, log.tp) and log.tp > 0:
-            dp = log.rank_id // log.tp
+        dp = dp_group_of(log, log.tp)
         if group.dp is None or dp is None or dp == group.dp:
             beside.append(log)
     return sorted(beside, key=lambda log: log.sort_key)
