@@ -8,7 +8,6 @@ subset of the scenarios (:data:`RACE` and :data:`LIFECYCLE`, which between them 
 ``hold``, ``stall`` and ``drain``); ``fastdeploy-pd-fix preflight`` itself plays all of them by default.
 """
 
-import ast
 import json
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.installed import require_plugin_installed
+from support.upstream_files import TARGET_FILES, UPSTREAM, UPSTREAM_FILES, needs_upstream
 
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
@@ -23,10 +23,6 @@ from fastdeploy_pd_fix.tools import preflight
 
 pytestmark = pytest.mark.timeout(600)
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-UPSTREAM = REPOSITORY / ".." / "shared" / "upstream"
-UPSTREAM_FILES = sorted(UPSTREAM.glob("cache_messager@*.py")) if UPSTREAM.is_dir() else []
-needs_upstream = pytest.mark.skipif(not UPSTREAM_FILES, reason=f"no real upstream files in {UPSTREAM.resolve()}")
 RACE = ("s1", "s2", "s3")
 LIFECYCLE = ("l2", "l3", "l9")  # hold, stall, drain
 #: l3 on the real pre-#7872 files: when an aborted request's queued batch finishes, the release's own send loop
@@ -34,11 +30,6 @@ LIFECYCLE = ("l2", "l3", "l9")  # hold, stall, drain
 #: already arrived (its batch then failed with KeyError 'prefilled_layer_idx' on every rank, found by preflight; the
 #: stand-in's send loop does not reset that entry). core.messager_step.BoundProgressList skips that reset.
 WIPES_NEXT_REQUEST = "l3"
-
-
-def defines_target_class(path: Path) -> bool:
-    tree = ast.parse(path.read_bytes())
-    return any(isinstance(node, ast.ClassDef) and node.name == TARGET_CLASS for node in ast.walk(tree))
 
 
 def run_preflight(source: Path, scenarios):
@@ -74,7 +65,7 @@ def test_every_real_file_gets_the_right_verdict(race_reports, name):
     code, report, progress = race_reports[name]
     path = UPSTREAM / name
     assert report["sha256"] == preflight.preflight_tree.sha256(path), "the file checked is the file given"
-    if not defines_target_class(path):
+    if path not in TARGET_FILES:
         assert code == preflight.EXIT_STANDS_ASIDE == 3, describe(report)
         assert report["verdict"].startswith(f"PLUGIN STANDS ASIDE: expected one class {TARGET_CLASS}, found 0")
         assert not report["scenarios"] and not progress.strip(), "nothing is run for a file the plugin leaves alone"
@@ -91,7 +82,7 @@ def test_every_real_file_gets_the_right_verdict(race_reports, name):
 
 @needs_upstream
 def test_the_2_0_file_without_cache_messager_v1_stands_aside():
-    names = [path.name for path in UPSTREAM_FILES if not defines_target_class(path)]
+    names = [path.name for path in UPSTREAM_FILES if path not in TARGET_FILES]
     assert "cache_messager@Xreki_d0a82f18.py" in names
     code, report, _ = run_preflight(UPSTREAM / "cache_messager@Xreki_d0a82f18.py", RACE)
     assert code == preflight.EXIT_STANDS_ASIDE
@@ -99,7 +90,7 @@ def test_the_2_0_file_without_cache_messager_v1_stands_aside():
 
 
 @needs_upstream
-@pytest.mark.parametrize("name", [path.name for path in UPSTREAM_FILES if defines_target_class(path)])
+@pytest.mark.parametrize("name", [path.name for path in TARGET_FILES])
 def test_lifecycle_scenarios_on_real_files(name):
     code, report, _ = run_preflight(UPSTREAM / name, LIFECYCLE)
     for scenario, record in report["scenarios"].items():

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from support.installed import require_plugin_installed
+from support.upstream_files import TARGET_FILES, UPSTREAM
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
@@ -27,11 +28,7 @@ from fastdeploy_pd_fix.tools import diagnose, preflight, preflight_tree
 
 pytestmark = pytest.mark.timeout(300)
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-UPSTREAM = REPOSITORY / ".." / "shared" / "upstream"
-UPSTREAM_FILES = sorted(UPSTREAM.glob("cache_messager@*.py")) if UPSTREAM.is_dir() else []
-TARGET_FILES = [path for path in UPSTREAM_FILES if preflight.defines_target_class(path.read_text(encoding="utf-8"))]
-needs_upstream = pytest.mark.skipif(not TARGET_FILES, reason=f"no real upstream files in {UPSTREAM.resolve()}")
+needs_targets = pytest.mark.skipif(not TARGET_FILES, reason=f"no real CacheMessagerV1 file in {UPSTREAM.resolve()}")
 DIVERGING = "l12"
 MODES = (config.ORDERED, config.OBSERVE)
 #: The naming scheme of each kind of messager log (diagnose's patterns, in its order).
@@ -84,7 +81,7 @@ def first_difference(batches: dict):
     return None, []
 
 
-@needs_upstream
+@needs_targets
 @pytest.mark.parametrize("name", [path.name for path in TARGET_FILES])
 def test_diagnose_on_a_real_files_kept_logs(kept_runs, name):
     records = kept_runs[name]
@@ -115,7 +112,7 @@ def test_diagnose_on_a_real_files_kept_logs(kept_runs, name):
     assert report.splitlines()[1:3] == [f"  rank {rank}: {batch}" for rank, batch in enumerate(batches)], report
 
 
-@needs_upstream
+@needs_targets
 def test_the_real_files_cover_more_than_one_naming_scheme(kept_runs):
     seen = {
         scheme

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.upstream_files import TARGET_FILES, UPSTREAM
 
 EXIT_WAIT_S = 60
 
@@ -29,13 +30,8 @@ def processes_in(folder: Path):
     return found
 
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-UPSTREAM = REPOSITORY / ".." / "shared" / "upstream"
-#: A real upstream file preflight patches (test data; see tests/processes/test_preflight.py), if there is one.
-UPSTREAM_TARGET = next(
-    (path for path in sorted(UPSTREAM.glob("cache_messager@*.py")) if "class CacheMessagerV1" in path.read_text()),
-    None,
-)
+#: A real upstream file preflight patches (test data), if there is one.
+UPSTREAM_TARGET = next(iter(TARGET_FILES), None)
 FIRST_PROGRESS_LINE = re.compile(r"^\[\s*1/\d+\]")
 #: Each tool with a command line whose progress goes to stderr.
 TOOLS = {
