@@ -139,7 +139,8 @@ def _resolve_relative(node: ast.ImportFrom) -> str:
 
 
 def imported_modules(tree: ast.Module) -> Tuple[Dict[str, List[str]], List[str]]:
-    """``(fastdeploy module -> names imported from it, other top-level modules)`` of every import in the file."""
+    """``(fastdeploy module -> names imported from it, other modules)`` of every import in the file (other modules
+    with their full dotted name: a stub of a missing one needs each of its submodules)."""
     fastdeploy: Dict[str, List[str]] = {}
     others: List[str] = []
     for node in ast.walk(tree):
@@ -147,15 +148,15 @@ def imported_modules(tree: ast.Module) -> Tuple[Dict[str, List[str]], List[str]]
             for alias in node.names:
                 if alias.name.split(".")[0] == PACKAGE:
                     fastdeploy.setdefault(alias.name, [])
-                elif alias.name.split(".")[0] not in others:
-                    others.append(alias.name.split(".")[0])
+                elif alias.name not in others:
+                    others.append(alias.name)
         elif isinstance(node, ast.ImportFrom):
             module = _resolve_relative(node) if node.level else (node.module or "")
             if module.split(".")[0] == PACKAGE:
                 names = fastdeploy.setdefault(module, [])
                 names.extend(alias.name for alias in node.names if alias.name not in names)
-            elif module and module.split(".")[0] not in others:
-                others.append(module.split(".")[0])
+            elif module and module not in others:
+                others.append(module)
     return fastdeploy, others
 
 
@@ -243,10 +244,8 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def build_tree(source: Path, root: Path, version: str = "unknown (preflight stubs)") -> TreeReport:
-    """Lay out the tree under ``root``; the file is copied unmodified and only read to derive the stubs."""
-    tree = ast.parse(Path(source).read_bytes(), filename=str(source))
-    package = root / PACKAGE
+def _copy_harness(package: Path) -> None:
+    """The stand-in's scripted streams and the preflight stubs, under ``fastdeploy/_standin`` and ``_preflight``."""
     shutil.copytree(
         STANDIN_ROOT / PACKAGE / "_standin",
         package / "_standin",
@@ -255,28 +254,68 @@ def build_tree(source: Path, root: Path, version: str = "unknown (preflight stub
     shutil.copytree(STUBS_SOURCE, package / "_preflight", ignore=shutil.ignore_patterns("*.pyc", "__pycache__"))
     for name, standin_path in STANDIN_MODULES.items():
         shutil.copyfile(STANDIN_ROOT / standin_path, package / "_preflight" / name)
-    script = root / SCRIPT_PATH
-    script.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, script)
-    report = TreeReport(root=root, script=script, options=parser_options(tree))
 
-    fastdeploy, others = imported_modules(tree)
-    modules = set(fastdeploy) | {SCRIPT_PACKAGE}
+
+def _stub_imports(
+    root: Path, trees: List[ast.Module], version: str, own_modules=(SCRIPT_PACKAGE,)
+) -> Tuple[List[str], List[str]]:
+    """Generate a stub for every module the release files of ``trees`` import, and every package of
+    ``own_modules`` (where the release files are), that the tree does not hold: ``(stubbed fastdeploy modules,
+    third-party modules not installed)``. The release files must already be in place."""
+    fastdeploy: Dict[str, List[str]] = {}
+    others: List[str] = []
+    for tree in trees:
+        imported, third_party = imported_modules(tree)
+        for module, names in imported.items():
+            fastdeploy.setdefault(module, []).extend(names)
+        others.extend(module for module in third_party if module not in others)
+    modules = set(fastdeploy) | set(own_modules)
     for module in list(modules):
         parts = module.split(".")
         modules.update(".".join(parts[:length]) for length in range(1, len(parts)))
-    _write(package / "__init__.py", ROOT_TEMPLATE.format(version=version))
+    _write(root / PACKAGE / "__init__.py", ROOT_TEMPLATE.format(version=version))
+    stubbed, missing = [], []
     for module in sorted(modules - {PACKAGE}):
         relative = Path(*module.split("."))
         if (root / relative).is_dir() and (root / relative / "__init__.py").exists():
             continue  # the copied stand-in modules, or a package already written
         if (root / relative.with_suffix(".py")).exists():
-            continue  # the script itself
+            continue  # a release file
         _write(root / relative / "__init__.py", MODULE_TEMPLATE.format(module=module))
         if module in fastdeploy:
-            report.stubbed_modules.append(module)
+            stubbed.append(module)
     for module in others:
-        if importlib.util.find_spec(module) is None:
-            _write(root / module / "__init__.py", THIRD_PARTY_TEMPLATE.format(module=module))
-            report.missing_third_party.append(module)
+        top = module.split(".")[0]
+        if top in missing or importlib.util.find_spec(top) is None:
+            parts = module.split(".")
+            for length in range(1, len(parts) + 1):
+                package = ".".join(parts[:length])
+                _write(root / Path(*parts[:length]) / "__init__.py", THIRD_PARTY_TEMPLATE.format(module=package))
+            if top not in missing:
+                missing.append(top)
+    return stubbed, missing
+
+
+def build_tree(source: Path, root: Path, version: str = "unknown (preflight stubs)") -> TreeReport:
+    """Lay out the tree under ``root``; the file is copied unmodified and only read to derive the stubs."""
+    tree = ast.parse(Path(source).read_bytes(), filename=str(source))
+    _copy_harness(root / PACKAGE)
+    script = root / SCRIPT_PATH
+    script.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, script)
+    report = TreeReport(root=root, script=script, options=parser_options(tree))
+    report.stubbed_modules, report.missing_third_party = _stub_imports(root, [tree], version)
     return report
+
+
+def build_engine_tree(files: Dict[str, Path], root: Path, version: str = "unknown (engine slice stubs)") -> List[str]:
+    """Lay out an engine slice tree under ``root``: each release file of ``files`` (module name -> file) copied
+    unmodified to its module's path, a stub for everything else they import. Returns the stubbed modules."""
+    trees = []
+    for module, source in files.items():
+        trees.append(ast.parse(Path(source).read_bytes(), filename=str(source)))
+        target = root / Path(*module.split(".")).with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    _copy_harness(root / PACKAGE)
+    return _stub_imports(root, trees, version, own_modules=files)[0]

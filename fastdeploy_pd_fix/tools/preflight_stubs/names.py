@@ -27,7 +27,7 @@ REGISTRY = {
     "IPCCommManager": ("engine", "TransferManager"),
     "RDMACommManager": ("engine", "TransferManager"),
     "SpeculativeConfig": ("names", "SpeculativeConfig"),
-    "envs": ("names", "ENVS"),
+    "ResourceManager": ("slice_engine", "ResourceManager"),
 }
 
 _placeholders = {}
@@ -109,6 +109,13 @@ class Environment:
 ENVS = Environment()
 
 
+def _release_envs():
+    """The release's own ``fastdeploy/envs.py`` where the tree holds it (an engine slice tree), else None."""
+    if not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(__file__)), "envs.py")):
+        return None
+    return importlib.import_module("fastdeploy.envs")
+
+
 class SpeculativeConfig:
     """No speculative decoding: no extra cache layers."""
 
@@ -130,7 +137,9 @@ def module_getattr(module_name, name):
     if name.startswith("__"):
         raise AttributeError(name)
     if module_name.rsplit(".", 1)[-1] == "envs":
-        return getattr(ENVS, name)
+        return getattr(ENVS, name)  # a stub envs module (the tree holds no release envs.py then)
+    if name == "envs":
+        return _release_envs() or ENVS
     if name in REGISTRY:
         module, attribute = REGISTRY[name]
         return getattr(importlib.import_module(f"fastdeploy._preflight.{module}"), attribute)

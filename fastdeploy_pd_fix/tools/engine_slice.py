@@ -1,0 +1,284 @@
+"""The engine slice: a release's own engine files, unmodified, run on the CPU around the messagers' mailbox.
+
+The plugin's engine-side patch (:mod:`fastdeploy_pd_fix.plugin.engine`) wraps ``ResourceManagerV1`` and
+``SplitwiseConnector``. This module runs those classes as the release wrote them, with the release's prepare threads
+(``_prepare_request_v1``), its ``EngineWorkerQueue`` (server, the engine's client, one client per messager rank) and
+its ``Request`` and ``envs``, in a fresh interpreter where the plugin's start-up hook patches them through the same
+import path as in a deployment (:mod:`fastdeploy_pd_fix.tools.preflight_stubs.slice_engine` is that process). Only
+the rest stands in, our own code: the resource manager's base class and block pool, the config, the scheduler, the
+decode instance, zmq (where it is not installed), and each messager rank's registration loop on the mailbox.
+
+The release files are found in a FastDeploy package directory by what they define, not by a list of file names:
+the plugin's two targets at the modules it patches (:mod:`fastdeploy_pd_fix.target`), the class with the prefill
+prepare thread (``_fetch_request_prefill``), the class with the mailbox (``put_cache_info`` and ``get_cache_info``),
+the module the resource manager imports ``Request`` from, and ``envs``.
+
+:func:`check_engine` plays :data:`WAVES` (routed requests and orphans, an orphan's slot reused by a routed request)
+and judges what every rank read: the ``engine:`` line of ``preflight``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.core.notice import NOTICE_KEY, ORPHAN
+from fastdeploy_pd_fix.target import (
+    CONNECTOR_CLASS,
+    CONNECTOR_MODULE,
+    MAILBOX_PUT,
+    RESOURCE_MANAGER_CLASS,
+    RESOURCE_MANAGER_METHODS,
+    RESOURCE_MANAGER_MODULE,
+)
+from fastdeploy_pd_fix.tools import preflight_tree
+
+PACKAGE = preflight_tree.PACKAGE
+#: The prefill prepare thread's fetch (#7724 on): the engine admits a request with ``add_request_in_p`` there.
+PREFILL_FETCH = "_fetch_request_prefill"
+MAILBOX_GET = "get_cache_info"
+REQUEST_CLASS = "Request"
+#: Messager ranks reading the mailbox.
+NRANKS = 2
+#: How long the slice process may take (start-up imports paddle; each wait inside has its own deadline).
+TIMEOUT_S = 120.0
+#: The scenario: each wave is one scheduler batch, taken by whichever prepare thread asks first. Wave 1 admits a
+#: routed request and an orphan together; the orphan finishes (it is not transferred), and wave 2's routed request
+#: takes its slot (the lowest free one).
+WAVES = [
+    [
+        {"id": "routed-1", "prompt": 100, "routed": True},
+        {"id": "orphan-1", "prompt": 70, "routed": False, "finish": True},
+    ],
+    [{"id": "routed-2", "prompt": 30, "routed": True}],
+]
+
+
+@dataclass(frozen=True)
+class EngineFiles:
+    """The release files of a slice: role -> module name, and module name -> file."""
+
+    roles: Dict[str, str]
+    files: Dict[str, Path]
+
+
+def _module_name(package_dir: Path, path: Path) -> str:
+    return ".".join((PACKAGE,) + path.relative_to(package_dir).with_suffix("").parts)
+
+
+def _module_path(package_dir: Path, module: str) -> Path:
+    return package_dir.joinpath(*module.split(".")[1:]).with_suffix(".py")
+
+
+def _classes(tree: ast.Module) -> Dict[str, set]:
+    return {
+        node.name: {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def _find_defining(package_dir: Path, must_contain: Tuple[str, ...], methods: Tuple[str, ...]) -> Optional[str]:
+    """The module of the package whose source has every string of ``must_contain`` (a cheap filter) and a class
+    that defines every method of ``methods``; None when no module does."""
+    for path in sorted(package_dir.rglob("*.py")):
+        if "test" in path.relative_to(package_dir).parts[0]:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not all(needle in text for needle in must_contain):
+            continue
+        try:
+            classes = _classes(ast.parse(text))
+        except (SyntaxError, ValueError):
+            continue
+        if any(set(methods) <= defined for defined in classes.values()):
+            return _module_name(package_dir, path)
+    return None
+
+
+def _import_source(tree: ast.Module, name: str) -> Optional[str]:
+    """The module ``name`` is imported from in ``tree`` (absolute imports), or None."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and any(alias.name == name for alias in node.names):
+            return node.module
+    return None
+
+
+def find_engine_files(package_dir: Path) -> Tuple[Optional[EngineFiles], str]:
+    """``(files, "")``, or ``(None, why not)`` for a FastDeploy package directory."""
+    package_dir = Path(package_dir)
+    roles: Dict[str, str] = {}
+    for role, module, class_name in (
+        ("resource_manager", RESOURCE_MANAGER_MODULE, RESOURCE_MANAGER_CLASS),
+        ("connector", CONNECTOR_MODULE, CONNECTOR_CLASS),
+    ):
+        path = _module_path(package_dir, module)
+        try:
+            defined = _classes(ast.parse(path.read_bytes()))
+        except (OSError, SyntaxError, ValueError):
+            return None, f"no {module} here (the module the plugin patches)"
+        if class_name not in defined:
+            return None, f"{module} defines no {class_name}"
+        roles[role] = module
+    searches = {
+        "prepare": ((PREFILL_FETCH,), (PREFILL_FETCH,)),
+        "queue": ((MAILBOX_PUT, MAILBOX_GET), (MAILBOX_PUT, MAILBOX_GET)),
+    }
+    for role, (needles, methods) in searches.items():
+        module = _find_defining(package_dir, needles, methods)
+        if module is None:
+            return None, f"no class with {', '.join(methods)} in {package_dir}"
+        roles[role] = module
+    resource_manager_tree = ast.parse(_module_path(package_dir, roles["resource_manager"]).read_bytes())
+    request = _import_source(resource_manager_tree, REQUEST_CLASS)
+    if request is None or not _module_path(package_dir, request).is_file():
+        return None, f"{roles['resource_manager']} imports no {REQUEST_CLASS} from a module of {package_dir}"
+    roles["request"] = request
+    files = {module: _module_path(package_dir, module) for module in roles.values()}
+    envs = package_dir / "envs.py"
+    if envs.is_file():
+        files[f"{PACKAGE}.envs"] = envs
+    return EngineFiles(roles, files), ""
+
+
+def run_slice(files: EngineFiles, work: Path, plugin_on: bool = True, waves=WAVES, nranks: int = NRANKS) -> dict:
+    """Lay out the slice tree under ``work`` and run the slice process once; its JSON result, or ``{"error"}``."""
+    root = work / "tree"
+    if not root.exists():
+        preflight_tree.build_engine_tree(files.files, root)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(config.ENV_SWITCH)}
+    environment.update(
+        {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+            config.ENV_SWITCH: "1" if plugin_on else "0",
+        }
+    )
+    spec = json.dumps({"modules": files.roles, "nranks": nranks, "waves": waves})
+    name = f"slice-{'on' if plugin_on else 'off'}"
+    log, result_path = work / f"{name}.log", work / f"{name}.json"
+    command = [sys.executable, "-c", "from fastdeploy._preflight import slice_engine; slice_engine.main()"]
+    try:
+        with open(log, "w", encoding="utf-8") as output:
+            done = subprocess.run(
+                command + [spec, str(result_path)],
+                cwd=root,
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                timeout=TIMEOUT_S,
+            )
+    except subprocess.TimeoutExpired:
+        return {"error": f"the slice process did not finish within {TIMEOUT_S:.0f} s (log: {log})"}
+    try:
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+        return {"error": f"the slice process exited {done.returncode} without a result: {' | '.join(tail)}"}
+
+
+def _notices(items: List[dict]) -> List[dict]:
+    return [item for item in items if isinstance(item, dict) and NOTICE_KEY in item]
+
+
+def judge(result: dict, waves=WAVES, notices_expected: bool = True) -> List[str]:
+    """What is wrong with one slice run (empty: nothing). Every rank read the same items; every routed request was
+    registered once, on its slot, with its prompt length; every orphan was announced once, on its slot, before the
+    registration of a later wave's request on that slot (``notices_expected`` False: no notice at all)."""
+    if result.get("error"):
+        return [result["error"]]
+    problems = [f"rank {rank}: {error}" for rank, error in enumerate(result["rank_errors"]) if error]
+    streams = result["ranks"]
+    if any(stream != streams[0] for stream in streams):
+        problems.append("the ranks read different streams")
+    stream, slots = streams[0], result["slots"]
+
+    def registrations(request_id):
+        return [
+            index for index, item in enumerate(stream) if item.get("request_id") == request_id and "current_id" in item
+        ]
+
+    for wave_number, wave in enumerate(waves):
+        for spec in wave:
+            request_id, slot = spec["id"], slots.get(spec["id"])
+            announced = [item for item in _notices(stream) if item.get("target_request_id") == request_id]
+            if spec["routed"]:
+                registered = [
+                    (stream[index]["current_id"], stream[index].get("need_prefill_tokens"))
+                    for index in registrations(request_id)
+                ]
+                if registered != [(slot, spec["prompt"])]:
+                    problems.append(f"{request_id}: registered as {registered}, expected once on slot {slot}")
+            expected = [(ORPHAN, slot, spec["prompt"])] if notices_expected and not spec["routed"] else []
+            if [(item["kind"], item["slot"], item["value"]) for item in announced] != expected:
+                problems.append(f"{request_id}: notices {announced}, expected {expected}")
+            elif expected:
+                reuses = [
+                    index
+                    for later in waves[wave_number + 1 :]
+                    for other in later
+                    if slots.get(other["id"]) == slot
+                    for index in registrations(other["id"])
+                ]
+                if reuses and min(reuses) < stream.index(announced[0]):
+                    problems.append(f"{request_id}: its slot's next registration was read before its orphan notice")
+    return problems
+
+
+def check_engine(package_dir: Optional[Path], work: Path) -> dict:
+    """The ``engine:`` line's facts for a FastDeploy package directory (None: only a lone cache_messager.py)."""
+    methods = [f"{RESOURCE_MANAGER_CLASS}.{name}" for name in RESOURCE_MANAGER_METHODS] + [
+        f"{CONNECTOR_CLASS}.__init__"
+    ]
+    if package_dir is None:
+        return {"checked": False, "line": "not checked: no engine files", "methods": {}}
+    files, why = find_engine_files(package_dir)
+    if files is None:
+        return {"checked": False, "line": f"not checked: {why}", "methods": {}}
+    on, off = run_slice(files, work, plugin_on=True), run_slice(files, work, plugin_on=False)
+    problems = judge(on) + [f"plugin off: {problem}" for problem in judge(off, notices_expected=False)]
+    patched = [line for line in on.get("decisions", []) if ": patched " in line]
+    orphans_read = not judge(on) and bool(_notices(on["ranks"][0]))
+    exercised = {
+        f"{RESOURCE_MANAGER_CLASS}.add_request_in_p": orphans_read,
+        f"{CONNECTOR_CLASS}.__init__": orphans_read,  # the notices reached the mailbox it captured
+    }
+    status = {
+        method: "exercised" if exercised.get(method) else ("FAILED" if method in exercised else "not checked")
+        for method in methods
+    }
+    reasons = {f"{RESOURCE_MANAGER_CLASS}.recycle_abort_task": "the slice's engine never aborts a request"}
+    line = ", ".join(
+        f"{method} {status[method]}" + (f" ({reasons[method]})" if method in reasons else "") for method in methods
+    )
+    return {
+        "checked": True,
+        "line": line if not problems else f"FAILED: {'; '.join(problems)}",
+        "methods": status,
+        "problems": problems,
+        "decisions": patched,
+        "modules": files.roles,
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m fastdeploy_pd_fix.tools.engine_slice PACKAGE_DIR``: the engine line for that package."""
+    package_dir = Path((argv if argv is not None else sys.argv[1:])[0])
+    with tempfile.TemporaryDirectory(prefix="fd-pd-fix-slice-") as work:
+        report = check_engine(package_dir, Path(work))
+    print(f"engine: {report['line']}")
+    return 0 if report["checked"] and not report.get("problems") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
