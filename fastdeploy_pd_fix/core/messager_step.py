@@ -36,8 +36,13 @@ from .release import Registration, Released, ReleasePolicy, make_release
 
 #: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
 NO_SIGNAL_BACKOFF_S = 0.001
-#: Pause after an unexpected error, so that a persistent fault does not flood the log.
+#: Pause after an unexpected error in the consume loop; doubled after each further error in a row, up to
+#: ERROR_BACKOFF_MAX_S, and back to the start once a buffer is handled: a persistent fault costs one attempt a second.
 ERROR_BACKOFF_S = 0.01
+ERROR_BACKOFF_MAX_S = 1.0
+#: Once the pause is at its maximum, an error repeated in a row gets one line every this many repeats (about one a
+#: minute) instead of one per attempt: weeks of a persistent fault must not fill the disk.
+ERROR_SUMMARY_EVERY = 60
 #: How many queued batches the journal keeps for reports.
 RECENT_BATCHES = 32
 #: The messager attribute :func:`step_for` keeps the messager's step in.
@@ -388,15 +393,65 @@ def step_for(messager, mode: str, logger, log_prefix: str = "layer0_release: ") 
     return state
 
 
+class ErrorBackoff:
+    """The pause after each failed attempt of an endless loop, and the lines that report the failures.
+
+    An error is the same as the one before when its type and message are. The first of a run of the same error is
+    logged with its traceback; each repeat gets a one-line count while the pause still grows (a few lines in the
+    first second: a short burst stays visible error by error), then one line every :data:`ERROR_SUMMARY_EVERY`
+    repeats. When the run ends (a success or another error) with repeats not logged one by one, a line counts them."""
+
+    def __init__(self, logger, what: str):
+        self.logger = logger
+        self.what = what
+        self.pause = 0.0  # 0: the last attempt succeeded
+        self.error = ""  # "Type: message" of the run of errors going on
+        self.count = 0  # attempts in a row that failed with self.error
+        self.reported = 0  # self.count when its last line was logged
+
+    def failed(self, error: Exception) -> float:
+        """Log ``error`` (called in its ``except`` block, for the traceback) and return the pause before the next
+        attempt."""
+        previous = self.pause
+        self.pause = min(ERROR_BACKOFF_MAX_S, 2 * previous or ERROR_BACKOFF_S)
+        described = f"{type(error).__name__}: {error}"
+        if described != self.error:
+            self._end_run()
+            self.error, self.count, self.reported = described, 1, 1
+            self.logger.exception(f"{self.what}; continuing, next attempt in {self.pause:g}s")
+            return self.pause
+        self.count += 1
+        growing = previous < ERROR_BACKOFF_MAX_S
+        if growing or self.count % ERROR_SUMMARY_EVERY == 0:
+            self.reported = self.count
+            reached = growing and self.pause >= ERROR_BACKOFF_MAX_S
+            then = f"; from now on one line every {ERROR_SUMMARY_EVERY} repeats" if reached else ""
+            self.logger.error(
+                f"{self.what} again, {self.count} in a row (next attempt in {self.pause:g}s{then}): {described}"
+            )
+        return self.pause
+
+    def succeeded(self) -> None:
+        self._end_run()
+        self.pause, self.error, self.count, self.reported = 0.0, "", 0, 0
+
+    def _end_run(self) -> None:
+        if self.count > self.reported:
+            self.logger.error(f"{self.what}: {self.error} ended after {self.count} in a row")
+
+
 def consume_signals_forever(
     step: MessagerStep, read_signal: Callable[[], object], sleep: Callable[[float], None] = time.sleep
 ) -> None:
     """Read one kv signal buffer after another (``read_signal`` calls the op and returns the buffer as numpy) and
-    hand each to ``step``. An error is logged and the loop goes on: a dead ``consume_signals`` hangs the engine."""
+    hand each to ``step``. An error is logged and the loop goes on (:class:`ErrorBackoff`: a growing pause, a
+    bounded log): a dead ``consume_signals`` hangs the engine."""
+    errors = ErrorBackoff(step.logger, f"{step.log_prefix}error in consume_signals")
     while True:
         try:
             if not step.handle_buffer(read_signal()):
                 sleep(NO_SIGNAL_BACKOFF_S)
-        except Exception:
-            step.logger.exception(f"{step.log_prefix}error in consume_signals; continuing")
-            sleep(ERROR_BACKOFF_S)
+        except Exception as error:
+            sleep(errors.failed(error))
+        else:
+            errors.succeeded()

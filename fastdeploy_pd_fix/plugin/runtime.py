@@ -101,12 +101,23 @@ class MessagerRuntime:
             f"idx_cache_task_dict slots: {sorted(self.messager.idx_cache_task_dict)}"
         )
 
-    def consume_signals(self) -> None:
-        """The replacement ``consume_signals``: the running release's op call, each buffer handed to the step."""
-        import paddle
+    def consume_signals(self, original) -> None:
+        """The replacement ``consume_signals``: the running release's op call, each buffer handed to the step.
 
-        paddle.device.set_device("cpu")
-        buffer = paddle.full([KV_SIGNAL_LENGTH], -1, dtype="int32")
+        When its set-up fails (paddle import, ``set_device``, the buffer), the running release's own ``original``
+        runs instead, after one error line: a dead ``consume_signals`` thread is the very hang the plugin prevents.
+        """
+        try:
+            import paddle
+
+            paddle.device.set_device("cpu")
+            buffer = paddle.full([KV_SIGNAL_LENGTH], -1, dtype="int32")
+        except Exception as error:
+            self.logger.error(
+                f"{LOG_PREFIX}patched consume_signals could not start ({error!r}): the release's own consume_signals "
+                "runs instead, its batches are not ordered (this rank may deadlock as without the plugin)"
+            )
+            return original(self.messager)
 
         def read_signal():
             self.op(buffer, *self.op_arguments)
@@ -153,7 +164,7 @@ def make_consume_signals(original, state):
         runtime = activate(self, state)
         if runtime is None or runtime.step is None:
             return original(self)  # stood aside, or observe mode: the running release's own loop runs
-        runtime.consume_signals()
+        return runtime.consume_signals(original)
 
     consume_signals.__fd_pd_fix__ = True
     return consume_signals

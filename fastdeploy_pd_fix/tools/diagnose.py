@@ -4,9 +4,13 @@ Every queued batch is logged as a :data:`~fastdeploy_pd_fix.core.messager_step.Q
 ``seq_hash`` that is equal on every rank until their sequences diverge, by the plugin (``fastdeploy_pd_fix:``) and by
 a FastDeploy that carries the upstreamed fix (``layer0_release:``) alike, so one reader serves both.
 
-Which files: every messager log under the folder, searched recursively, in each naming scheme FastDeploy releases
-have used (:data:`RANK_LOG_NAMES`), and the launch logs (:data:`LAUNCH_LOG`, the messagers' stderr, where the
-plugin's first decision line goes). Which ranks are compared: those of one data-parallel group in one folder. A
+Which files: every file under the folder, searched recursively, that holds a cache messager's lines
+(:data:`MESSAGER_MARKERS`), whatever it is called: releases have named it ``cache_messager_rank{R}.log``,
+``cache_messager_{R}.log``, ``cache_messager_device{N}.log``, ``cache_messager_tprank{R}.log``, and the next may name
+it otherwise. Only the head of each file is read to tell (:data:`SNIFF_BYTES`; a binary file is skipped there), and
+only a messager log is read whole, line by line. Its rank is what its lines say (:func:`read_rank_log`), else the
+number its name ends with. Besides: the launch logs (:data:`LAUNCH_LOG`, the messagers' stderr, where the plugin's
+first decision line goes). Which ranks are compared: those of one data-parallel group in one folder. A
 messager's ``rank_id`` is ``rank + dp * tp``; only the ranks of one DP group take part in the same barriers, so
 only they must queue the same batches. The tensor-parallel size ``tp`` is read from the logs (the plugin's decision
 line ``active on rank_id=R rank=r nranks=N``, FastDeploy's own ``Namespace(... mp_num=N ...)`` or
@@ -20,7 +24,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
 
@@ -31,17 +35,17 @@ exit codes:
   {NO_DIVERGENCE}  no divergence: in every DP group, the ranks' batch sequences agree (a rank that is only behind
      does not count: a dead or lost rank's log just stops)
   {DIVERGENCE}  divergence: in at least one DP group two ranks queued different batches (the report names the first)
-  {NOT_DIAGNOSED}  nothing diagnosed: the folder is missing, a log is unreadable, no log holds 'queued batch' lines,
-     no DP group has two ranks to compare, a bad argument, or diagnose itself failed
+  {NOT_DIAGNOSED}  nothing diagnosed: the folder is missing, a file is unreadable, no cache messager log (a file with a
+     cache messager's lines) or none with 'queued batch' lines, no DP group has two ranks to compare, a bad
+     argument, or diagnose itself failed
 """
 
-#: Messager log names, each with what its number is: ``cache_messager_rank{rank_id}.log``, ``cache_messager_{rank_id}
-#: .log`` (releases with more than one rank) and ``cache_messager_device{device_id}.log``.
-RANK_LOG_NAMES = (
-    (re.compile(r"^cache_messager_rank(?P<number>\d+)\.log$"), "rank_id"),
-    (re.compile(r"^cache_messager_(?P<number>\d+)\.log$"), "rank_id"),
-    (re.compile(r"^cache_messager_device(?P<number>\d+)\.log$"), "device"),
-)
+#: How much of a file's head is read to tell whether it is a messager log: a messager writes its first lines (the
+#: plugin's decision line, FastDeploy's ``create cache messager...`` and arguments) as it starts.
+SNIFF_BYTES = 256 * 1024
+#: The number a messager log's name ends with (before its suffix): a device id after ``device``, else a rank id.
+#: Only used when the log's lines do not say it.
+NAME_NUMBER = re.compile(r"(?P<device>device)?(?P<number>\d+)$")
 #: The messager's launch log (its stdout/stderr): ``launch_cache_messager_{i}.log`` or ``..._tprank{i}.log``.
 LAUNCH_LOG = re.compile(r"^launch_cache_messager_(?P<kind>tprank)?(?P<number>\d+)\.log$")
 #: The import-time default log of the messager module, shared by every process that logs before ``main`` names its
@@ -62,6 +66,24 @@ STOOD_ASIDE_FOR_MESSAGER = re.compile(r"stood aside for this messager, original 
 #: FastDeploy's own lines: ``logger.info(f"{args}")`` in ``main`` and ``[rank {rank}/{args.mp_num}] ...``.
 NAMESPACE = re.compile(r"Namespace\((?P<arguments>.*)\)")
 RANK_OF = re.compile(r"\[rank (?P<rank>\d+)/(?P<tp>\d+)\]")
+#: FastDeploy's messager lines that name its rank_id: the consume loop's last-layer line and the send thread's start.
+TASKS_COUNT = re.compile(r"tasks_count: -?\d+, layer_id: -?\d+ self\.rank_id (?P<rank_id>\d+)")
+PREFILLED_STEP = re.compile(r"splitwise_complete_prefilled_step_(?P<rank_id>\d+), gpu_id: (?P<device>\d+)")
+#: The first line of this project's stand-in messager (``fastdeploy_pd_fix/standin``).
+STANDIN = re.compile(r"stand-in cache messager: rank=(?P<rank>\d+) rank_id=(?P<rank_id>\d+)")
+#: Lines only a cache messager writes: a file with one of them in its head is a messager log, whatever its name.
+#: The plugin's journal and its lines in the messager's own log, FastDeploy's own (``logger.info`` calls of
+#: ``cache_messager.py`` in every release read, 2.0 to 2.6: ``create cache messager...`` is the first line of its
+#: ``__main__``) and the stand-in's. FastDeploy's ``Namespace(...)`` and ``[rank r/N]`` lines are not among them:
+#: other FastDeploy processes log such lines too.
+MESSAGER_MARKERS = (
+    QUEUED_LINE,
+    re.compile(r"active on rank_id=|stood aside for this messager, original methods run"),
+    re.compile(r"create cache messager\.\.\.|cache messager init finished, use "),
+    TASKS_COUNT,
+    PREFILLED_STEP,
+    STANDIN,
+)
 
 
 def _field(text: str, name: str) -> Optional[int]:
@@ -92,7 +114,9 @@ class RankLog:
     def label(self) -> str:
         if self.rank_id is not None:
             return f"rank {self.rank_id}"
-        return f"device {self.device}"
+        if self.device is not None:
+            return f"device {self.device}"
+        return self.path.name
 
     @property
     def sort_key(self):
@@ -122,17 +146,37 @@ class Divergence:
     batches: Dict[int, Optional[str]]
 
 
-def _read_lines(path: Path) -> List[str]:
+def _unreadable(path: Path, error: OSError) -> LogError:
+    return LogError(f"cannot read {path}: {error.strerror or error}")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, one at a time (a messager log of weeks is not held in memory)."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        with path.open(encoding="utf-8", errors="replace") as file:
+            yield from file
     except OSError as error:
-        raise LogError(f"cannot read {path}: {error.strerror or error}") from None
+        raise _unreadable(path, error) from None
 
 
-def read_rank_log(path: Path, kind: str, number: int) -> RankLog:
-    """Parse one messager log named ``kind`` (``rank_id`` or ``device``) ``number``."""
-    log = RankLog(path, rank_id=number if kind == "rank_id" else None, device=number if kind == "device" else None)
-    for line in _read_lines(path):
+def is_messager_log(path: Path) -> bool:
+    """Whether the head of ``path`` (:data:`SNIFF_BYTES`) has a cache messager's line (:data:`MESSAGER_MARKERS`);
+    a file with a NUL byte there is binary: not read further."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(SNIFF_BYTES)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    if b"\0" in head:
+        return False
+    text = head.decode("utf-8", errors="replace")
+    return any(marker.search(text) for marker in MESSAGER_MARKERS)
+
+
+def read_rank_log(path: Path) -> RankLog:
+    """One messager log parsed: its batches; who wrote it, from its lines, else its name (:data:`NAME_NUMBER`)."""
+    log = RankLog(path)
+    for line in _lines(path):
         queued = QUEUED_LINE.search(line)
         if queued:
             if queued["number"] == "1":
@@ -170,8 +214,15 @@ def read_rank_log(path: Path, kind: str, number: int) -> RankLog:
         rank_of = RANK_OF.search(line)
         if rank_of:
             _learn(log, rank=int(rank_of["rank"]), tp=int(rank_of["tp"]))
+            continue
+        identity = TASKS_COUNT.search(line) or PREFILLED_STEP.search(line) or STANDIN.search(line)
+        if identity:
+            _learn(log, **{name: int(value) for name, value in identity.groupdict().items()})
     if log.rank_id is None and None not in (log.rank, log.tp, log.dp):
         log.rank_id = log.rank + log.dp * log.tp
+    named = NAME_NUMBER.search(path.stem)
+    if named:
+        _learn(log, **{"device" if named["device"] else "rank_id": int(named["number"])})
     if log.dp is None and None not in (log.rank_id, log.rank, log.tp) and log.tp > 0:
         log.dp = (log.rank_id - log.rank) // log.tp
     return log
@@ -186,7 +237,7 @@ def _learn(log: RankLog, **facts) -> None:
 
 def read_launch_log(path: Path, index: int, tprank: bool) -> LaunchLog:
     log = LaunchLog(path, index, tprank)
-    for line in _read_lines(path):
+    for line in _lines(path):
         decision = DECISION.search(line)
         if decision:
             log.decision, log.reason = decision["decision"], (decision["reason"] or "").strip()
@@ -203,22 +254,20 @@ class Logs:
 
 
 def find_logs(log_dir: Path) -> Logs:
-    """Every messager and launch log under ``log_dir`` (recursively), parsed; LogError for an unreadable one."""
+    """Every messager log (by its lines) and launch log (by its name) under ``log_dir``, recursively, parsed;
+    LogError for an unreadable file (it may be a messager log)."""
     logs = Logs()
-    for path in sorted(log_dir.rglob("*.log")):
+    for path in sorted(log_dir.rglob("*")):
         if not path.is_file():
             continue
-        for pattern, kind in RANK_LOG_NAMES:
-            match = pattern.match(path.name)
-            if match:
-                logs.ranks.append(read_rank_log(path, kind, int(match["number"])))
-                break
-        else:
-            launch = LAUNCH_LOG.match(path.name)
-            if launch:
-                logs.launches.append(read_launch_log(path, int(launch["number"]), bool(launch["kind"])))
-            elif path.name == SHARED_LOG and any(QUEUED_LINE.search(line) for line in _read_lines(path)):
+        launch = LAUNCH_LOG.match(path.name)
+        if launch:
+            logs.launches.append(read_launch_log(path, int(launch["number"]), bool(launch["kind"])))
+        elif path.name == SHARED_LOG:
+            if any(QUEUED_LINE.search(line) for line in _lines(path)):
                 logs.shared_with_batches.append(path)
+        elif is_messager_log(path):
+            logs.ranks.append(read_rank_log(path))
     return logs
 
 
@@ -359,8 +408,11 @@ def diagnose_logs(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
     with_batches = [log for log in logs.ranks if log.entries]
     if not with_batches:
         if not logs.ranks:
-            message = f"no cache messager log under {folder} (looked for cache_messager_rank*.log, "
-            message += "cache_messager_<N>.log, cache_messager_device*.log, recursively)"
+            message = (
+                f"no cache messager log under {folder} (searched recursively for files with a cache messager's "
+                "lines, whatever their names: the plugin's 'queued batch' or 'active on rank_id=' lines, "
+                "FastDeploy's 'create cache messager...')"
+            )
             if logs.shared_with_batches:
                 shared = ", ".join(str(path) for path in logs.shared_with_batches)
                 message += f"; {shared} has 'queued batch' lines, but they do not tell the ranks apart"
@@ -389,7 +441,7 @@ def diagnose_logs(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
                     "not a divergence)"
                 )
             else:
-                sections.append(f"{heading}only one rank's log found ({counts}); nothing to compare")
+                sections.append(f"{heading}only one rank's log found in {group.folder} ({counts}); nothing to compare")
             continue
         compared += 1
         divergence = first_divergence({index: log.entries for index, log in enumerate(group.logs)})
@@ -450,8 +502,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "log_dir",
-        help="folder holding the logs (FD_LOG_DIR), searched recursively: cache_messager_rank<R>.log, "
-        "cache_messager_<R>.log, cache_messager_device<N>.log, launch_cache_messager_[tprank]<i>.log",
+        help="folder holding the logs (FD_LOG_DIR), searched recursively: the cache messager logs, found by their "
+        "lines whatever their names, and launch_cache_messager_[tprank]<i>.log",
     )
     parser.add_argument(
         "--tp",

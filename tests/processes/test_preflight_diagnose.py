@@ -4,7 +4,7 @@ machinery (the file unmodified, as a script, in two rank processes with our stub
 Per real file with a ``CacheMessagerV1`` (``../shared/upstream``; skipped with one reason without it), one scenario
 is played twice: with the plugin patching (``ordered``) and in ``observe`` mode, where the release's own code runs
 and the plugin only writes the batch journal (with ``FD_PD_FIX=0`` there is no journal to read). The logs are named
-by the release itself, so each naming scheme a file uses is exercised; the test asserts which it was.
+by the release itself and found by diagnose by their lines; the test asserts which names they had.
 
 The scenario is :data:`DIVERGING`, not the seed race s1: on these pre-#7872 files unpatched s1 finishes with
 identical batches (the release drops an early signal differently), and s2 hangs with rank 1 queuing nothing at all
@@ -13,6 +13,7 @@ registration after A's first layer-0 signal: the release drops that chunk on ran
 first chunk as batch #1 where rank 1 queues A's second: a divergence at batch #1, which the plugin prevents.
 """
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,25 +32,29 @@ pytestmark = pytest.mark.timeout(300)
 needs_targets = pytest.mark.skipif(not TARGET_FILES, reason=f"no real CacheMessagerV1 file in {UPSTREAM.resolve()}")
 DIVERGING = "l12"
 MODES = (config.ORDERED, config.OBSERVE)
-#: The naming scheme of each kind of messager log (diagnose's patterns, in its order).
-SCHEMES = ("cache_messager_rank{R}.log", "cache_messager_{rank_id}.log", "cache_messager_device{N}.log")
+#: The messager log names releases have used (diagnose does not rely on them: it finds the logs by their lines).
+SCHEMES = {
+    "cache_messager_rank{R}.log": re.compile(r"cache_messager_rank\d+\.log"),
+    "cache_messager_{rank_id}.log": re.compile(r"cache_messager_\d+\.log"),
+    "cache_messager_device{N}.log": re.compile(r"cache_messager_device\d+\.log"),
+    "cache_messager_tprank{R}.log": re.compile(r"cache_messager_tprank\d+\.log"),
+}
 #: Schemes read off the files we know (``logger = get_logger(...)`` in their ``main``); a new file is only checked
 #: for using one scheme for both ranks.
 KNOWN_SCHEMES = {
-    "cache_messager@PaddlePaddle_37363c28.py": SCHEMES[0],
-    "cache_messager@liyonghua0910_5e520501.py": SCHEMES[0],
-    "cache_messager@RichardWooSJTU_0ceff838.py": SCHEMES[2],
+    "cache_messager@PaddlePaddle_37363c28.py": "cache_messager_rank{R}.log",
+    "cache_messager@liyonghua0910_5e520501.py": "cache_messager_rank{R}.log",
+    "cache_messager@RichardWooSJTU_0ceff838.py": "cache_messager_device{N}.log",
 }
 
 
 def messager_logs(log_dir: Path):
-    """``{file name: naming scheme}`` of the messager logs in a run's ``log/`` folder."""
+    """``{file name: naming scheme}`` of the files diagnose takes for messager logs in a run's ``log/`` folder (a
+    name of no known scheme: itself)."""
     found = {}
-    for path in sorted(log_dir.glob("*.log")):
-        for (pattern, _kind), scheme in zip(diagnose.RANK_LOG_NAMES, SCHEMES):
-            if pattern.match(path.name):
-                found[path.name] = scheme
-                break
+    for log in diagnose.find_logs(log_dir).ranks:
+        name = log.path.name
+        found[name] = next((scheme for scheme, pattern in SCHEMES.items() if pattern.fullmatch(name)), name)
     return found
 
 

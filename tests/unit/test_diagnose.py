@@ -20,7 +20,7 @@ def test_sequence_hash_depends_on_order():
 
 
 def write_rank_log(directory, rank, batches):
-    digest, lines = "", ["2026-11-25 INFO something else"]
+    digest, lines = "", ["2026-11-25 INFO create cache messager..."]  # FastDeploy's first messager line
     for number, batch in enumerate(batches, 1):
         digest = next_sequence_hash(digest, batch)
         lines.append(f"2026-11-25 INFO fastdeploy_pd_fix: queued batch #{number} {batch} seq_hash={digest}")
@@ -82,10 +82,13 @@ def test_first_divergence_of_empty_input():
 # ---- every naming scheme, on the logs of real stand-in runs ----
 
 NAMING_SCHEMES = {
-    # messager log name and launch log name per rank_id (the stand-in's TP rank equals its rank_id)
+    # messager log name and launch log name per rank_id (the stand-in's TP rank equals its rank_id): every name a
+    # release has used, and one made up (diagnose finds the messager logs by their lines)
     "rank": ("cache_messager_rank{}.log", "launch_cache_messager_{}.log"),
     "rank_id": ("cache_messager_{}.log", "launch_cache_messager_tprank{}.log"),
     "device": ("cache_messager_device{}.log", "launch_cache_messager_{}.log"),
+    "tprank": ("cache_messager_tprank{}.log", "launch_cache_messager_tprank{}.log"),
+    "made up": ("messager-r{}.txt", "launch_cache_messager_{}.log"),
 }
 
 
@@ -248,6 +251,36 @@ def test_folders_are_separate_deployments(tmp_path):
     assert f"DP group 0 in {tmp_path / 'node1'}: none" in report
 
 
+# ---- a log's rank: its lines, else its name ----
+
+#: FastDeploy's own messager lines that tell the rank_id (logger calls of the real cache_messager.py files).
+RELEASE_IDENTITIES = {
+    "tasks_count": lambda rank_id: [f"tasks_count: 1, layer_id: 1 self.rank_id {rank_id}"],
+    "prefilled step": lambda rank_id: [f"splitwise_complete_prefilled_step_{rank_id}, gpu_id: {rank_id + 4}"],
+    "namespace": lambda rank_id: [
+        "create cache messager...",
+        f"Namespace(device_id={rank_id + 4}, rank={rank_id}, mp_num=2, local_data_parallel_id=0, protocol='ipc')",
+    ],
+}
+
+
+@pytest.mark.parametrize("identity", RELEASE_IDENTITIES)
+def test_a_logs_rank_comes_from_its_lines_not_its_name(tmp_path, identity):
+    # The upstreamed fix's journal (no plugin line); one name ends with a wrong number, one with none.
+    for rank_id, name in ((0, "messager-r7.txt"), (1, "messages.log")):
+        lines = RELEASE_IDENTITIES[identity](rank_id) + journal_lines(TP2_DP2[rank_id], prefix="layer0_release: ")
+        write_log(tmp_path / name, lines)
+    assert diagnose(tmp_path) == (0, "none: the ranks' batch sequences agree (rank 0: 2 batches, rank 1: 2 batches)")
+
+
+def test_without_an_identity_line_the_name_tells_the_rank_or_device_else_the_log_is_named(tmp_path):
+    for name, batches in (("messager-r3.txt", [[(0, 4)]]), ("messager_device5.log", [[(1, 4)]]), ("other", [])):
+        write_log(tmp_path / name, ["create cache messager..."] + journal_lines(batches))
+    code, report = diagnose(tmp_path)
+    assert code == 1 and "first divergence at batch #1 (rank 3: 1 batches, device 5: 1 batches):" in report, report
+    assert "note: plugin not active on other: no fastdeploy_pd_fix line in other" in report
+
+
 # ---- what diagnose cannot diagnose: exit code 2, never 1 ----
 
 
@@ -262,22 +295,40 @@ def test_a_missing_folder_says_so(tmp_path, capsys):
 def test_a_folder_without_messager_logs_names_what_it_looked_for(tmp_path):
     (tmp_path / "cache_messager.log").write_text("".join(f"{line}\n" for line in journal_lines([[(0, 4)]])))
     code, report = diagnose(tmp_path)
-    assert code == 2 and report.startswith(f"no cache messager log under {tmp_path} (looked for cache_messager_rank")
+    assert code == 2 and report.startswith(f"no cache messager log under {tmp_path} (searched recursively for files")
     assert "cache_messager.log has 'queued batch' lines, but they do not tell the ranks apart" in report
 
 
-def test_an_unreadable_log_is_exit_code_2_with_its_name(tmp_path, monkeypatch):
+def test_a_folder_of_unrelated_logs_only_is_no_cache_messager_log_with_the_folder_named(tmp_path):
+    # Other FastDeploy processes' logs, named like messager logs or not: their argument and rank lines are not a
+    # messager's; a binary file with a journal line after a NUL byte is skipped; a marker beyond the head is not read.
+    write_log(tmp_path / "cache_messager_rank0.log", ["something else"])
+    write_log(tmp_path / "workerlog.0", ["Namespace(rank=0, mp_num=2, device_id=0)", "[rank 0/2] worker ready"])
+    (tmp_path / "deep").mkdir()
+    write_log(tmp_path / "deep" / "cache_transfer_manager_1.log", ["[rank 1/2] Initializing kv cache"])
+    (tmp_path / "core.1234").write_bytes(b"\x7fELF\0\0" + "\n".join(journal_lines([[(0, 4)]])).encode())
+    (tmp_path / "big_2.log").write_text("x" * diagnose_module.SNIFF_BYTES + "\ncreate cache messager...\n")
+    write_log(tmp_path / "launch_cache_messager_0.log", [DECISION])  # a launch log: not a messager log
+    code, report = diagnose(tmp_path)
+    assert code == 2, report
+    assert report.startswith(f"no cache messager log under {tmp_path} (searched recursively for files with a cache ")
+
+
+@pytest.mark.parametrize("name", ["cache_messager_rank1.log", "other.txt"])
+def test_an_unreadable_file_is_exit_code_2_with_its_name(tmp_path, monkeypatch, name):
+    """Any file: one that cannot be read may be a rank's messager log (the ranks compared without it could agree)."""
     write_rank_log(tmp_path, 0, [[(0, 4)]])
     write_rank_log(tmp_path, 1, [[(1, 4)]])
-    unreadable = tmp_path / "cache_messager_rank1.log"
-    real_read_text = Path.read_text
+    unreadable = tmp_path / name
+    unreadable.touch()
+    real_open = Path.open
 
-    def read_text(path, *args, **kwargs):
+    def open_(path, *args, **kwargs):
         if path == unreadable:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_read_text(path, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(Path, "open", open_)
     assert diagnose(tmp_path) == (2, f"cannot read {unreadable}: Permission denied")
 
 
