@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set, Tuple
 
 from .kv_signal import parse_kv_signal
 from .notice import Notice, split_notices
@@ -119,10 +119,11 @@ class RegisteredNeeds(Mapping):
 class BoundTaskDict(dict):
     """The messager's ``idx_cache_task_dict`` under a :class:`MessagerStep`.
 
-    Every store is reported to the step, after storing, as a registration. The send thread, while it holds a batch,
-    reads for each slot of that batch the task the batch was bound to (release rule 7): an aborted request's batch
-    still queued when the slot's next request registered is sent with the aborted request's own blocks, and the
-    cleanup after its send (``del``) leaves the next request's entry in place. Every other access is a plain dict's.
+    Every store is reported to the step, after storing, as a registration. The send loop (its thread, and any worker
+    thread it sends from), while it holds a batch, reads for each slot of that batch the task the batch was bound to
+    (release rule 7): an aborted request's batch still queued when the slot's next request registered is sent with
+    the aborted request's own blocks, and the cleanup after its send (``del``) leaves the next request's entry in
+    place. The registration and consume threads see a plain dict.
     """
 
     def __init__(self, tasks: dict, step: "MessagerStep"):
@@ -130,6 +131,7 @@ class BoundTaskDict(dict):
         self._step = step
 
     def __setitem__(self, slot, task):
+        self._step.not_a_sender()  # only the registration thread stores
         super().__setitem__(slot, task)
         self._step.handle_registration(slot, task)
 
@@ -200,15 +202,18 @@ class MessagerStep:
         after_release: Optional[Callable[[Released], None]] = None,
     ):
         self.messager = messager
-        # Rule 7: per queued batch, oldest first, the batch object and slot -> bound task; per thread that took a
-        # batch from the queue (the send thread), the bound tasks of the batch it holds.
+        # Rule 7: per queued batch, oldest first, the batch object and slot -> bound task; for the batch the send
+        # loop holds (the last one taken from the queue), slot -> bound task and the number of its layer-0 signal
+        # (see BoundProgressList). Every thread reads through the held batch but the messager's registration and
+        # consume threads (:meth:`not_a_sender`): the send loop may read from worker threads of its own (#7931).
         self._queued_bindings: deque = deque()
-        self._held_bindings: Dict[int, Dict[int, object]] = {}
+        self._held: Tuple[Dict[int, object], Optional[int]] = ({}, None)
+        self._taker: Optional[int] = None  # the thread that took it
+        self._not_senders: Set[int] = set()
         # Layer-0 signals handed to the policy so far, and per slot the number of the latest one that had a task
-        # for it; per send thread, the number of the signal its held batch is (see BoundProgressList).
+        # for it.
         self._layer0_signals = 0
         self._latest_layer0_signal: Dict[int, int] = {}
-        self._held_signal: Dict[int, int] = {}
         self.policy = policy
         self.logger = logger
         self.log_prefix = log_prefix
@@ -295,8 +300,17 @@ class MessagerStep:
         for slot, task in existing.items():
             self.handle_registration(slot, task)
 
+    def not_a_sender(self) -> None:
+        """The calling thread is not the send loop's (the registration or the consume thread): it reads
+        ``idx_cache_task_dict`` and ``engine_cache_tasks`` as they are."""
+        self._not_senders.add(threading.get_ident())
+
+    def _sender_view(self) -> Tuple[Dict[int, object], Optional[int]]:
+        thread = threading.get_ident()
+        return self._held if thread == self._taker or thread not in self._not_senders else ({}, None)
+
     def _hold(self, batch) -> None:
-        """The calling thread took ``batch`` from the queue: from now on it sees that batch's bound tasks.
+        """The send loop took ``batch`` from the queue: from now on its threads see that batch's bound tasks.
 
         Bindings of batches queued before ``batch`` are discarded: those were taken by a ``get`` that started before
         :meth:`attach` wrapped it (the send thread is usually blocked in ``get`` already when the first registration
@@ -309,18 +323,19 @@ class MessagerStep:
                         self._queued_bindings.popleft()
                     bound, signal_number = bound_tasks, number
                     break
-            self._held_bindings[threading.get_ident()] = bound
-            self._held_signal[threading.get_ident()] = signal_number
+            self._held, self._taker = (bound, signal_number), threading.get_ident()
 
     def superseded_progress(self, slot) -> bool:
-        """Whether a layer-0 signal for ``slot`` arrived after the one the calling thread's held batch is: that
-        slot's progress in ``engine_cache_tasks`` then belongs to a later request (the held one was aborted)."""
-        held = self._held_signal.get(threading.get_ident())
+        """Whether a layer-0 signal for ``slot`` arrived after the one the send loop's held batch is (asked by a
+        thread of the send loop): that slot's progress in ``engine_cache_tasks`` then belongs to a later request (the
+        held one was aborted)."""
+        held = self._sender_view()[1]
         return held is not None and self._latest_layer0_signal.get(slot, -1) > held
 
     def bound_task(self, slot):
-        """The task the calling thread's held batch is bound to for ``slot``, or None (read the dict then)."""
-        return self._held_bindings.get(threading.get_ident(), {}).get(slot)
+        """The task the send loop's held batch is bound to for ``slot`` (asked by a thread of the send loop), or None
+        (read the dict then)."""
+        return self._sender_view()[0].get(slot)
 
     def handle_registration(self, slot, task) -> None:
         """Called right after ``idx_cache_task_dict[slot] = task``; never raises (the registration loop goes on)."""
@@ -447,6 +462,7 @@ def consume_signals_forever(
     hand each to ``step``. An error is logged and the loop goes on (:class:`ErrorBackoff`: a growing pause, a
     bounded log): a dead ``consume_signals`` hangs the engine."""
     errors = ErrorBackoff(step.logger, f"{step.log_prefix}error in consume_signals")
+    step.not_a_sender()
     while True:
         try:
             if not step.handle_buffer(read_signal()):

@@ -93,8 +93,9 @@ MANIFEST = (
         details=(
             "before the original loop runs, activation attaches core.messager_step (MessagerStep.attach): "
             "idx_cache_task_dict becomes a "
-            "BoundTaskDict, which reports each item assignment to the policy and shows the send thread, for the "
-            "slots of the batch it took from cache_prefilled_engine_ids_queue, that batch's own task (its cleanup "
+            "BoundTaskDict, which reports each item assignment to the policy and shows the send loop (its thread "
+            "and any worker thread it sends from, #7931), for the slots of the batch it took from "
+            "cache_prefilled_engine_ids_queue, that batch's own task (its cleanup "
             "del leaves a newer request's entry in place); then it runs the original loop unchanged, so every "
             "engine-facing call of the running release "
             "(get_cache_info, cache_info_barrier, the pre-#7724 finish_add_cache_task report and barrier) stays "

@@ -117,6 +117,7 @@ class MessagerRuntime:
                 f"{LOG_PREFIX}patched consume_signals could not start ({error!r}): the release's own consume_signals "
                 "runs instead, its batches are not ordered (this rank may deadlock as without the plugin)"
             )
+            self.step.not_a_sender()  # the release's own loop reads idx_cache_task_dict as it is
             return original(self.messager)
 
         def read_signal():

@@ -12,6 +12,7 @@ import pytest
 from support.installed import require_plugin_installed
 
 from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
 from fastdeploy_pd_fix.standin.fastdeploy._standin.ground_truth import GroundTruth, normal_flow_owners
 from fastdeploy_pd_fix.standin.fastdeploy._standin.script import ScriptedStreams, recycled_requests
 from fastdeploy_pd_fix.standin.harness import run_many
@@ -25,6 +26,8 @@ MODES = (config.OFF, config.UPSTREAM, config.ORDERED)
 RUNS = {mode: (mode, {}) for mode in MODES}
 RUNS[WITHOUT_NOTICES] = (config.ORDERED, WITHOUT_NOTICES_ENV)
 THREE_RANKS = "ordered, 3 ranks"
+#: Ordered on the stand-in variant whose send loop reads each slot's task in a worker thread (develop's #7931 shape).
+PARALLEL_SEND = "ordered, parallel send"
 DEADLINE_S = 2.0  # after every rank is ready; a finishing run needs well under a second
 WATCHDOG_S = "0.5"
 LIMITS = sorted(name for name, scenario in LIFECYCLE_SCENARIOS.items() if not scenario["decidable"])
@@ -43,6 +46,10 @@ def results():
             )
         keys.append((name, THREE_RANKS))
         jobs.append(dict(scenario=name, mode=config.ORDERED, nranks=3, deadline_s=DEADLINE_S))
+        keys.append((name, PARALLEL_SEND))
+        jobs.append(
+            dict(scenario=name, mode=config.ORDERED, deadline_s=DEADLINE_S, env={contract.ENV_PARALLEL_SEND: "1"})
+        )
     return dict(zip(keys, run_many(jobs, parallel=6)))
 
 
@@ -83,6 +90,13 @@ def test_ordered_with_notices_finishes_every_case_alike_on_every_rank_without_vi
 @pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS))
 def test_ordered_with_notices_on_three_ranks(results, name):
     sent_alike_without_violation(results[(name, THREE_RANKS)], name, nranks=3)
+
+
+@pytest.mark.parametrize("name", sorted(LIFECYCLE_SCENARIOS))
+def test_ordered_with_notices_when_the_send_loop_reads_tasks_from_worker_threads(results, name):
+    # l3 and l4 send an aborted request's batch after the slot's next request registered: the worker threads must
+    # read the batch's own task, not the dict's newer entry (a ground-truth violation then).
+    sent_alike_without_violation(results[(name, PARALLEL_SEND)], name)
 
 
 @pytest.mark.parametrize("name", DECIDABLE)

@@ -21,11 +21,21 @@ UPSTREAM_FILES = Path(__file__).resolve().parents[2].parent / "shared" / "upstre
 needs_upstream = pytest.mark.skipif(
     not UPSTREAM_FILES.is_dir(), reason="no ../shared/upstream: the real upstream files are absent"
 )
-#: What each real upstream file holds (see its README): op arguments, or None where there is no CacheMessagerV1.
+PRE_7872_PRE_7724 = (
+    "no pending buffer (pre-#7872); finish_add_cache_task_barrier (pre-#7724); "
+    "send loop does not wait for registration"
+)
+WITH_7724 = "no finish_add_cache_task_barrier (#7724+); send loop waits for registration (#7724+)"
+#: Each real file: the op's argument sources and the end of its features line (None: no CacheMessagerV1).
 UPSTREAM_OP_ARGUMENTS = {
-    "cache_messager@PaddlePaddle_37363c28.py": ("self.rank_id", "0"),
-    "cache_messager@RichardWooSJTU_0ceff838.py": ("self.rank_id", "1"),
-    "cache_messager@liyonghua0910_5e520501.py": ("self.rank_id", "0"),
+    "cache_messager@PaddlePaddle_37363c28.py": (("self.rank_id", "0"), PRE_7872_PRE_7724),
+    "cache_messager@RichardWooSJTU_0ceff838.py": (("self.rank_id", "1"), PRE_7872_PRE_7724),
+    "cache_messager@liyonghua0910_5e520501.py": (("self.rank_id", "0"), PRE_7872_PRE_7724),
+    "cache_messager@gongshaotian_4e7a46e4.py": (("self.rank_id", "1"), f"no pending buffer (pre-#7872); {WITH_7724}"),
+    "cache_messager@gongshaotian_8a1e71d0.py": (
+        ("self.rank_id", "1"),
+        f"pending_layer0_signals (#7872+); {WITH_7724}",
+    ),
     "cache_messager@Xreki_d0a82f18.py": None,
 }
 VARIANTS = [
@@ -76,15 +86,12 @@ def test_real_upstream_files_are_recognised_with_their_op_arguments():
         if expected is None:  # FastDeploy 2.0: no CacheMessagerV1, nothing to patch
             assert not result.recognised and "expected one class CacheMessagerV1, found 0" in result.reason
             continue
+        arguments, features = expected
         assert result.recognised, (path.name, result.reason)
-        assert sources(result) == expected, path.name
-        assert not result.has_pending_buffer and result.reports_finished_add, path.name  # all pre-#7872, pre-#7724
+        assert sources(result) == arguments, path.name
         assert len(result.task_stores) == 1, path.name
-        assert not result.waits_for_registration and not result.waits_for_registration_via_storage_only
-        assert result.features().endswith(
-            "; no pending buffer (pre-#7872); finish_add_cache_task_barrier (pre-#7724); "
-            "send loop does not wait for registration"
-        ), (path.name, result.features())
+        assert not result.waits_for_registration_via_storage_only, path.name
+        assert result.features().endswith(f"; {features}"), (path.name, result.features())
 
 
 # ---- release features come from calls, not definitions (real files, edited in memory) ----

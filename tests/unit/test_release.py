@@ -9,6 +9,7 @@ import itertools
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.messager import StepMessager
@@ -343,10 +344,12 @@ class SendLoop:
     """The send thread: takes each batch, reads each slot's task, deletes it after the request's final chunk.
 
     ``pause_after_get`` holds it after taking batch ``n`` until :attr:`resume` is set, so that the test can store
-    a registration while the send thread holds a batch."""
+    a registration while the send thread holds a batch. ``parallel``: each slot is read and cleaned up in a worker
+    thread of the send loop's own pool, as develop's parallel send (#7931) does."""
 
-    def __init__(self, messager, batches: int, pause_after_get=None):
+    def __init__(self, messager, batches: int, pause_after_get=None, parallel=False):
         self.messager, self.batches, self.pause_after_get = messager, batches, pause_after_get
+        self.parallel = parallel
         self.holding, self.resume = threading.Event(), threading.Event()
         self.sent, self.error = [], None
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -358,13 +361,21 @@ class SendLoop:
                 if number == self.pause_after_get:
                     self.holding.set()
                     assert self.resume.wait(HANDSHAKE_TIMEOUT_S), "never resumed"
-                for slot, prefilled_token_num in batch:
-                    stored = self.messager.idx_cache_task_dict[slot]
-                    self.sent.append((stored["request_id"], slot, prefilled_token_num))
-                    if prefilled_token_num == stored["need_prefill_tokens"]:
-                        del self.messager.idx_cache_task_dict[slot]
+                if not self.parallel:
+                    for slot, prefilled_token_num in batch:
+                        self.send(slot, prefilled_token_num)
+                    continue
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    for future in [pool.submit(self.send, *task) for task in batch]:
+                        future.result(HANDSHAKE_TIMEOUT_S)
         except BaseException as error:  # reported by finish(): the test fails instead of hanging
             self.error = error
+
+    def send(self, slot, prefilled_token_num):
+        stored = self.messager.idx_cache_task_dict[slot]
+        self.sent.append((stored["request_id"], slot, prefilled_token_num))
+        if prefilled_token_num == stored["need_prefill_tokens"]:
+            del self.messager.idx_cache_task_dict[slot]
 
     def finish(self):
         self.thread.join(HANDSHAKE_TIMEOUT_S)
@@ -379,14 +390,17 @@ def attached_step(messager):
     return step
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["send thread", "send loop's worker threads"])
 @pytest.mark.parametrize("b_registers", ["before the send thread takes A's batch", "while it holds A's batch"])
-def test_abort_after_final_signal_send_reads_each_batch_own_task(b_registers):
+def test_abort_after_final_signal_send_reads_each_batch_own_task(b_registers, parallel):
     # A's final chunk signal is in, A's batch is queued, A is aborted and slot 3 goes to B, whose registration
     # overwrites idx_cache_task_dict[3] before A's batch is sent. Read at send time, the dict gave B's blocks for
     # A's batch, and the cleanup after it deleted B's entry.
     messager = StepMessager()
     step = attached_step(messager)
-    sender = SendLoop(messager, batches=2, pause_after_get=0 if b_registers.startswith("while") else None)
+    sender = SendLoop(
+        messager, batches=2, pause_after_get=0 if b_registers.startswith("while") else None, parallel=parallel
+    )
     messager.idx_cache_task_dict[3] = task(3, "A", 4)
     assert step.handle_buffer(signal(3, 0, 4))
     if sender.pause_after_get is None:
@@ -412,6 +426,37 @@ def test_del_after_an_aborted_request_send_leaves_the_next_entry():
     sender.thread.start()
     assert sender.finish() == [("A", 3, 4)]
     assert dict(messager.idx_cache_task_dict) == {3: task(3, "B", 8)}
+
+
+def test_registration_and_consume_threads_read_the_dict_as_it_is_while_the_send_loop_holds_a_batch():
+    # The send loop (any thread of it) reads a held batch's own task; the registration thread, which stores, and
+    # the consume thread, which counts early signals, must see what the dict holds.
+    messager = StepMessager()
+    step = attached_step(messager)
+    seen = {}
+
+    def in_thread(name, work):
+        thread = threading.Thread(target=lambda: seen.__setitem__(name, work()), daemon=True)
+        thread.start()
+        thread.join(HANDSHAKE_TIMEOUT_S)
+        assert not thread.is_alive(), f"{name} stuck"
+
+    def register_then_read(request_id):
+        messager.idx_cache_task_dict[3] = task(3, request_id, 4)
+        return messager.idx_cache_task_dict[3]["request_id"]
+
+    in_thread("registration A", lambda: register_then_read("A"))
+    in_thread("consume A", lambda: step.handle_buffer(signal(3, 0, 4)))
+    sender = SendLoop(messager, batches=1, pause_after_get=0, parallel=True)
+    sender.thread.start()
+    assert sender.holding.wait(HANDSHAKE_TIMEOUT_S), "the send thread did not take A's batch"
+    in_thread("registration B", lambda: register_then_read("B"))  # A aborted, B on its slot
+    in_thread("consume B", lambda: (step.handle_buffer(signal(3, 0, 2)), step.early_layer0_signals)[1])
+    sender.resume.set()
+    assert sender.finish() == [("A", 3, 4)]
+    assert seen["registration B"] == "B"
+    assert seen["consume B"] == 0  # slot 3 holds B's registration: not an early signal
+    assert dict(messager.idx_cache_task_dict) == {3: task(3, "B", 4)}
 
 
 def test_batches_taken_before_attach_do_not_shift_later_bindings():

@@ -12,6 +12,8 @@ RELEASES = ("pre7872", "7872", "8034")
 ENV_RELEASE = "FD_STANDIN_RELEASE"
 ENV_WITH_7724 = "FD_STANDIN_7724"
 ENV_OP_ARGS = "FD_STANDIN_OP_ARGS"
+#: ``1``: the send loop reads each slot's task in a worker thread of its own pool, as develop's parallel send (#7931).
+ENV_PARALLEL_SEND = "FD_STANDIN_PARALLEL_SEND"
 #: The scenario JSON file a rank plays, and the directory it writes its progress file into.
 ENV_SCENARIO = "FD_STANDIN_SCENARIO"
 ENV_OUT = "FD_STANDIN_OUT"

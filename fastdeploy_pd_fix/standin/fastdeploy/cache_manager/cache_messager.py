@@ -17,12 +17,13 @@ import argparse
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from queue import Queue
 
 import paddle
 from fastdeploy import envs
 from fastdeploy._standin import script as standin_script
-from fastdeploy._standin.variant import KV_SIGNAL_OP_ARGS, RELEASE, WITH_7724
+from fastdeploy._standin.variant import KV_SIGNAL_OP_ARGS, PARALLEL_SEND, RELEASE, WITH_7724
 from fastdeploy.inter_communicator.engine_worker_queue import EngineWorkerQueue
 from fastdeploy.model_executor.ops.gpu import get_output_kv_signal
 from fastdeploy.utils import get_logger
@@ -335,14 +336,19 @@ class CacheMessagerV1:
     # ---- send loop: #7724 waits for the registration instead of asserting it ----
 
     def prefill_layerwise_send_cache_thread(self):
+        send_pool = ThreadPoolExecutor(max_workers=4) if PARALLEL_SEND else None
         while True:
             standin_script.wait_to_take()
             batch_engine_signals = self.cache_prefilled_engine_ids_queue.get()
             standin_script.record_batch(batch_engine_signals)
             self.engine_worker_queue.begin_send_cache_barrier.wait()
             standin_script.wait_to_send()
-            # The (not modelled) transfer sends the blocks of the task each slot holds now, once per batch.
-            tasks = [self._cache_task_to_send(engine_idx) for engine_idx, _ in batch_engine_signals]
+            # The (not modelled) transfer sends the blocks of the task each slot holds now, once per batch; the
+            # parallel send reads each slot's task in a worker thread.
+            if send_pool is None:
+                tasks = [self._cache_task_to_send(engine_idx) for engine_idx, _ in batch_engine_signals]
+            else:
+                tasks = list(send_pool.map(self._cache_task_to_send, [idx for idx, _ in batch_engine_signals]))
             standin_script.check_sent_tasks(batch_engine_signals, tasks)
             self._finish_sent_tasks(batch_engine_signals, tasks)
             standin_script.batch_sent()
