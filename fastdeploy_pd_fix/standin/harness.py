@@ -4,7 +4,8 @@ Each rank runs ``python <standin>/fastdeploy/cache_manager/cache_messager.py --r
 FastDeploy launches its cache messager, in its own session, with ``PYTHONPATH`` pointing at the stand-in. A run
 ends "finished" when every rank exits 0 after finishing all requests, "hang" when that has not happened
 ``deadline_s`` after every rank reported ready (slow imports do not count), and "error" when a rank exits
-non-zero or never gets ready. Every process is killed at the end, whatever happened.
+non-zero or never gets ready, "not run" when an interrupt (SIGINT, SIGTERM, SIGHUP) stopped it or it never started.
+Every process is killed at the end, whatever happened.
 
     python -m fastdeploy_pd_fix.standin.harness            # outcome table, every scenario x variant
     python -m fastdeploy_pd_fix.standin.harness s1 --release 8034 --with-7724 --op-args 4 -v
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class ScenarioResult:
     the ground-truth violations its send loop reported (a task read that is not the batch's request's, or blocks
     sent before their chunk was computed; see ``fastdeploy/_standin/ground_truth.py``), in order."""
 
-    outcome: str  # "finished" | "hang" | "error"
+    outcome: str  # "finished" | "hang" | "error" | NOT_RUN
     batches: Dict[int, List[List[List[int]]]]
     finished: Dict[int, List[str]]
     logs: Dict[int, str]
@@ -100,11 +101,23 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-# Every live run's processes and temporary folder in this interpreter: what SIGINT/SIGTERM must clean up.
+# Every live run's processes and temporary folder in this interpreter: what an interrupt must clean up.
 _live_lock = threading.Lock()
 _live_processes: set = set()
 _live_folders: set = set()
-_stopping = threading.Event()
+_stopping = threading.Event()  # set by the main thread once it handles an interrupt: no run may start or go on
+#: The signals that interrupt a command (Ctrl-C, ``kill``, a closed terminal).
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NOT_RUN = "not run"  # the outcome of a run an interrupt stopped, or cancelled before it started
+# While cleanup_on_signals is installed: the pipe the interpreter writes each signal's number to (its wakeup fd, in
+# arrival order, from the C-level handler), and the numbers read from it so far.
+_signal_pipe: List[int] = []
+_received: List[int] = []
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread once it has stopped the runs after a signal; :func:`cleanup_on_signals` ends the
+    command. A BaseException, so that no ``except Exception`` on the way takes it for a failed run."""
 
 
 def _track(process: subprocess.Popen) -> subprocess.Popen:
@@ -115,46 +128,110 @@ def _track(process: subprocess.Popen) -> subprocess.Popen:
     return process
 
 
-def clean_up_live_runs() -> None:
-    """Kill every live run's process groups and remove its temporary folder (kept workdirs stay)."""
+def _signals_received() -> List[int]:
+    """The interrupt signals received since :func:`cleanup_on_signals` was installed, in arrival order."""
+    while _signal_pipe:
+        try:
+            numbers = os.read(_signal_pipe[0], 64)
+        except BlockingIOError:
+            break
+        _received.extend(number for number in numbers if number in INTERRUPT_SIGNALS)
+    return _received
+
+
+def stop_live_runs() -> None:
+    """Kill every live run's process group; each run's own thread reaps its processes and ends "not run"."""
     _stopping.set()
     with _live_lock:
-        processes, folders = list(_live_processes), list(_live_folders)
+        processes = list(_live_processes)
     for process in processes:
-        _kill_group(process)
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        if process.returncode is None:  # not reaped yet, so its pid is still its own group's
+            _signal_group(process)
+
+
+def _ignore_here(signum, frame) -> None:
+    """The Python-level handler of :data:`INTERRUPT_SIGNALS`: the interpreter has already written the signal to the
+    wakeup pipe, which the main thread reads at its next check. Doing nothing here, a signal arriving while the main
+    thread stops the runs cannot re-enter that cleanup (a second Ctrl-C used to deadlock in ``Popen.wait``)."""
 
 
 @contextmanager
-def cleanup_on_signals():
-    """While running: SIGINT and SIGTERM kill every live run's processes, remove its temporary folder, and end the
-    command with 128 + the signal number. Only the main thread can install handlers; elsewhere it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+def cleanup_on_signals(command: str = "fastdeploy-pd-fix"):
+    """While running: SIGINT, SIGTERM and SIGHUP stop the command, once, whatever else arrives meanwhile. The main
+    thread notices the first at its next check (:func:`run_many` checks every :data:`POLL_S`, and raises
+    :class:`Interrupted` once its runs are stopped); on the way out, every live run's process group is killed and its
+    temporary folder removed, one ``interrupted`` line goes to stderr, and the command ends with 128 + the first
+    signal's number. Nested uses, and uses outside the main thread (which cannot install handlers), do nothing."""
+    if _signal_pipe or threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        clean_up_live_runs()
-        raise SystemExit(128 + signum)
-
-    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    _signal_pipe[:] = [read_end, write_end]
+    _received.clear()
+    _stopping.clear()
+    previous = {number: signal.signal(number, _ignore_here) for number in INTERRUPT_SIGNALS}
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     try:
         yield
+    except Interrupted:
+        pass  # ended below, as is a signal that arrived after the last check
     finally:
+        received = list(_signals_received())
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            # Interrupted, the command ends with the first signal's code: what comes now is ignored.
+            signal.signal(number, signal.SIG_IGN if received else handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        for descriptor in _signal_pipe:
+            os.close(descriptor)
+        _signal_pipe.clear()
+        if received:
+            _end_interrupted(command, received)
+
+
+def _end_interrupted(command: str, received: List[int]) -> None:
+    """Remove what is left of the runs (their processes were stopped and reaped by :func:`run_many`), say so in one
+    line and end the command with 128 + the first signal's number."""
+    first, *later = received
+    with _live_lock:
+        folders = list(_live_folders)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    ignored = f" ({', '.join(signal.Signals(number).name for number in later)} ignored)" if later else ""
+    print(
+        f"{command}: interrupted by {signal.Signals(first).name}{ignored}: every run stopped, its processes killed "
+        f"and its temporary files removed (exit {128 + first})",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(128 + first)
+
+
+def _signal_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the process leads its own session (start_new_session)
+    except ProcessLookupError:
+        pass
 
 
 def _kill_group(process: Optional[subprocess.Popen]) -> None:
     if process is None:
         return
     if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # the process leads its own session (start_new_session)
-        except ProcessLookupError:
-            pass
+        _signal_group(process)
     process.wait()
+
+
+def plugin_variables(environ=os.environ) -> Dict[str, str]:
+    """The ``FD_PD_FIX*`` variables set in ``environ`` (every plugin variable's name starts with the switch's)."""
+    return {name: value for name, value in environ.items() if name.startswith(config.ENV_SWITCH)}
+
+
+def ignored_variables_line(ignored: Dict[str, str]) -> str:
+    """The report line naming the caller's ``FD_PD_FIX*`` values a command did not use."""
+    names = ", ".join(f"{name}={value}" for name, value in sorted(ignored.items()))
+    return f"environment: ignored {names} (each run sets its own)"
 
 
 def _rank_environment(
@@ -164,9 +241,14 @@ def _rank_environment(
     out_dir: Path,
     scenario_path: Path,
     standin_root: Path = STANDIN_ROOT,
+    inherit_plugin_variables: bool = True,
 ):
-    """os.environ, then the caller's ``env`` (not interpreted here), then what the harness itself owns."""
+    """os.environ (without its ``FD_PD_FIX*`` variables unless ``inherit_plugin_variables``), then the caller's
+    ``env`` (not interpreted here), then what the harness itself owns."""
     run_env = dict(os.environ)
+    if not inherit_plugin_variables:
+        for name in plugin_variables(run_env):
+            del run_env[name]
     run_env.setdefault("OMP_NUM_THREADS", "1")  # paddle's thread pools are of no use to the stand-in
     run_env.update(env or {})
     python_path = run_env.get("PYTHONPATH", "")
@@ -262,9 +344,9 @@ def run_scenario(
     rank_arguments=None,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
-    stand-in release variant. ``mode`` (one of :data:`config.RUN_MODES`, e.g. :data:`config.OFF`) sets the
-    plugin's switches in each rank's environment (default: as inherited); ``env`` is added to it as is (e.g.
-    ``{"FD_PD_FIX_WATCHDOG_S": "1"}``).
+    stand-in release variant. ``mode`` (one of :data:`config.RUN_MODES`, e.g. :data:`config.OFF`) sets every
+    plugin switch in each rank's environment: no ``FD_PD_FIX*`` variable of this process reaches the ranks (default:
+    the switches as inherited); ``env`` is added to it as is (e.g. ``{"FD_PD_FIX_WATCHDOG_S": "1"}``).
     ``workdir``: directory to keep the run's files in (a fresh subdirectory per run); a temporary one otherwise.
     ``standin_root``: the directory holding the ``fastdeploy`` package the ranks run (put first on ``PYTHONPATH``,
     its ``fastdeploy/cache_manager/cache_messager.py`` launched), e.g. a patched checkout; default the built-in
@@ -305,7 +387,13 @@ def run_scenario(
     cache_messager_script = standin_root / SCRIPT_PATH
     plugin_env = {} if mode is None else config.environment_for(mode)
     run_env = _rank_environment(
-        {**plugin_env, **(env or {})}, variant_env, log_dir, out_dir, scenario_path, standin_root
+        {**plugin_env, **(env or {})},
+        variant_env,
+        log_dir,
+        out_dir,
+        scenario_path,
+        standin_root,
+        inherit_plugin_variables=mode is None,
     )
 
     engine = None
@@ -346,6 +434,8 @@ def run_scenario(
             _live_processes.difference_update([*ranks.values(), engine])
         if engine is not None and engine.stdout is not None:
             engine.stdout.close()
+    if outcome == "error" and _stopping.is_set():  # killed by the interrupt, or could not start because of it
+        outcome, error = NOT_RUN, f"stopped by an interrupt: {error}"
 
     progress = {rank: _read_progress(out_dir / f"rank{rank}.jsonl") for rank in range(nranks)}
     batches = {
@@ -398,18 +488,42 @@ def run_many(
 ) -> List[ScenarioResult]:
     """Run several scenarios concurrently (each a dict of :func:`run_scenario` arguments); results in order.
 
-    ``on_result(index, result)`` is called as each run ends (progress lines). SIGINT and SIGTERM clean up every
-    run's processes and temporary folders (:func:`cleanup_on_signals`) and cancel the runs not started yet."""
-    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
-    try:
-        with cleanup_on_signals():
+    ``on_result(index, result)`` is called as each run ends (progress lines). An interrupt (:func:`cleanup_on_signals`)
+    kills every run's processes: the runs under way end "not run", as do those not started yet (``on_result`` is
+    called for each of them too), then :class:`Interrupted` is raised."""
+    with cleanup_on_signals():
+        pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+        try:
             futures = [pool.submit(run_scenario, **kwargs) for kwargs in list_of_kwargs]
             if on_result is not None:
                 for index, future in enumerate(futures):
                     future.add_done_callback(lambda done, index=index: _report(done, index, on_result))
-            return [future.result() for future in futures]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+            while wait(futures, timeout=POLL_S).not_done and not _signals_received():
+                pass
+            if _signals_received():
+                stop_live_runs()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after stop_live_runs the runs under way end at once
+        if _signals_received():
+            for index, future in enumerate(futures):
+                if future.cancelled() and on_result is not None:
+                    on_result(index, _not_started(list_of_kwargs[index]))
+            raise Interrupted()
+        return [future.result() for future in futures]
+
+
+def _not_started(kwargs: dict) -> ScenarioResult:
+    """The result of a run an interrupt cancelled before it started."""
+    return ScenarioResult(
+        outcome=NOT_RUN,
+        batches={},
+        finished={},
+        logs={},
+        elapsed_s=0.0,
+        returncodes={},
+        scenario=resolve_scenario(kwargs["scenario"])["name"],
+        error="not started: interrupted",
+    )
 
 
 def _report(done, index: int, on_result) -> None:

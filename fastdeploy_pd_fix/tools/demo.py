@@ -2,7 +2,8 @@
 
 Each run starts real rank processes that execute the stand-in's ``fastdeploy/cache_manager/cache_messager.py`` as a
 script (as FastDeploy does), with barriers served by a ``multiprocessing`` manager, and forces one interleaving of
-the two streams per rank. The plugin is the installed one: its ``.pth`` hook patches the script's class.
+the two streams per rank. The plugin is the installed one: its ``.pth`` hook patches the script's class. Each run
+sets every ``FD_PD_FIX*`` variable of its ranks itself: the caller's are ignored, and named in the report.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from typing import Dict, List
 
 from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.standin.harness import cleanup_on_signals, ignored_variables_line, plugin_variables, run_many
 
 #: The demo's columns, a mode of :data:`config.RUN_MODES` each -> what the column shows.
 COLUMNS = {
@@ -30,7 +32,6 @@ def _patched(result) -> bool:
 
 def run_all(deadline_s: float = 3.0) -> Dict[str, Dict[str, object]]:
     """Run every scenario in every mode; return mode -> scenario -> ScenarioResult."""
-    from fastdeploy_pd_fix.standin.harness import run_many
     from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 
     jobs = [(mode, name) for mode in COLUMNS for name in SCENARIO_NAMES]
@@ -67,6 +68,13 @@ def _problems(table) -> List[str]:
 
 
 def run_demo(json_output: bool = False, deadline_s: float = 3.0) -> int:
+    """The demo command; SIGINT, SIGTERM or SIGHUP stop it (exit 128 + the signal's number), see
+    :func:`~fastdeploy_pd_fix.standin.harness.cleanup_on_signals`."""
+    with cleanup_on_signals("fastdeploy-pd-fix demo"):
+        return _demo(json_output, deadline_s)
+
+
+def _demo(json_output: bool, deadline_s: float) -> int:
     if importlib.util.find_spec("paddle") is None:
         print(
             "the demo's stand-in runs real paddle tensors: pip install 'fastdeploy-pd-fix[demo]' (CPU build), "
@@ -74,25 +82,32 @@ def run_demo(json_output: bool = False, deadline_s: float = 3.0) -> int:
             file=sys.stderr,
         )
         return 2
+    ignored = plugin_variables()
     table = run_all(deadline_s)
     problems = _problems(table)
     if json_output:
+        # The modes are the object's keys; "environment_ignored" is added beside them only when there is one.
         print(
             json.dumps(
                 {
-                    mode: {
-                        name: {
-                            "outcome": result.outcome,
-                            "batches": {str(rank): batches for rank, batches in result.batches.items()},
-                            "elapsed_s": round(result.elapsed_s, 2),
+                    **({"environment_ignored": ignored} if ignored else {}),
+                    **{
+                        mode: {
+                            name: {
+                                "outcome": result.outcome,
+                                "batches": {str(rank): batches for rank, batches in result.batches.items()},
+                                "elapsed_s": round(result.elapsed_s, 2),
+                            }
+                            for name, result in results.items()
                         }
-                        for name, result in results.items()
-                    }
-                    for mode, results in table.items()
+                        for mode, results in table.items()
+                    },
                 }
             )
         )
     else:
+        if ignored:
+            print(ignored_variables_line(ignored))
         width = 26
         print("scenario | " + " | ".join(mode.ljust(width) for mode in COLUMNS))
         print("-" * 9 + "+" + "+".join("-" * (width + 2) for _ in COLUMNS))

@@ -6,17 +6,19 @@ stubs for everything it imports (:mod:`fastdeploy_pd_fix.tools.preflight_tree`,
 :mod:`fastdeploy_pd_fix.tools.preflight_stubs`), and runs it as a script in two real rank processes on the CPU,
 with the stand-in's engine process serving real cross-rank barriers, once with the plugin off (``FD_PD_FIX=0``) and
 once on (``ordered``, with the engine notices the plugin's engine side puts), for every race scenario and every
-slot-lifecycle scenario of the stand-in. Batches are observed on the messager's queue, never in the file.
+slot-lifecycle scenario of the stand-in. Batches are observed on the messager's queue, never in the file. Each run
+sets every ``FD_PD_FIX*`` variable of its ranks itself: the caller's are ignored, and named in the report.
 
 Exit codes: :data:`EXIT_PASS` (0) every scenario finished with identical batches on every rank with the plugin;
-:data:`EXIT_FAIL` (1) one did not; :data:`EXIT_USAGE` (2) no file to check (not found, FastDeploy not installed,
-unreadable); :data:`EXIT_STANDS_ASIDE` (3) the plugin stands aside on this release (no ``CacheMessagerV1``, a shape
-it does not recognise, or a release that already carries the fix): it would leave FastDeploy as it is.
+:data:`EXIT_FAIL` (1) one did not; :data:`EXIT_USAGE` (2) the command could not check, refused in one line on stderr
+before any work (no such file, not a FastDeploy ``cache_messager.py``, FastDeploy not installed, a kept folder in
+use, no race scenario selected); :data:`EXIT_STANDS_ASIDE` (3) the plugin stands aside on this release (no
+``CacheMessagerV1``, a shape it does not recognise, or a release that already carries the fix): it would leave
+FastDeploy as it is.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib.util
 import json
@@ -32,16 +34,30 @@ from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.analysis import analyse_source
+from fastdeploy_pd_fix.cli import OneLineParser, output_folder
+from fastdeploy_pd_fix.standin.harness import (
+    NOT_RUN,
+    cleanup_on_signals,
+    ignored_variables_line,
+    plugin_variables,
+    run_many,
+)
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
 from fastdeploy_pd_fix.tools import positive_seconds, preflight_tree
+from fastdeploy_pd_fix.tools.diagnose import positive_int
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
 OFF, ON = config.OFF, config.ORDERED
 MODES = (OFF, ON)
 RACE_SCENARIOS = tuple(name for name in SCENARIOS if name not in LIFECYCLE_SCENARIOS)
 DEFAULT_SCENARIOS = RACE_SCENARIOS + tuple(LIFECYCLE_SCENARIOS)
+#: Race scenarios in which every rank sees the events in one order (s0): a selection of only these proves nothing.
+NO_RACE = tuple(name for name in RACE_SCENARIOS if len({tuple(ranks) for ranks in SCENARIOS[name]["schedules"]}) == 1)
+#: Classes a FastDeploy ``cache_messager.py`` defines: ``CacheMessager`` (every release, 2.0 on) and the plugin's
+#: target (the releases it patches).
+MESSAGER_CLASSES = ("CacheMessager", TARGET_CLASS)
 DEFAULT_DEADLINE_S = 4.0
 #: A plugin decision line in a rank's logs (bootstrap stderr or the messager's own log).
 DECISION = re.compile(r"fastdeploy_pd_fix[^\n]*?(?:: (?:patched|stood aside|already patched) |disabled by)[^\n]*")
@@ -89,9 +105,28 @@ def locate_source(source: Optional[str]) -> Path:
     raise PreflightError(f"{path}: no such file or directory")
 
 
+def defines_class(text: str, names) -> bool:
+    """The file defines a class named one of ``names`` somewhere (SyntaxError or ValueError: it is not Python)."""
+    return any(isinstance(node, ast.ClassDef) and node.name in names for node in ast.walk(ast.parse(text)))
+
+
 def defines_target_class(text: str) -> bool:
     """The file defines a ``CacheMessagerV1`` somewhere: the plugin's target, patched or not at run time."""
-    return any(isinstance(node, ast.ClassDef) and node.name == TARGET_CLASS for node in ast.walk(ast.parse(text)))
+    return defines_class(text, (TARGET_CLASS,))
+
+
+def check_messager_file(path: Path) -> None:
+    """Refuse (:class:`PreflightError`) what cannot be a FastDeploy ``cache_messager.py``: unreadable, not Python,
+    or without a messager class. A release without ``CacheMessagerV1`` is one: the plugin stands aside there."""
+    why = f"no class {' or '.join(MESSAGER_CLASSES)}"
+    try:
+        if defines_class(path.read_text(encoding="utf-8"), MESSAGER_CLASSES):
+            return
+    except OSError as error:
+        raise PreflightError(f"{path}: cannot read it ({error.strerror})") from None
+    except (SyntaxError, ValueError) as error:  # ValueError: not UTF-8, or null bytes (before Python 3.12)
+        why = f"not Python: {error}"
+    raise PreflightError(f"{path}: not a FastDeploy cache_messager.py ({why})")
 
 
 def fastdeploy_version(source: Path) -> str:
@@ -162,8 +197,8 @@ def play(
     ``progress(line)`` once per scenario as it completes. Each run has its folder ``runs_dir/MODE/SCENARIO-*``;
     ``keep_runs``: leave it there (its ``log/`` holds the messagers' logs, for ``fastdeploy-pd-fix diagnose``) and
     name it in the record's ``run_dir``; otherwise it is removed once read. The runs go through
-    :func:`~fastdeploy_pd_fix.standin.harness.run_many`, so SIGINT and SIGTERM kill every run's processes."""
-    from fastdeploy_pd_fix.standin.harness import run_many
+    :func:`~fastdeploy_pd_fix.standin.harness.run_many`, so SIGINT, SIGTERM and SIGHUP kill every run's processes
+    (the runs they stopped or cancelled are reported "not run")."""
 
     def rank_arguments(rank, nranks, port, num_layers):
         return preflight_tree.command_line(tree.options, rank, nranks, port, num_layers)
@@ -210,6 +245,8 @@ def play(
 
 
 def cell(record: dict) -> str:
+    if record["outcome"] == NOT_RUN:
+        return NOT_RUN
     text = f"{record['outcome']}, {'identical' if record['identical'] else 'DIFFERENT'} batches"
     if record["violations"]:
         text += f", {record['violations']} ground-truth violations"
@@ -230,7 +267,12 @@ def preflight(
 ) -> dict:
     """The whole check as one JSON-ready report; ``report["exit_code"]`` is the command's exit code."""
     started = time.monotonic()
-    report: dict = {"source": source, "scenarios": {}, "exit_code": EXIT_USAGE}
+    report: dict = {
+        "source": source,
+        "scenarios": {},
+        "exit_code": EXIT_USAGE,
+        "environment_ignored": plugin_variables(),  # each run sets its own: see run_scenario's ``mode``
+    }
     try:
         path = locate_source(source)
         text = path.read_text(encoding="utf-8")
@@ -322,6 +364,8 @@ def print_report(report: dict) -> None:
     if "sha256" in report:
         source += f" ({report['lines']} lines, sha256 {report['sha256'][:12]})"
     print(source)
+    if report["environment_ignored"]:
+        print(ignored_variables_line(report["environment_ignored"]))
     if "analysis" in report:
         analysis = report["analysis"]
         if analysis["recognised"]:
@@ -366,11 +410,11 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastdeploy-pd-fix preflight",
         description="Prove the fix on your FastDeploy release: run its cache_messager.py, unmodified, in two rank "
         f"processes on the CPU with the plugin off and on. Exit {EXIT_PASS} pass, {EXIT_FAIL} fail, {EXIT_USAGE} "
-        f"nothing to check, {EXIT_STANDS_ASIDE} the plugin stands aside on this release.",
+        f"could not check (one line on stderr), {EXIT_STANDS_ASIDE} the plugin stands aside on this release.",
     )
     parser.add_argument(
         "--source", help="cache_messager.py, a FastDeploy checkout or package dir (default: installed)"
@@ -380,31 +424,53 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--deadline", type=positive_seconds, default=DEFAULT_DEADLINE_S, help="seconds after ready: a hang"
     )
-    parser.add_argument("--parallel", type=int, help="runs at a time (default: 2 x CPUs, 2 to 8)")
-    parser.add_argument("--keep", metavar="DIR", help="keep the tree and every run's files under DIR")
+    parser.add_argument("--parallel", type=positive_int, help="runs at a time (default: 2 x CPUs, 2 to 8)")
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        type=output_folder,
+        help="keep the tree and every run's files under DIR (new or empty)",
+    )
     args = parser.parse_args(argv)
+    # Every refusal here, before any work starts: one line on stderr, exit EXIT_USAGE (parser.error).
     scenarios = DEFAULT_SCENARIOS
-    if args.scenarios:
-        scenarios = tuple(name.strip() for name in args.scenarios.split(",") if name.strip())
+    if args.scenarios is not None:
+        scenarios = tuple(dict.fromkeys(name.strip() for name in args.scenarios.split(",") if name.strip()))
         unknown = [name for name in scenarios if name not in SCENARIOS]
+        if not scenarios:
+            parser.error(f"--scenarios {args.scenarios!r} names no scenario; known: {', '.join(SCENARIOS)}")
         if unknown:
-            parser.error(f"unknown scenarios {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+            parser.error(f"--scenarios: unknown {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        if set(scenarios) <= set(NO_RACE):
+            parser.error(
+                f"--scenarios {args.scenarios}: no race scenario selected (in {', '.join(NO_RACE)} every rank sees "
+                f"the events in one order: a pass proves nothing); add one of "
+                f"{', '.join(name for name in DEFAULT_SCENARIOS if name not in NO_RACE)}"
+            )
+    keep = Path(args.keep).expanduser() if args.keep else None
+    if keep and keep.is_dir() and any(keep.iterdir()):
+        parser.error(f"--keep {args.keep}: in use (not empty: a previous run's?); name a new or empty folder")
+    try:
+        check_messager_file(locate_source(args.source))
+    except PreflightError as error:
+        parser.error(str(error))
     if importlib.util.find_spec("paddle") is None:
         print("preflight runs the release's file with real paddle tensors: install paddlepaddle", file=sys.stderr)
         return EXIT_USAGE
     stream = sys.stderr if args.json else sys.stdout
-    report = preflight(
-        args.source,
-        scenarios,
-        args.deadline,
-        args.parallel,
-        args.keep,
-        progress=lambda line: print(line, file=stream, flush=True),
-    )
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print_report(report)
+    with cleanup_on_signals("fastdeploy-pd-fix preflight"):
+        report = preflight(
+            args.source,
+            scenarios,
+            args.deadline,
+            args.parallel,
+            args.keep,
+            progress=lambda line: print(line, file=stream, flush=True),
+        )
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            print_report(report)
     return report["exit_code"]
 
 

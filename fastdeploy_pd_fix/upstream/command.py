@@ -7,12 +7,11 @@ The commit (on ``pd-fix/layer0-release`` by default, from ``--base``) holds the 
 unless the base has it already, the branch-specific ``cache_messager.py`` (:mod:`.rewrite`) and, where the branch's
 two engine files are recognised, the engine-side notices (:mod:`.rewrite_engine`; otherwise a note says why). A
 checkout that is not recognised, one that already uses ``layer0_release``, and a dirty working tree are refused with
-a message and exit code 1; nothing is changed then.
+a message and exit code 1, an ``--out`` that could not be written with exit code 2; nothing is changed then.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import os
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fastdeploy_pd_fix.cli import OneLineParser, output_folder
 from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.upstream import PACKAGE_PATH, TARGET_PATH, MakePatchError, git, message
 from fastdeploy_pd_fix.upstream.generate import portable_files
@@ -159,7 +159,7 @@ def portable_patch(out) -> List[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastdeploy-pd-fix make-patch",
         description="Commit the rank-invariant layer-0 release into a FastDeploy git checkout and write it as "
         "git format-patch files (apply them with `git am --keep-non-patch`, which keeps the [BugFix][KVCache] tags).",
@@ -169,7 +169,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--mode", choices=release.RELEASE_MODES, default=release.ORDERED, help="release policy to wire in"
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for the patch files (default: ./{DEFAULT_OUT})")
+    # Checked now, not once the branch is committed: the patch files must be writable where they are asked for.
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        type=output_folder,
+        help=f"directory for the patch files (default: ./{DEFAULT_OUT})",
+    )
     parser.add_argument(
         "--branch", default=DEFAULT_BRANCH, help=f"new branch to commit on (default: {DEFAULT_BRANCH})"
     )

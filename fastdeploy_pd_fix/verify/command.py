@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
+from fastdeploy_pd_fix.cli import OneLineParser, output_file
 from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
 from fastdeploy_pd_fix.verify.report import (
@@ -42,13 +42,16 @@ from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS
 
 
 def _parse(argv: List[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastdeploy-pd-fix verify",
         description="Enumerate every interleaving, on every rank, of the layer-0 signal and registration streams "
         "for bounded workloads, and check the cross-rank invariants of the release logic.",
     )
     parser.add_argument("--mode", choices=VERIFY_MODES, default=ORDERED, help="release policy (default ordered)")
-    parser.add_argument("--json-out", metavar="PATH", help="write the counterexamples and the summary as JSON")
+    # Checked now, not after a run of many seconds: the JSON file must be writable where it is asked for.
+    parser.add_argument(
+        "--json-out", metavar="PATH", type=output_file, help="write the counterexamples and the summary as JSON"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller workloads (fewer three-request templates)")
     parser.add_argument(
         "--strict", action="store_true", help="count the known limitations (stalls behind ghosts) as violations"
@@ -75,11 +78,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
         help="explore the lifecycle families in ordered mode with the engine's slot-lifecycle notices (engine-side "
         "patch on), without them (absent or standing aside), or both ways side by side (default both)",
     )
-    args = parser.parse_args(argv)
-    # Said now, not after a run of many seconds: the JSON file must be writable where it is asked for.
-    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
-        parser.error(f"--json-out {args.json_out}: no such directory {Path(args.json_out).resolve().parent}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
