@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.core.notice import NOTICE_KEY, ORPHAN
+from fastdeploy_pd_fix.standin.harness import plugin_variables
 from fastdeploy_pd_fix.target import (
     CONNECTOR_CLASS,
     CONNECTOR_MODULE,
@@ -157,7 +158,8 @@ def run_slice(files: EngineFiles, work: Path, plugin_on: bool = True, waves=WAVE
     root = work / "tree"
     if not root.exists():
         preflight_tree.build_engine_tree(files.files, root)
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(config.ENV_SWITCH)}
+    ignored = plugin_variables()  # each run sets its own, as preflight's do
+    environment = {key: value for key, value in os.environ.items() if key not in ignored}
     environment.update(
         {
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),

@@ -45,7 +45,7 @@ from fastdeploy_pd_fix.standin.harness import (
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
-from fastdeploy_pd_fix.tools import positive_seconds, preflight_tree
+from fastdeploy_pd_fix.tools import engine_slice, positive_seconds, preflight_tree
 from fastdeploy_pd_fix.tools.diagnose import positive_int
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
@@ -103,6 +103,12 @@ def locate_source(source: Optional[str]) -> Path:
                 return candidate.resolve()
         raise PreflightError(f"{path}: no {SCRIPT_PATH} in this directory")
     raise PreflightError(f"{path}: no such file or directory")
+
+
+def package_dir_of(messager: Path) -> Optional[Path]:
+    """The ``fastdeploy`` package directory a ``cache_messager.py`` sits in (where the engine slice finds the
+    release's engine files), or None for a file outside such a tree."""
+    return messager.parents[1] if messager.parts[-3:] == Path(SCRIPT_PATH).parts else None
 
 
 def defines_class(text: str, names) -> bool:
@@ -317,6 +323,10 @@ def preflight(
         progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(MODES)} on 2 rank processes each ...")
         workers = parallel or max(2, min(8, 2 * (os.cpu_count() or 1)))
         records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress, keep_runs=bool(keep))
+        engine_dir = package_dir_of(path)
+        if engine_dir is not None:
+            progress(f"running the engine slice on {engine_dir} (plugin on/off) ...")
+        report["engine"] = engine_slice.check_engine(engine_dir, work / "engine")
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -337,6 +347,7 @@ def _conclude(report: dict, records: Dict[str, dict]) -> None:
     failing = [name for name, record in records.items() if not run_good(record[ON])]
     off_bad = [name for name, record in records.items() if not run_good(record[OFF])]
     without = f"without the plugin {len(off_bad)} of {len(records)} fail ({', '.join(off_bad) or 'none'})"
+    engine_failed = bool(report["engine"].get("problems"))
     if stood_aside or not all(record["patched"] for record in on_runs):
         why = stood_aside[0].split("stood aside", 1)[-1].strip(" :") if stood_aside else "no rank logged a patch"
         report["verdict"] = (
@@ -344,16 +355,18 @@ def _conclude(report: dict, records: Dict[str, dict]) -> None:
             f"(exit {EXIT_STANDS_ASIDE})"
         )
         report["exit_code"] = EXIT_STANDS_ASIDE
-    elif failing:
+    elif failing or engine_failed:
+        what = [f"{len(failing)} of {len(records)} scenarios did not finish with identical batches"] if failing else []
+        what += ["the engine slice failed (see engine:)"] if engine_failed else []
         report["verdict"] = (
-            f"FAIL: with the plugin {len(failing)} of {len(records)} scenarios did not finish with identical batches "
-            f"({', '.join(failing)}); do not roll out, report it with --json output (exit {EXIT_FAIL})"
+            f"FAIL: with the plugin {' and '.join(what)} ({', '.join(failing) or 'engine'}); do not roll out, "
+            f"report it with --json output (exit {EXIT_FAIL})"
         )
         report["exit_code"] = EXIT_FAIL
     else:
         report["verdict"] = (
-            f"PASS: with the plugin all {len(records)} scenarios finished with identical batches on every rank; "
-            f"{without} (exit {EXIT_PASS})"
+            f"PASS: with the plugin all {len(records)} scenarios finished with identical batches on every rank"
+            f"{' and the engine slice passed' if report['engine']['checked'] else ''}; {without} (exit {EXIT_PASS})"
         )
         report["exit_code"] = EXIT_PASS
 
@@ -402,6 +415,8 @@ def print_report(report: dict) -> None:
     print()
     if "decision" in report:
         print(f"plugin:   {report['decision']}")
+    if "engine" in report:
+        print(f"engine:   {report['engine']['line']}")
     print(f"verdict:  {report['verdict']}")
     if "kept" in report:
         print(f"kept:     {report['kept']} (rank logs in runs/MODE/SCENARIO-*/log: fastdeploy-pd-fix diagnose FOLDER)")

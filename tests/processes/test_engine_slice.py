@@ -4,6 +4,9 @@ an orphan notice that every rank reads before the orphan's slot is registered ag
 announced and the release's own registrations are unchanged."""
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +115,20 @@ def test_judge_reports_an_orphan_notice_read_after_its_slot_was_registered_again
         stream.remove(notice)
         stream.insert(len(stream) - 1, notice)  # after routed-2's registration, before the end of the stream
     assert engine_slice.judge(broken) == ["orphan-1: its slot's next registration was read before its orphan notice"]
+
+
+def test_preflight_on_a_whole_release_2_6_tree_passes_with_the_engine_patches_exercised(package_dir):
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_pd_fix.tools.preflight", "--source", str(package_dir.parent)]
+        + ["--scenarios", "s1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    report = json.loads(completed.stdout)
+    assert completed.returncode == 0, (report["verdict"], report.get("engine"))
+    assert report["verdict"].startswith("PASS: with the plugin all 1 scenarios finished with identical batches")
+    assert "on every rank and the engine slice passed" in report["verdict"]
+    assert report["engine"]["methods"]["ResourceManagerV1.add_request_in_p"] == "exercised"
+    assert report["engine"]["methods"]["SplitwiseConnector.__init__"] == "exercised"
+    assert "running the engine slice on" in completed.stderr

@@ -73,6 +73,7 @@ def test_every_real_file_gets_the_right_verdict(race_reports, name):
     assert code == preflight.EXIT_PASS, describe(report)
     assert report["verdict"].startswith(f"PASS: with the plugin all {len(RACE)} scenarios finished"), report["verdict"]
     assert f": patched __main__.{TARGET_CLASS} (mode=ordered" in report["decision"]
+    assert report["engine"]["line"] == "not checked: no engine files", "a lone file has no engine beside it"
     for scenario, record in report["scenarios"].items():
         assert record["ordered"]["patched"] and preflight.run_good(record["ordered"]), describe(report)
         assert all("disabled by FD_PD_FIX=0" in lines[0] for lines in record["off"]["decisions"].values())
