@@ -10,6 +10,10 @@ wraps ``ResourceManagerV1`` and puts what these functions return) and by a FastD
   i.e. has handled the abort (release rule 9).
 * :func:`orphan_batch`: before ``add_request_in_p(requests)``, one batch with an ``orphan`` notice for each request
   without ``disaggregate_info`` (computed without transfer).
+* :class:`AnnouncedPut`: the engine's ``put_cache_info``, whose first batch starts with an ``engine`` notice, so that
+  every messager rank knows at the same stream position whether the engine puts notices at all. It rides on the
+  first batch instead of being put alone: a put waits until every messager client has polled, and the messagers
+  start after the connector (FastDeploy's engine builds the connector in ``__init__``, the messagers in ``start``).
 
 Only a prefill instance's messagers read the cache-info mailbox; elsewhere a second put would block for ever, so
 both return nothing off the prefill role. Facts relied on (public FastDeploy code): ``recycle_abort_task`` frees the
@@ -25,9 +29,10 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import List, Optional
+import threading
+from typing import Callable, List, Optional
 
-from .notice import abort_notice, encode, fence_notice, orphan_notice
+from .notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
 
 #: The only role whose messagers read the cache-info mailbox.
 PREFILL_ROLE = "prefill"
@@ -79,3 +84,24 @@ def orphan_batch(resource_manager, requests) -> list:
         for request in requests
         if request.disaggregate_info is None
     ]
+
+
+class AnnouncedPut:
+    """The engine's ``put_cache_info`` with an ``engine`` notice at the head of its first batch (prefill role only:
+    elsewhere nobody reads the mailbox). A put that comes while the first one is under way waits for it, so the
+    announcement is the first item of the stream on every rank."""
+
+    def __init__(self, put: Callable, announcer: str):
+        self.__wrapped__ = put
+        self._announcement = encode(engine_notice(announcer))
+        self._lock = threading.Lock()
+        self._announced = False
+
+    def __call__(self, batch, *args, **kwargs):
+        if not self._announced:
+            with self._lock:
+                if not self._announced:
+                    result = self.__wrapped__([self._announcement, *batch], *args, **kwargs)
+                    self._announced = True
+                    return result
+        return self.__wrapped__(batch, *args, **kwargs)

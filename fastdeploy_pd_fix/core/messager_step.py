@@ -26,13 +26,14 @@ import numbers
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from .kv_signal import parse_kv_signal
-from .notice import Notice, split_notices
-from .release import Registration, Released, ReleasePolicy, make_release
+from .notice import ENGINE, Notice, decode, is_notice, split_notices
+from .release import ORDERED, Registration, Released, ReleasePolicy, make_release
 
 #: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
 NO_SIGNAL_BACKOFF_S = 0.001
@@ -208,8 +209,9 @@ class MessagerStep:
         # consume threads (:meth:`not_a_sender`): the send loop may read from worker threads of its own (#7931).
         self._queued_bindings: deque = deque()
         self._held: Tuple[Dict[int, object], Optional[int]] = ({}, None)
-        self._taker: Optional[int] = None  # the thread that took it
-        self._not_senders: Set[int] = set()
+        # Threads, not their idents: an ended thread's ident can come back as a new thread's (a send worker's).
+        self._taker: Optional[threading.Thread] = None  # the thread that took it
+        self._not_senders: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
         # Layer-0 signals handed to the policy so far, and per slot the number of the latest one that had a task
         # for it.
         self._layer0_signals = 0
@@ -224,6 +226,8 @@ class MessagerStep:
         self.before_layer0 = before_layer0
         self.after_release = after_release
         self.early_layer0_signals = 0
+        # Whether the engine announced its notices at the head of the first cache-info batch (None: no batch yet).
+        self.engine_notices: Optional[bool] = None
 
     def handle_buffer(self, values) -> bool:
         """Handle one kv signal buffer (as numpy); False when it held no signal and no problem (back off then).
@@ -267,6 +271,23 @@ class MessagerStep:
                     f"[{chunk_offset}, {end}) arrived before its registration"
                 )
 
+    def handle_first_read(self, announcement: Optional[Notice]) -> None:
+        """Log, once, whether the engine puts notices: its announcement heads the first cache-info batch, or not."""
+        self.engine_notices = announcement is not None
+        if announcement is not None:
+            self.logger.info(
+                f"{self.log_prefix}engine notices: on ({announcement.describe()}, first cache-info batch)"
+            )
+        elif self.policy.mode == ORDERED:
+            self.logger.warning(
+                f"{self.log_prefix}engine notices: OFF: the first cache-info batch does not start with the engine's "
+                "announcement (its engine side is switched off, stands aside, or is of another version); ordered "
+                "release runs on the two streams alone: a request sent to this prefill server directly, not through "
+                "the router, holds every later transfer for as long as it keeps its slot"
+            )
+        else:
+            self.logger.info(f"{self.log_prefix}engine notices: off (not announced; {self.policy.mode} reads none)")
+
     def handle_notice(self, notice: Notice) -> None:
         """Hand one engine notice to the policy and release what became ready; never raises."""
         self.logger.info(f"{self.log_prefix}engine notice: {notice.describe()}")
@@ -296,17 +317,17 @@ class MessagerStep:
                 return batch
 
             batch_queue.get = get
-            strip_notices(self.messager, self.handle_notice, self.logger, self.log_prefix)
+            strip_notices(self.messager, self.handle_notice, self.logger, self.log_prefix, self.handle_first_read)
         for slot, task in existing.items():
             self.handle_registration(slot, task)
 
     def not_a_sender(self) -> None:
         """The calling thread is not the send loop's (the registration or the consume thread): it reads
         ``idx_cache_task_dict`` and ``engine_cache_tasks`` as they are."""
-        self._not_senders.add(threading.get_ident())
+        self._not_senders.add(threading.current_thread())
 
     def _sender_view(self) -> Tuple[Dict[int, object], Optional[int]]:
-        thread = threading.get_ident()
+        thread = threading.current_thread()
         return self._held if thread == self._taker or thread not in self._not_senders else ({}, None)
 
     def _hold(self, batch) -> None:
@@ -323,7 +344,7 @@ class MessagerStep:
                         self._queued_bindings.popleft()
                     bound, signal_number = bound_tasks, number
                     break
-            self._held, self._taker = (bound, signal_number), threading.get_ident()
+            self._held, self._taker = (bound, signal_number), threading.current_thread()
 
     def superseded_progress(self, slot) -> bool:
         """Whether a layer-0 signal for ``slot`` arrived after the one the send loop's held batch is (asked by a
@@ -370,19 +391,40 @@ class MessagerStep:
             self.after_release(released)
 
 
-def strip_notices(messager, handle: Callable[[Notice], None], logger, log_prefix: str) -> None:
+def announcement_of(items: list) -> Optional[Notice]:
+    """The engine's announcement when it heads ``items`` (the stream's first batch), else None."""
+    if not is_notice(items[0]):
+        return None
+    try:
+        notice = decode(items[0])
+    except (TypeError, ValueError):
+        return None
+    return notice if notice.kind == ENGINE else None
+
+
+def strip_notices(
+    messager,
+    handle: Callable[[Notice], None],
+    logger,
+    log_prefix: str,
+    on_first_read: Optional[Callable[[Optional[Notice]], None]] = None,
+) -> None:
     """Wrap the messager's ``engine_worker_queue.get_cache_info`` so that engine notices are handed to ``handle``, in
     stream order, and never reach the registration loop (a read of notices only is an empty read: every rank reads
-    the same batch, so every rank skips the same barriers). A messager without that queue is left as it is."""
+    the same batch, so every rank skips the same barriers); ``on_first_read`` learns, at the first non-empty read,
+    the engine's announcement heading it, or None. A messager without that queue is left as it is."""
     queue_client = getattr(messager, "engine_worker_queue", None)
     get_cache_info = getattr(queue_client, "get_cache_info", None)
     if get_cache_info is None:
         return
+    first_read = [on_first_read] if on_first_read is not None else []
 
     def get_cache_info_without_notices(*args, **kwargs):
         items = get_cache_info(*args, **kwargs)
         if not items or not isinstance(items, list):
             return items
+        if first_read:
+            first_read.pop()(announcement_of(items))
         others, notices, problems = split_notices(items)
         for problem in problems:
             logger.error(f"{log_prefix}{problem}")

@@ -10,6 +10,8 @@ D-parts, so every rank reads it at the same position of the stream (release rule
 ``orphan`` ``(slot, request_id, need_prefill_tokens)``: the request is computed on the slot without a transfer.
 ``fence``  nothing: put right after an ``abort``, so that the engine's next put (the slot's next request) returns
            only after every rank has read the fence, that is after every rank has handled the abort.
+``engine`` ``(announcer)``: the first item of the engine's first put, so that every rank knows, at the same stream
+           position, whether the engine puts notices at all (:class:`.engine_notices.AnnouncedPut`).
 
 On the wire a notice is a cache-info item (a dict) carrying :data:`NOTICE_KEY`. Its ``request_id`` is a name of its
 own (:func:`item_request_id`), so that a messager without the plugin, which stores any unknown item as a D-part
@@ -27,14 +29,17 @@ from typing import List, Optional, Sequence, Tuple
 #: The marker key of a notice item; its value is the notice format version.
 NOTICE_KEY = "fastdeploy_pd_fix_notice"
 NOTICE_VERSION = 1
-ABORT, ORPHAN, FENCE = "abort", "orphan", "fence"
-NOTICE_KINDS = (ABORT, ORPHAN, FENCE)
+ABORT, ORPHAN, FENCE, ENGINE = "abort", "orphan", "fence", "engine"
+NOTICE_KINDS = (ABORT, ORPHAN, FENCE, ENGINE)
+#: Kinds without a slot or a value.
+MARKER_KINDS = (FENCE, ENGINE)
 
 
 @dataclass(frozen=True)
 class Notice:
     """One slot-lifecycle notice. ``value`` is ``emitted_end`` (abort, None: nothing emitted) or
-    ``need_prefill_tokens`` (orphan); a fence has no slot, value, and only a serial as ``request_id``."""
+    ``need_prefill_tokens`` (orphan); a fence has no slot, value, and only a serial as ``request_id``; an engine
+    announcement neither, and the announcer's name as ``request_id``."""
 
     kind: str
     request_id: str
@@ -46,9 +51,9 @@ class Notice:
             raise ValueError(f"unknown notice kind {self.kind!r}; expected one of {', '.join(NOTICE_KINDS)}")
         if not isinstance(self.request_id, str) or not self.request_id:
             raise ValueError(f"{self.kind} notice: request_id must be a non-empty string, got {self.request_id!r}")
-        if self.kind == FENCE:
+        if self.kind in MARKER_KINDS:
             if self.slot is not None or self.value is not None:
-                raise ValueError("a fence notice has no slot and no value")
+                raise ValueError(f"a {self.kind} notice has no slot and no value")
             return
         _check_count(f"{self.kind} notice slot", self.slot)
         if self.kind == ORPHAN or self.value is not None:
@@ -59,6 +64,8 @@ class Notice:
     def describe(self) -> str:
         if self.kind == FENCE:
             return f"fence {self.request_id}"
+        if self.kind == ENGINE:
+            return f"engine notices announced by {self.request_id}"
         what = "emitted_end" if self.kind == ABORT else "need_prefill_tokens"
         return f"{self.kind} of request {self.request_id} on slot {self.slot} ({what}={self.value})"
 
@@ -79,6 +86,11 @@ def orphan_notice(slot: int, request_id: str, need_prefill_tokens: int) -> Notic
 def fence_notice(serial) -> Notice:
     """A fence; ``serial`` (anything with a ``str``) only makes its item's request_id unique."""
     return Notice(FENCE, str(serial))
+
+
+def engine_notice(announcer: str) -> Notice:
+    """The engine side's announcement; ``announcer`` names it (the plugin and its version, or FastDeploy's own)."""
+    return Notice(ENGINE, str(announcer))
 
 
 def item_request_id(notice: Notice) -> str:

@@ -71,7 +71,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from .notice import FENCE, ORPHAN, Notice
+from .notice import MARKER_KINDS, ORPHAN, Notice
 
 #: One transfer task as put into ``cache_prefilled_engine_ids_queue``: ``(engine slot, prefilled_token_num)``.
 Task = Tuple[int, int]
@@ -282,8 +282,9 @@ class OrderedRelease:
 
         ``abort``: the request's run ends at its ``emitted_end``; a request not registered yet becomes a dead
         occupant, whose tasks are dropped and whose registration is ignored. ``orphan``: an occupant whose tasks are
-        dropped. ``fence``: nothing (it only makes the engine wait until every rank has handled the abort)."""
-        if notice.kind == FENCE:
+        dropped. ``fence``: nothing (it only makes the engine wait until every rank has handled the abort);
+        ``engine``: nothing (the messager step logs it)."""
+        if notice.kind in MARKER_KINDS:
             return Released()
         request_id, slot = notice.request_id, notice.slot
         released = Released()

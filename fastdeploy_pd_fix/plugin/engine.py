@@ -15,7 +15,10 @@ rank reads them at the same position of the stream. What is patched, why, and wh
   ``disaggregate_info`` had no P-part and are computed without transfer; before the original runs, the wrapper puts
   one batch with ``ORPHAN(slot, request_id, len(prompt_token_ids))`` for each of them.
 * ``SplitwiseConnector.__init__`` stores the engine's mailbox and resource manager; the wrapper records the pair
-  (:class:`Mailboxes`), because the resource manager has no reference to the mailbox.
+  (:class:`Mailboxes`), because the resource manager has no reference to the mailbox, and, on the prefill role, makes
+  the mailbox's first batch start with the engine's announcement
+  (:class:`fastdeploy_pd_fix.core.engine_notices.AnnouncedPut`): every messager then logs, at its first read, whether
+  the engine puts notices.
 
 Each class is patched only when :func:`fastdeploy_pd_fix.config.engine_notices` is on (plugin on, ordered mode,
 ``FD_PD_FIX_ENGINE_NOTICES`` not off) and :func:`check_target` recognises it; otherwise it is left untouched, with
@@ -50,8 +53,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.engine_notices import FENCE_SERIALS, abort_batches, orphan_batch, splitwise_role
+from fastdeploy_pd_fix import __version__, config
+from fastdeploy_pd_fix.core.engine_notices import (
+    FENCE_SERIALS,
+    PREFILL_ROLE,
+    AnnouncedPut,
+    abort_batches,
+    orphan_batch,
+    splitwise_role,
+)
 from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
@@ -77,6 +87,8 @@ MAILBOX_ATTRIBUTE = "_fd_pd_fix_mailbox"
 #: Source text that shows a class already announces slot lifecycles itself (the notice marker key, or the package
 #: ``make-patch`` adds to FastDeploy).
 UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
+#: Who announces engine notices in the stream (the messagers log it).
+ANNOUNCER = f"fastdeploy_pd_fix {__version__}"
 
 _warned = set()
 _warned_lock = threading.Lock()
@@ -118,6 +130,9 @@ class Mailboxes:
                     setattr(resource_manager, MAILBOX_ATTRIBUTE, mailbox)
                 except (AttributeError, TypeError):  # no instance dict: the process's only mailbox serves it
                     pass
+            put = getattr(mailbox, MAILBOX_PUT)
+            if splitwise_role(resource_manager) == PREFILL_ROLE and not isinstance(put, AnnouncedPut):
+                setattr(mailbox, MAILBOX_PUT, AnnouncedPut(put, ANNOUNCER))
         except Exception as error:
             warn_once(f"capture {type(error).__name__}", f"mailbox not captured from the connector: {error!r}")
 
@@ -131,7 +146,12 @@ class Mailboxes:
             return self._mailboxes[0] if len(self._mailboxes) == 1 else None
 
     def forget(self) -> None:
+        """Forget every mailbox, and give each its own ``put_cache_info`` back."""
         with self._lock:
+            for mailbox in self._mailboxes:
+                put = getattr(mailbox, MAILBOX_PUT, None)
+                if isinstance(put, AnnouncedPut):
+                    setattr(mailbox, MAILBOX_PUT, put.__wrapped__)
             self._mailboxes.clear()
 
 

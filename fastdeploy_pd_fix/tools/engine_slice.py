@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.notice import NOTICE_KEY, ORPHAN
+from fastdeploy_pd_fix.core.notice import ENGINE, NOTICE_KEY, ORPHAN
 from fastdeploy_pd_fix.standin.harness import plugin_variables
 from fastdeploy_pd_fix.target import (
     CONNECTOR_CLASS,
@@ -194,9 +194,10 @@ def _notices(items: List[dict]) -> List[dict]:
 
 
 def judge(result: dict, waves=WAVES, notices_expected: bool = True) -> List[str]:
-    """What is wrong with one slice run (empty: nothing). Every rank read the same items; every routed request was
-    registered once, on its slot, with its prompt length; every orphan was announced once, on its slot, before the
-    registration of a later wave's request on that slot (``notices_expected`` False: no notice at all)."""
+    """What is wrong with one slice run (empty: nothing). Every rank read the same items, the first of them the
+    engine's announcement; every routed request was registered once, on its slot, with its prompt length; every
+    orphan was announced once, on its slot, before the registration of a later wave's request on that slot
+    (``notices_expected`` False: no notice at all)."""
     if result.get("error"):
         return [result["error"]]
     problems = [f"rank {rank}: {error}" for rank, error in enumerate(result["rank_errors"]) if error]
@@ -204,6 +205,9 @@ def judge(result: dict, waves=WAVES, notices_expected: bool = True) -> List[str]
     if any(stream != streams[0] for stream in streams):
         problems.append("the ranks read different streams")
     stream, slots = streams[0], result["slots"]
+    announced = [item for item in _notices(stream) if item.get("kind") == ENGINE]
+    if announced != ([stream[0]] if notices_expected else []):
+        problems.append(f"engine announcements {announced}, expected {'one, first' if notices_expected else 'none'}")
 
     def registrations(request_id):
         return [

@@ -6,8 +6,10 @@ time (:mod:`fastdeploy_pd_fix.plugin.engine`), by line insertion into the branch
   of ``add_request_in_p`` puts ``[engine_notices.orphan_batch(...)]``, each through one new method,
   ``_layer0_release_put``, which puts every non-empty batch into the mailbox the connector gave the resource manager
   (nothing without one). Both calls come before the original body, as the plugin's wrappers run before the originals.
-* ``splitwise_connector.py``: ``SplitwiseConnector.__init__``, right after it has stored both the engine worker queue
-  and the resource manager, gives the resource manager that queue as ``layer0_release_mailbox``.
+* ``splitwise_connector.py``: ``SplitwiseConnector`` imports ``layer0_release.engine_notices`` too; its ``__init__``,
+  right after it has stored both the engine worker queue and the resource manager, gives the resource manager that
+  queue as ``layer0_release_mailbox`` and, on the prefill role, makes the queue's first batch start with the engine's
+  announcement (``engine_notices.AnnouncedPut``), so that every messager logs whether the engine puts notices.
 
 Every public ``ResourceManagerV1`` we read declares ``add_request_in_p(self, requests: list[Request])``, so
 ``orphan_batch``'s refusal of an iterator (a TypeError, which the plugin catches) does not arise there.
@@ -39,6 +41,8 @@ CONNECTOR_PATH = CONNECTOR_MODULE.replace(".", "/") + ".py"
 ENGINE_PATHS = (RESOURCE_MANAGER_PATH, CONNECTOR_PATH)
 #: The method the patch adds to ``ResourceManagerV1``, and the attribute the connector gives it.
 PUT_METHOD = "_layer0_release_put"
+#: Who announces engine notices in an upstreamed FastDeploy (the messagers log it).
+ANNOUNCER = UPSTREAMED_PACKAGE
 MAILBOX_ATTRIBUTE = "layer0_release_mailbox"
 IMPORTED_MODULE = f"fastdeploy.cache_manager.{UPSTREAMED_PACKAGE}"
 IMPORT = f"from {IMPORTED_MODULE} import engine_notices"
@@ -108,12 +112,12 @@ def _apply(lines: List[str], insertions: List[Tuple[int, List[str]]]) -> str:
     return patched
 
 
-def _import_line(tree: ast.Module) -> int:
+def _import_line(tree: ast.Module, path: str) -> int:
     """Where our import goes, in isort's order: before the first top-level ``from fastdeploy...`` import that sorts
     after it, else after the last top-level import."""
     imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
     if not imports:
-        raise EngineNotRecognised(f"{RESOURCE_MANAGER_PATH} has no top-level import to put ours beside")
+        raise EngineNotRecognised(f"{path} has no top-level import to put ours beside")
     later = [
         node
         for node in imports
@@ -128,7 +132,7 @@ def patch_resource_manager(source: Optional[str]) -> str:
     tree, lines = _parse(source, RESOURCE_MANAGER_PATH)
     cls = _class(tree, RESOURCE_MANAGER_CLASS, RESOURCE_MANAGER_PATH)
     newline = _newline(lines)
-    insertions = [(_import_line(tree), [IMPORT + newline])]
+    insertions = [(_import_line(tree, RESOURCE_MANAGER_PATH), [IMPORT + newline])]
     calls = {
         "recycle_abort_task": "{put}(engine_notices.abort_batches(self, {0}, next(engine_notices.FENCE_SERIALS)))",
         "add_request_in_p": "{put}([engine_notices.orphan_batch(self, {0})])",
@@ -173,13 +177,17 @@ def patch_connector(source: Optional[str]) -> str:
     if not alone_on_its_lines(lines, last):
         raise EngineNotRecognised(f"{CONNECTOR_PATH}: `{ast.unparse(last)}` shares its line with other code")
     indent, newline = lines[last.lineno - 1][: last.col_offset], _newline(lines)
+    queue, manager = f"self.{CONNECTOR_MAILBOX}", f"self.{CONNECTOR_RESOURCE_MANAGER}"
     block = [
         f"{indent}# The prefill cache messagers' slot-lifecycle notices go into this mailbox ({UPSTREAMED_PACKAGE})."
         + newline,
-        f"{indent}if self.{CONNECTOR_RESOURCE_MANAGER} is not None:{newline}",
-        f"{indent}    self.{CONNECTOR_RESOURCE_MANAGER}.{MAILBOX_ATTRIBUTE} = self.{CONNECTOR_MAILBOX}{newline}",
+        f"{indent}if {manager} is not None:{newline}",
+        f"{indent}    {manager}.{MAILBOX_ATTRIBUTE} = {queue}{newline}",
+        f"{indent}    if engine_notices.splitwise_role({manager}) == engine_notices.PREFILL_ROLE:{newline}",
+        f"{indent}        put = {queue}.{MAILBOX_PUT}{newline}",
+        f'{indent}        {queue}.{MAILBOX_PUT} = engine_notices.AnnouncedPut(put, "{ANNOUNCER}"){newline}',
     ]
-    return _apply(lines, [(last.end_lineno + 1, block)])
+    return _apply(lines, [(_import_line(tree, CONNECTOR_PATH), [IMPORT + newline]), (last.end_lineno + 1, block)])
 
 
 def patch_engine(sources: Dict[str, Optional[str]]) -> Dict[str, str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from support.installed import require_plugin_installed
 
+from fastdeploy_pd_fix.plugin import engine
+
 TESTS = Path(__file__).resolve().parents[1]
 #: The fake package: module path -> source. The engine modules are the ones target.ENGINE_MODULES names.
 FAKE_FASTDEPLOY = {
@@ -82,7 +84,12 @@ def run_engine(root, **env):
 def test_the_engine_modules_are_patched_at_import_and_put_the_notices(fastdeploy_root):
     result, stderr = run_engine(fastdeploy_root)
     assert result["state"]["import_hook"] and result["patched"] == [True, True, True]
-    assert result["notices"] == [["orphan", "orphan", 0, 4], ["abort", "aborted", 1, 8], ["fence", "", None, None]]
+    assert result["notices"] == [
+        ["engine", engine.ANNOUNCER, None, None],  # at the head of the first batch put (the orphan's)
+        ["orphan", "orphan", 0, 4],
+        ["abort", "aborted", 1, 8],
+        ["fence", "", None, None],
+    ]
     assert result["slot_freed"]
     decisions = [line for line in stderr.splitlines() if "engine notices patched in" in line]
     assert len(decisions) == 2 and all(" INFO " in line for line in decisions), stderr

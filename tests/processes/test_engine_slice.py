@@ -100,6 +100,7 @@ def test_a_lone_cache_messager_file_has_no_engine_files(tmp_path):
         (lambda result: result["ranks"][1].pop(0), "the ranks read different streams"),
         (lambda result: result["slots"].update({"routed-1": 5}), "routed-1: registered as [(0, 100)], expected once"),
         (lambda result: result["rank_errors"].__setitem__(1, "BrokenBarrierError()"), "rank 1: BrokenBarrierError()"),
+        (lambda result: [stream.pop(0) for stream in result["ranks"]], "engine announcements [], expected one, first"),
     ],
 )
 def test_judge_reports_what_a_broken_run_would_show(slice_runs, break_it, complaint):

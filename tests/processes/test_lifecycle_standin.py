@@ -107,8 +107,17 @@ def test_ordered_without_notices_finishes_decidable_cases_alike_on_every_rank_wi
 def test_notices_are_put_only_in_ordered_mode_and_handled_before_the_next_request(results):
     line = "engine notice: abort of request A on slot 0 (emitted_end=None)"
     assert all(line in messager_log(results[("l5", config.ORDERED)], rank) for rank in (0, 1))
+    # Every messager says, at its first cache-info read, whether the engine announced its notices.
+    announced = "engine notices: on (engine notices announced by the stand-in engine"
+    assert all(announced in messager_log(results[("l5", config.ORDERED)], rank) for rank in (0, 1))
+    assert "engine notices: OFF: the first cache-info batch does not start" in messager_log(
+        results[("l5", WITHOUT_NOTICES)], 0
+    )
+    assert "engine notices: off (not announced; upstream reads none)" in messager_log(
+        results[("l5", config.UPSTREAM)], 0
+    )
     for run in (config.UPSTREAM, WITHOUT_NOTICES):
-        assert "engine notice" not in messager_log(results[("l5", run)], 0), run
+        assert "engine notice: " not in messager_log(results[("l5", run)], 0), run
     l10 = messager_log(results[("l10", config.ORDERED)], 0)
     assert "dropped layer-0 task slot=0 prefilled_token_num=4 from kv signal: chunk [0, 4) belongs to orphan O" in l10
     l13 = messager_log(results[("l13", config.ORDERED)], 0)

@@ -9,7 +9,19 @@ import types
 import pytest
 from support.engine_model import EngineRequest, OneBatchMailbox, ResourceManagerV1, SplitwiseConnector, admit
 
-from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, ORPHAN, split_notices
+from fastdeploy_pd_fix.core.messager_step import strip_notices
+from fastdeploy_pd_fix.core.notice import (
+    ABORT,
+    ENGINE,
+    FENCE,
+    NOTICE_KEY,
+    ORPHAN,
+    encode,
+    engine_notice,
+    is_notice,
+    orphan_notice,
+    split_notices,
+)
 from fastdeploy_pd_fix.plugin import engine
 from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, patch_engine_class, unpatch_engine_class
 from fastdeploy_pd_fix.plugin.patching import MANIFEST
@@ -38,13 +50,67 @@ def patched():
 
 
 def notices_of(mailbox):
-    """The notices of every batch put, one list per batch (P-part items left out)."""
-    return [split_notices(batch)[1] for batch in mailbox.batches]
+    """The notices of every batch put, one list per batch (P-part items and the engine's announcement left out)."""
+    return [[notice for notice in split_notices(batch)[1] if notice.kind != ENGINE] for batch in mailbox.batches]
 
 
 def engine_with(mailbox, **options):
     resource_manager = ResourceManagerV1(**options)
     return resource_manager, SplitwiseConnector(None, mailbox, resource_manager)
+
+
+def test_the_engine_announces_itself_at_the_head_of_its_first_batch_only(patched):
+    mailbox = OneBatchMailbox(0)
+    resource_manager, connector = engine_with(mailbox)
+    admit(resource_manager, connector, EngineRequest("T", 8))
+    admit(resource_manager, connector, EngineRequest("O", 8, transfer=False))
+    announcements = [
+        (batch_number, position, notice.request_id)
+        for batch_number, batch in enumerate(mailbox.batches)
+        for position, notice in enumerate(split_notices(batch)[1])
+        if notice.kind == ENGINE
+    ]
+    assert announcements == [(0, 0, engine.ANNOUNCER)] and mailbox.batches[0][0][NOTICE_KEY]
+
+
+def test_a_put_racing_the_first_one_comes_after_the_announcement(patched):
+    # Two prepare threads put at once: the second put waits for the first, so the announcement heads the stream.
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowFirstPut(OneBatchMailbox):
+        def put_cache_info(self, cache_info):
+            if not self.batches:
+                entered.set()
+                assert release.wait(5), "never released"
+            super().put_cache_info(cache_info)
+
+    mailbox = SlowFirstPut(0)
+    resource_manager, connector = engine_with(mailbox)
+    first = threading.Thread(target=connector.engine_worker_queue.put_cache_info, args=([{"request_id": "A"}],))
+    first.start()
+    assert entered.wait(5), "the first put did not start"
+    second = threading.Thread(target=connector.engine_worker_queue.put_cache_info, args=([{"request_id": "B"}],))
+    second.start()
+    release.set()
+    for thread in (first, second):
+        thread.join(5)
+    assert [[item["request_id"] for item in batch] for batch in mailbox.batches] == [
+        [f"{NOTICE_KEY}:{ENGINE}:{engine.ANNOUNCER}", "A"],
+        ["B"],
+    ]
+
+
+def test_no_announcement_off_the_prefill_role_and_unpatching_restores_the_put(patched):
+    mailbox = OneBatchMailbox(0)
+    resource_manager, connector = engine_with(mailbox, splitwise_role="decode")
+    connector.engine_worker_queue.put_cache_info([{"request_id": "A"}])
+    assert mailbox.batches == [[{"request_id": "A"}]]
+    prefill_mailbox = OneBatchMailbox(0)
+    original_put = prefill_mailbox.put_cache_info
+    engine_with(prefill_mailbox)
+    assert prefill_mailbox.put_cache_info != original_put
+    unpatch_engine_class(SplitwiseConnector)
+    assert prefill_mailbox.put_cache_info == original_put
 
 
 def test_abort_puts_abort_then_fence_before_the_original_frees_the_slot(patched):
@@ -402,3 +468,25 @@ def test_the_next_occupant_is_admitted_only_after_every_rank_handled_the_abort(p
     assert order.entries[-1] == "P-part of B put"
     assert set(order.entries[:-1]) == {"rank 0 handled abort of A", "rank 1 handled abort of A"}
     assert [[n.kind for n in batch] for batch in notices_of(mailbox)] == [[], [ABORT], [FENCE], []]
+
+
+@pytest.mark.parametrize(
+    "first_read, announced",
+    [
+        ([encode(engine_notice("X")), {"request_id": "A"}], "X"),
+        ([{"request_id": "A"}, encode(engine_notice("X"))], None),  # not at the head: not the engine's first put
+        ([encode(orphan_notice(0, "O", 4))], None),
+        ([{NOTICE_KEY: 99, "kind": ENGINE}], None),  # another notice version: not understood
+    ],
+    ids=["at the head", "elsewhere", "another notice first", "malformed"],
+)
+def test_the_first_non_empty_read_tells_whether_the_engine_announced_itself(first_read, announced):
+    reads = [[], first_read, [encode(engine_notice("Y"))]]
+    queue = types.SimpleNamespace(get_cache_info=lambda: reads.pop(0))
+    seen, handled = [], []
+    strip_notices(
+        types.SimpleNamespace(engine_worker_queue=queue), handled.append, logging.getLogger("t"), "", seen.append
+    )
+    results = [queue.get_cache_info() for _ in range(3)]
+    assert [getattr(notice, "request_id", None) for notice in seen] == [announced]  # once, at the first items
+    assert results[0] == [] and all(not is_notice(item) for result in results for item in result)

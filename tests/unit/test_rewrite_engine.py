@@ -76,9 +76,14 @@ def test_the_edits_only_add_lines_and_the_import_goes_where_isort_puts_it():
     assert lines.index(IMPORT) == lines.index("from fastdeploy.utils import llm_logger") - 1
     assert sum("engine_notices." in line for line in added) == 2  # one call per method
     assert any(line.strip().startswith("def _layer0_release_put(self, batches):") for line in added)
-    assert added_lines(CONNECTOR_SOURCE, patched[CONNECTOR_PATH])[-1].strip() == (
-        "self.resource_manager.layer0_release_mailbox = self.engine_worker_queue"
-    )
+    connector_added = [line.strip() for line in added_lines(CONNECTOR_SOURCE, patched[CONNECTOR_PATH])]
+    assert connector_added[0] == IMPORT
+    assert connector_added[-4:] == [
+        "self.resource_manager.layer0_release_mailbox = self.engine_worker_queue",
+        "if engine_notices.splitwise_role(self.resource_manager) == engine_notices.PREFILL_ROLE:",
+        "put = self.engine_worker_queue.put_cache_info",
+        'self.engine_worker_queue.put_cache_info = engine_notices.AnnouncedPut(put, "layer0_release")',
+    ]
 
 
 def test_the_patched_engine_puts_the_notices_the_plugin_puts(engine):
@@ -93,11 +98,12 @@ def test_the_patched_engine_puts_the_notices_the_plugin_puts(engine):
     resource_manager.trigger_abort("A")
     resource_manager.recycle_abort_task("A")
     resource_manager.recycle_abort_task("A")  # already freed: nothing to announce
-    notices = [[notice.decode(item) for item in batch] for batch in mailbox.batches if notice.is_notice(batch[0])]
+    notices = [notice.split_notices(batch)[1] for batch in mailbox.batches if notice.is_notice(batch[0])]
     assert [[(n.kind, n.slot, n.request_id, n.value) for n in batch] for batch in notices] == [
+        [(notice.ENGINE, None, "layer0_release", None)],  # at the head of the first batch: A's P-part
         [(notice.ORPHAN, 1, "O", 4)],
         [(notice.ABORT, 0, "A", 4)],
-        [(notice.FENCE, None, notices[2][0].request_id, None)],
+        [(notice.FENCE, None, notices[3][0].request_id, None)],
     ]
     assert resource_manager.stop_flags[0] is True  # the original body still ran
 

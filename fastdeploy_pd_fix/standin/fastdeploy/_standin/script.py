@@ -70,6 +70,8 @@ from .ground_truth import GroundTruth, block_ids, registered_requests
 
 #: How long a non-blocking read waits for its event before reporting "nothing" (keeps polling loops cool).
 NON_BLOCKING_WAIT_S = 0.005
+#: Who announces engine notices in the stand-in's stream (the plugin's engine side names itself the same way).
+STANDIN_ANNOUNCER = "the stand-in engine (as fastdeploy_pd_fix's engine side)"
 
 # The cache messager's logger; its main() re-targets it to cache_messager_rank{R}.log.
 logger = logging.getLogger("cache_messager")
@@ -334,6 +336,9 @@ def activate(rank, block_size, send_queue=None):
     ]
     notices_on, _ = config.engine_notices()
     reads = [read_items(read, block_size, ground_truth, notices_on) for read in scenario["registrations"]]
+    first = next((items for items in reads if items), None)
+    if notices_on and first is not None:  # as the engine side's AnnouncedPut heads its first batch
+        first.insert(0, notice.encode(notice.engine_notice(STANDIN_ANNOUNCER)))
     _progress.open(os.path.join(os.getenv(ENV_OUT, "."), f"rank{rank}.jsonl"), must_finish)
     _death["after_batches"] = batches_before_death(rank)
     _progress.write("ready", rank=rank, pid=os.getpid())
