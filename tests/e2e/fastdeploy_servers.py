@@ -7,7 +7,8 @@ prefill|decode --router HOST:P``, each with ``ENABLE_V1_KVCACHE_SCHEDULER=1`` an
 ``fastdeploy_pd_fix.config`` (stdlib itself) to read ``FD_E2E_INJECT`` as the plugin will.
 
 Every server also gets ``ENABLE_V1_KVCACHE_MANAGER=0`` (the new cache manager does not use ``cache_messager.py``),
-``FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE=1`` (a closed stream aborts its request: the abort wave),
+``FD_ENABLE_REQUEST_DISCONNECT_STOP_INFERENCE=1`` (a closed stream aborts its request: the abort wave; a prefill
+instance of release/2.6 only records the abort and computes the request to the end),
 ``FD_DETERMINISTIC_MODE`` (``FD_E2E_DETERMINISTIC``: mixed and PD servers batch differently, and only deterministic
 mode makes their greedy outputs comparable without a tolerance) and ``NO_PROXY``/``no_proxy`` with the loopback
 addresses added (the router reaches the servers over loopback HTTP, never through a proxy from the environment).
@@ -38,6 +39,10 @@ Settings (environment, all optional):
 ``FD_E2E_ABORTED_REQUESTS``     abort wave: streamed requests closed once the server answered, before any token (8)
 ``FD_E2E_ABORT_AFTER_S``        ... or after this long without an answer (2)
 ``FD_E2E_REFILL_REQUESTS``      the wave after it, more than ``--max-num-seqs`` (default: max-num-seqs + 8)
+``FD_E2E_ORPHAN_REQUESTS``      orphan wave: requests sent straight to the prefill server's API, not through the
+                                router (4), at the same time as ``FD_E2E_ORPHAN_ROUTED_REQUESTS`` routed ones
+                                (default: max-num-seqs; together more than ``--max-num-seqs``, so that routed
+                                requests reuse the orphans' slots)
 ``FD_E2E_MAX_NUM_SEQS``         ``--max-num-seqs`` (16)
 ``FD_E2E_DEADLINE_S``           every request must complete within this (300); ``FD_E2E_UNFIXED_DEADLINE_S`` (180)
 ``FD_E2E_READY_ATTEMPTS``       registration polls (60), ``FD_E2E_READY_INTERVAL_S`` apart (5)
@@ -161,6 +166,8 @@ class E2ESettings:
     aborted_requests: int
     abort_after_s: float
     refill_requests: int
+    orphan_requests: int
+    orphan_routed_requests: int
     shared_gpu_memory_utilization: float
     deadline_s: float
     unfixed_deadline_s: float
@@ -232,6 +239,8 @@ class E2ESettings:
             aborted_requests=_number(environ, "FD_E2E_ABORTED_REQUESTS", 8, int),
             abort_after_s=_number(environ, "FD_E2E_ABORT_AFTER_S", 2.0, float),
             refill_requests=_number(environ, "FD_E2E_REFILL_REQUESTS", max_num_seqs + 8, int),
+            orphan_requests=_number(environ, "FD_E2E_ORPHAN_REQUESTS", 4, int),
+            orphan_routed_requests=_number(environ, "FD_E2E_ORPHAN_ROUTED_REQUESTS", max_num_seqs, int),
             shared_gpu_memory_utilization=_number(environ, "FD_E2E_SHARED_GPU_MEMORY_UTILIZATION", 0.4, float),
             deadline_s=_number(environ, "FD_E2E_DEADLINE_S", 300.0, float),
             unfixed_deadline_s=_number(environ, "FD_E2E_UNFIXED_DEADLINE_S", 180.0, float),
@@ -263,12 +272,26 @@ class E2ESettings:
             )
         if self.unfixed_plugin not in UNFIXED_PLUGIN_ENVS:
             raise ValueError(f"FD_E2E_UNFIXED_PLUGIN={self.unfixed_plugin!r}: one of {sorted(UNFIXED_PLUGIN_ENVS)}")
-        if self.requests < 1 or self.max_tokens < 1 or self.aborted_requests < 1:
-            raise ValueError("FD_E2E_REQUESTS, FD_E2E_MAX_TOKENS and FD_E2E_ABORTED_REQUESTS must be positive")
+        counts = {
+            "FD_E2E_REQUESTS": self.requests,
+            "FD_E2E_MAX_TOKENS": self.max_tokens,
+            "FD_E2E_ABORTED_REQUESTS": self.aborted_requests,
+            "FD_E2E_ORPHAN_REQUESTS": self.orphan_requests,
+            "FD_E2E_ORPHAN_ROUTED_REQUESTS": self.orphan_routed_requests,
+        }
+        for name, count in counts.items():
+            if count < 1:
+                raise ValueError(f"{name}={count}: must be positive")
         if self.refill_requests <= self.max_num_seqs:
             raise ValueError(
                 f"FD_E2E_REFILL_REQUESTS={self.refill_requests}: the wave after the aborts must exceed "
                 f"--max-num-seqs {self.max_num_seqs}, so that it reuses the slots the aborts freed"
+            )
+        if self.orphan_requests + self.orphan_routed_requests <= self.max_num_seqs:
+            raise ValueError(
+                f"FD_E2E_ORPHAN_REQUESTS={self.orphan_requests} and FD_E2E_ORPHAN_ROUTED_REQUESTS="
+                f"{self.orphan_routed_requests}: together they must exceed --max-num-seqs {self.max_num_seqs}, so "
+                "that routed requests reuse the orphans' slots"
             )
         if not 0 < self.shared_gpu_memory_utilization < 0.5:
             raise ValueError(
@@ -584,3 +607,13 @@ def refill_payloads(settings: E2ESettings) -> List[dict]:
         completion_payload(prompt, settings.max_tokens)
         for prompt in long_prompts(settings.refill_requests, first=first)
     ]
+
+
+def orphan_wave_payloads(settings: E2ESettings) -> Tuple[List[dict], List[dict]]:
+    """The orphan wave: the requests sent through the router, then those sent straight to the prefill server (no
+    ``disaggregate_info``: orphans); long prompts, so that an orphan is prefilled in several chunks among the routed
+    requests' chunks. Their prompts differ from every other wave's."""
+    first = settings.requests + settings.aborted_requests + settings.refill_requests
+    prompts = long_prompts(settings.orphan_routed_requests + settings.orphan_requests, min_entries=80, first=first)
+    payloads = [completion_payload(prompt, settings.max_tokens) for prompt in prompts]
+    return payloads[: settings.orphan_routed_requests], payloads[settings.orphan_routed_requests :]

@@ -501,17 +501,19 @@ class RequestOutcome:
     text: Optional[str] = None
     error: Optional[str] = None
     seconds: Optional[float] = None
+    url: str = ""
 
     @property
     def ok(self) -> bool:
         return self.finished and self.status == 200 and self.text is not None
 
     def describe(self) -> str:
+        name = f"request {self.index}" + (f" to {self.url}" if self.url else "")
         if not self.finished:
-            return f"request {self.index}: no answer"
+            return f"{name}: no answer"
         if self.ok:
-            return f"request {self.index}: ok in {self.seconds:.1f} s"
-        return f"request {self.index}: {self.error} after {self.seconds:.1f} s"
+            return f"{name}: ok in {self.seconds:.1f} s"
+        return f"{name}: {self.error} after {self.seconds:.1f} s"
 
 
 def completion_text(body) -> str:
@@ -527,8 +529,18 @@ UNANSWERED_GRACE_S = 30.0
 
 
 def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> List[RequestOutcome]:
-    """POST every payload at once, one thread each, and wait until all answered or ``deadline_s`` passed."""
-    outcomes = [RequestOutcome(index) for index in range(len(payloads))]
+    """POST every payload to ``url`` at once, one thread each, and wait until all answered or ``deadline_s``
+    passed."""
+    return send_each_concurrently([url] * len(payloads), payloads, deadline_s)
+
+
+def send_each_concurrently(urls: Sequence[str], payloads: Sequence[dict], deadline_s: float) -> List[RequestOutcome]:
+    """POST ``payloads[i]`` to ``urls[i]``, all at once, one thread each, and wait until all answered or
+    ``deadline_s`` passed. Outcomes name their URL when the URLs differ."""
+    if len(urls) != len(payloads):
+        raise ValueError(f"{len(urls)} URLs for {len(payloads)} payloads")
+    labelled = len(set(urls)) > 1
+    outcomes = [RequestOutcome(index, url=url if labelled else "") for index, url in enumerate(urls)]
     lock = threading.Lock()
     start_together = threading.Barrier(len(payloads) + 1)
 
@@ -539,7 +551,7 @@ def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> 
         try:
             # The socket may wait longer than the deadline: a request unanswered at the deadline is a hang, never
             # an error, whichever of the two clocks would have fired first.
-            status, body = http_request(url, payload, timeout_s=deadline_s + UNANSWERED_GRACE_S)
+            status, body = http_request(urls[index], payload, timeout_s=deadline_s + UNANSWERED_GRACE_S)
         except socket.timeout:
             return  # unanswered: stays unfinished, reported by check_completed as hung
         except Exception as problem:  # any other way of not getting an answer is this request's outcome
@@ -553,7 +565,9 @@ def send_concurrently(url: str, payloads: Sequence[dict], deadline_s: float) -> 
                 except Exception as problem:
                     error = f"unusable answer {str(body)[:300]} ({problem!r})"
         with lock:
-            outcomes[index] = RequestOutcome(index, True, status, text, error, time.monotonic() - began)
+            outcomes[index] = dataclasses.replace(
+                outcomes[index], finished=True, status=status, text=text, error=error, seconds=time.monotonic() - began
+            )
 
     threads = [
         threading.Thread(target=send, args=(index, payload), name=f"e2e-request-{index}", daemon=True)
@@ -670,32 +684,59 @@ EARLY_SIGNAL = re.compile(
 )
 #: The engine-side notice of an abort (plugin/engine.py), in the prefill engine's logs.
 ABORT_NOTICE = re.compile(r"abort of request .*emitted_end=")
+#: The engine-side notice of an orphan (plugin/engine.py, core/notice.py): a request admitted by ``add_request_in_p``
+#: without ``disaggregate_info``, computed without a transfer.
+ORPHAN_NOTICE = re.compile(
+    r"engine notice put: orphan of request (?P<request_id>\S+) on slot (?P<slot>\d+) "
+    r"\(need_prefill_tokens=(?P<need>\d+)\)"
+)
+#: A messager dropping an orphan's layer-0 task (core/messager_step.py, with the reason of core/release.py).
+ORPHAN_DROP = re.compile(
+    r"dropped layer-0 task slot=\d+ prefilled_token_num=\d+ from [^:]*: chunk \[\d+, \d+\) belongs to orphan "
+    r"(?P<request_id>\S+)"
+)
 
 
-def early_signal_counts(root: Path) -> Dict[int, int]:
-    """Per tensor-parallel rank of the messager logs under ``root``: how many layer-0 signals arrived before their
-    registration (the highest ``#N`` its messager logged; 0 for a rank that logged none). The rank is the one the
-    activation line names, else the number of the log's name."""
-    counts: Dict[int, int] = {}
+def rank_logs(root: Path) -> List[Tuple[int, List[str]]]:
+    """Each per-rank messager log under ``root`` (by name, as ``diagnose`` reads them) with its tensor-parallel rank
+    and its lines. The rank is the one the log's last activation line names, else the number of its name."""
+    found = []
     for path in sorted(root.rglob("cache_messager_*.log")):
         name = RANK_LOG_NAME.match(path.name)
         if name is None:
             continue
-        rank, highest = int(name["number"]), 0
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            active = ACTIVE_RANK.search(line)
-            if active:
-                rank = int(active["rank"] if active["rank"] is not None else active["rank_id"])
-            early = EARLY_SIGNAL.search(line)
-            if early:
-                highest = max(highest, int(early["number"]))
-        counts[rank] = max(counts.get(rank, 0), highest)
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rank = int(name["number"])
+        for active in filter(None, map(ACTIVE_RANK.search, lines)):
+            rank = int(active["rank"] if active["rank"] is not None else active["rank_id"])
+        found.append((rank, lines))
+    return found
+
+
+def early_signal_counts(root: Path) -> Dict[int, int]:
+    """Per tensor-parallel rank of the messager logs under ``root``: how many layer-0 signals arrived before their
+    registration (the highest ``#N`` its messager logged; 0 for a rank that logged none)."""
+    counts: Dict[int, int] = {}
+    for rank, lines in rank_logs(root):
+        numbers = [int(early["number"]) for early in map(EARLY_SIGNAL.search, lines) if early]
+        counts[rank] = max([counts.get(rank, 0)] + numbers)
     return counts
 
 
-def engine_abort_notices(root: Path) -> List[str]:
-    """Every engine-side abort notice line (``abort of request ... emitted_end=``) in the logs under ``root`` that
-    are not cache messager logs (those come from the engine), as ``file: line``."""
+def orphan_drop_counts(root: Path) -> Dict[int, Dict[str, int]]:
+    """Per tensor-parallel rank of the messager logs under ``root`` (every rank, also one that dropped nothing):
+    how many layer-0 tasks of each orphan (by request id) its messager dropped."""
+    counts: Dict[int, Dict[str, int]] = {}
+    for rank, lines in rank_logs(root):
+        dropped = counts.setdefault(rank, {})
+        for drop in filter(None, map(ORPHAN_DROP.search, lines)):
+            dropped[drop["request_id"]] = dropped.get(drop["request_id"], 0) + 1
+    return counts
+
+
+def engine_log_lines(root: Path, pattern: re.Pattern) -> List[str]:
+    """Every line matching ``pattern`` in the logs under ``root`` that are not cache messager logs (those come from
+    the engine), as ``file: line``."""
     messager_logs = set(cache_messager_logs(root))
     found = []
     for path in sorted(candidate for candidate in root.rglob("*") if candidate.is_file()):
@@ -705,8 +746,25 @@ def engine_abort_notices(root: Path) -> List[str]:
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             continue
-        found += [f"{path.relative_to(root)}: {line.strip()}" for line in lines if ABORT_NOTICE.search(line)]
+        found += [f"{path.relative_to(root)}: {line.strip()}" for line in lines if pattern.search(line)]
     return found
+
+
+def engine_abort_notices(root: Path) -> List[str]:
+    """Every engine-side abort notice line (``abort of request ... emitted_end=``) of the logs under ``root``."""
+    return engine_log_lines(root, ABORT_NOTICE)
+
+
+def engine_orphan_notices(root: Path) -> List[str]:
+    """Every engine-side orphan notice line (``engine notice put: orphan of request ...``) of the logs under
+    ``root``."""
+    return engine_log_lines(root, ORPHAN_NOTICE)
+
+
+def noticed_orphans(notices: Sequence[str]) -> List[str]:
+    """The request ids the orphan notice lines ``notices`` name, each once, in order of appearance."""
+    ids = [notice["request_id"] for notice in map(ORPHAN_NOTICE.search, notices) if notice]
+    return list(dict.fromkeys(ids))
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> str:
@@ -767,7 +825,11 @@ class Deployment:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.cluster.server(self.entry).spec.ports[0]}"
+        return self.server_url(self.entry)
+
+    def server_url(self, name: str) -> str:
+        """The HTTP address of server ``name`` (its ``ports[0]``)."""
+        return f"http://{self.host}:{self.cluster.server(name).spec.ports[0]}"
 
     def start(self) -> None:
         for spec in self.specs:
@@ -776,11 +838,20 @@ class Deployment:
                 spec.startup_check.wait(f"http://{self.host}:{spec.ports[0]}", self.cluster)
         self.readiness_polls = self.readiness.wait(self.base_url, self.cluster)
 
-    def run_workload(self, payloads: Sequence[dict], deadline_s: float, path: str = "/v1/completions") -> List[str]:
-        """The texts of all answers; on a hang or a failure raises with the full report."""
+    def run_workload(
+        self,
+        payloads: Sequence[dict],
+        deadline_s: float,
+        path: str = "/v1/completions",
+        servers: Optional[Sequence[str]] = None,
+    ) -> List[str]:
+        """The texts of all answers, all requests sent at once; on a hang or a failure raises with the full report.
+        ``servers``: the server each payload goes to, by name (default: every one to the entry server)."""
+        servers = [self.entry] * len(payloads) if servers is None else servers
         for server in self.cluster.servers:
             server.remember_descendants()  # the engines' full process trees, for the teardown
-        outcomes = send_concurrently(f"{self.base_url}{path}", payloads, deadline_s)
+        urls = [f"{self.server_url(name)}{path}" for name in servers]
+        outcomes = send_each_concurrently(urls, payloads, deadline_s)
         try:
             check_completed(outcomes, deadline_s)
         except WorkloadFailure as failure:

@@ -11,10 +11,19 @@ beat their registrations and rank 0's do not. One deployment with the plugin in 
 2. the proof that the race happened: the delayed rank's messager logged ``early layer-0 signal #N`` lines (N > 0)
    and the other rank's count differs. Skipped, with the reason, where ``fastdeploy-pd-fix status`` reports a release
    before #7724 (no race is possible there) or ``FD_E2E_INJECT`` delays no rank on its own;
-3. the abort wave: streamed requests closed by the client mid-prefill, then more requests than ``--max-num-seqs``,
-   which reuse the freed slots: every one of those completes within the deadline with the mixed server's outputs,
-   and diagnose still finds no divergence. The engine-side abort notices of the prefill logs (``abort of request
-   ... emitted_end=``), if any, are attached to the report, not asserted on.
+3. the abort wave: streamed requests closed by the client mid-prefill, then more requests than ``--max-num-seqs``:
+   every one of those completes within the deadline with the mixed server's outputs, and diagnose still finds no
+   divergence. A prefill instance of release/2.6 (and 2.4, 2.5) records an abort and ignores it (the request
+   computes and transfers to the end), so there this wave checks that aborts break nothing; it cannot exercise the
+   plugin's abort notices. Those of the prefill logs (``abort of request ... emitted_end=``), if any, are attached
+   to the report, not asserted on;
+4. the orphan wave: requests sent straight to the prefill server's own API (no router, so no
+   ``disaggregate_info``: the engine computes them without a transfer and answers them itself) at the same time as
+   routed ones, more than ``--max-num-seqs`` in all: every request of both kinds completes with the mixed server's
+   outputs; the prefill engine logged an orphan notice (``engine notice put: orphan of request ...``) for at least
+   as many requests as were sent straight to it; every prefill messager rank dropped layer-0 tasks of every
+   noticed orphan (``dropped layer-0 task ... belongs to orphan <id>``); diagnose finds no divergence. The notices
+   and the drop counts are attached to the report.
 
 A/B: with ``FD_E2E_EXPECT_UNFIXED=1`` (a release with #7724 and without #8034) the same race wave without the fix is
 expected to hang (strict xfail). A hang fails with every rank's cache messager log and diagnose's verdict in the
@@ -33,6 +42,9 @@ from e2e.orchestration import (
     describe_closed_streams,
     early_signal_counts,
     engine_abort_notices,
+    engine_orphan_notices,
+    noticed_orphans,
+    orphan_drop_counts,
 )
 
 GPU_COUNT, GPU_PROBLEM = fd.detect_gpus()
@@ -75,15 +87,23 @@ def refill_payloads():
 
 
 @pytest.fixture(scope="module")
-def references(request, run_root, artifacts_root, payloads, refill_payloads):
-    """Outputs of a mixed server on the race wave's and the refill wave's prompts. It is stopped before any PD
-    server starts (same GPUs); the finalizer covers a failure on the way."""
+def orphan_wave_payloads():
+    """The orphan wave's (routed, direct) payloads."""
+    return fd.orphan_wave_payloads(SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def references(request, run_root, artifacts_root, payloads, refill_payloads, orphan_wave_payloads):
+    """Outputs of a mixed server on the race wave's, the refill wave's and the orphan wave's prompts (routed ones
+    first). It is stopped before any PD server starts (same GPUs); the finalizer covers a failure on the way."""
     mixed = fd.mixed_deployment(SETTINGS, run_root / "mixed-reference", artifacts_root / "mixed-reference")
     request.addfinalizer(mixed.teardown)
     mixed.start()
+    routed, direct = orphan_wave_payloads
     texts = {
         "race": mixed.run_workload(payloads, SETTINGS.deadline_s),
         "refill": mixed.run_workload(refill_payloads, SETTINGS.deadline_s),
+        "orphan": mixed.run_workload(routed + direct, SETTINGS.deadline_s),
     }
     mixed.teardown()
     return texts
@@ -136,6 +156,9 @@ def test_race_happened_on_the_delayed_rank_only(ordered_pd, race_wave):
 def test_abort_wave_then_a_wave_beyond_max_num_seqs_completes_with_the_mixed_outputs(
     ordered_pd, race_wave, references, refill_payloads, record_property
 ):
+    """Aborts change nothing harmful. On release/2.6 a prefill instance records an abort and ignores it (the request
+    computes and transfers to the end): this wave checks that nothing breaks, it cannot exercise abort notices
+    there (any in the logs are attached, not asserted on)."""
     closed = ordered_pd.close_streams_early(fd.abort_wave_payloads(SETTINGS), SETTINGS.abort_after_s)
     print(describe_closed_streams(closed))
     record_property("closed_streams", describe_closed_streams(closed))
@@ -151,6 +174,41 @@ def test_abort_wave_then_a_wave_beyond_max_num_seqs_completes_with_the_mixed_out
     print(f"engine-side abort notices of the prefill server:\n{attached}")
     record_property("engine_abort_notices", attached)
     assert code == 0, f"fastdeploy-pd-fix diagnose after the abort wave: exit code {code}\n{report}"
+
+
+def test_orphan_wave_direct_requests_to_prefill_beside_routed_ones_are_noticed_dropped_and_answered(
+    ordered_pd, race_wave, references, orphan_wave_payloads, record_property
+):
+    """Requests sent straight to the prefill server (orphans: no ``disaggregate_info``) at the same time as routed
+    ones: all are answered with the mixed server's outputs, the engine announced each orphan, every messager rank
+    dropped each announced orphan's layer-0 tasks, and the ranks' batch sequences stay equal."""
+    routed, direct = orphan_wave_payloads
+    servers = [ordered_pd.entry] * len(routed) + ["prefill"] * len(direct)
+    texts = ordered_pd.run_workload(routed + direct, SETTINGS.deadline_s, servers=servers)
+    check_outputs_equal(texts, references["orphan"], SETTINGS.max_mismatches)  # the direct ones from index len(routed)
+
+    prefill_logs = ordered_pd.server_artifacts("prefill")
+    notices = engine_orphan_notices(prefill_logs)
+    attached = "\n".join(notices) if notices else "(no engine-side orphan notice in the prefill logs)"
+    (ordered_pd.artifacts_dir / "engine-orphan-notices.txt").write_text(attached + "\n")
+    record_property("engine_orphan_notices", attached)
+    drops = orphan_drop_counts(prefill_logs)
+    record_property("messager_orphan_drops", repr(drops))
+    orphans = noticed_orphans(notices)
+    print(f"orphan notices of the prefill server:\n{attached}\norphan tasks dropped per rank: {drops}")
+
+    assert len(orphans) >= len(direct), (
+        f"{len(direct)} requests were sent straight to the prefill server and answered, but its engine logged orphan "
+        f"notices for {len(orphans)} request(s) {orphans} (is the plugin's engine side active on add_request_in_p?):"
+        f"\n{attached}"
+    )
+    assert drops, f"no cache messager log of any prefill rank under {prefill_logs}"
+    undropped = {rank: sorted(set(orphans) - set(dropped)) for rank, dropped in sorted(drops.items())}
+    undropped = {rank: ids for rank, ids in undropped.items() if ids}
+    message = f"messager ranks that dropped no layer-0 task of announced orphans: {undropped} (per rank: {drops})"
+    assert not undropped, message
+    code, report = ordered_pd.diagnose()
+    assert code == 0, f"fastdeploy-pd-fix diagnose after the orphan wave: exit code {code}\n{report}"
 
 
 @pytest.mark.skipif(not SETTINGS.expect_unfixed, reason="FD_E2E_EXPECT_UNFIXED=1 not set (release has #8034?)")

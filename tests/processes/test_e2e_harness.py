@@ -48,8 +48,11 @@ from e2e.orchestration import (
     check_outputs_equal,
     early_signal_counts,
     engine_abort_notices,
+    engine_orphan_notices,
     identify,
     is_running,
+    noticed_orphans,
+    orphan_drop_counts,
     process_group_of,
     registered_number,
     wait_until_ports_free,
@@ -148,6 +151,32 @@ def test_pd_answers_through_the_router_equal_the_mixed_reference_and_teardown_fr
     assert (pd.artifacts_dir / "router" / "stdout.log").is_file()
 
 
+def test_requests_straight_to_the_prefill_stub_beside_routed_ones_are_its_orphans(tmp_path, deploy):
+    """The router stub marks what it forwards (``disaggregate_info``), so only the requests sent straight to the
+    prefill stub are orphans: one engine notice each, and every stub messager rank drops their chunks."""
+    pd = deploy(stub_pd(tmp_path / "pd", prefill=["--cache-messager-logs", "agree", "--orphan-notices"]))
+    mixed = deploy(stub_mixed(tmp_path / "mixed"))
+    pd.start()
+    mixed.start()
+    payloads = [completion_payload(prompt, max_tokens=8) for prompt in long_prompts(5)]
+    servers = ["router", "prefill", "router", "router", "prefill"]
+
+    texts = pd.run_workload(payloads, deadline_s=20.0, servers=servers)
+    check_outputs_equal(texts, mixed.run_workload(payloads, deadline_s=20.0))
+    logs = pd.server_artifacts("prefill")
+    notices = engine_orphan_notices(logs)
+    orphans = noticed_orphans(notices)
+    assert len(notices) == len(orphans) == 2, notices
+    assert all(notice.startswith("log/engine.log: ") for notice in notices)
+    drops = orphan_drop_counts(logs)
+    assert sorted(drops) == [0, 1] and all(sorted(dropped) == sorted(orphans) for dropped in drops.values()), drops
+    assert min(count for dropped in drops.values() for count in dropped.values()) > 1  # one per chunk
+    code, report = pd.diagnose()
+    assert code == 0, report
+    stop_and_check(pd)
+    stop_and_check(mixed)
+
+
 def test_a_late_registration_is_waited_for(tmp_path, deploy):
     pd = deploy(stub_pd(tmp_path, decode=["--register-after-router-polls", "3"]))
     pd.start()
@@ -177,14 +206,16 @@ def test_a_server_dying_at_start_up_is_reported_with_its_log(tmp_path, deploy):
 def test_a_server_that_never_answers_is_a_hang_reported_with_the_rank_logs_and_diagnose(tmp_path, deploy):
     pd = deploy(stub_pd(tmp_path, prefill=["--cache-messager-logs", "diverge"], decode=["--never-answer"]))
     pd.start()
-    payloads = [completion_payload(prompt, max_tokens=8) for prompt in long_prompts(3)]
+    payloads = [completion_payload(prompt, max_tokens=8) for prompt in long_prompts(4)]
 
     started = time.monotonic()
     with pytest.raises(RequestsHung) as failure:
-        pd.run_workload(payloads, deadline_s=1.0)
+        pd.run_workload(payloads, deadline_s=1.0, servers=["router", "router", "router", "prefill"])
     assert time.monotonic() - started < 15.0
     message = str(failure.value)
-    assert "3 of 3 requests did not complete within 1.0 s" in message
+    assert "3 of 4 requests did not complete within 1.0 s" in message
+    assert f"request 3 to {pd.server_url('prefill')}/v1/completions: ok" in message  # straight to prefill: answered
+    assert f"request 0 to {pd.base_url}/v1/completions: no answer" in message
     assert "diagnose" in message and "exit code 1" in message  # the stub ranks' batch sequences diverge
     assert "queued batch #2 [(1, 64)]" in message  # rank 1's cache messager log is attached
     assert (pd.artifacts_dir / "prefill" / "log" / "cache_messager_rank0.log").is_file()
@@ -289,6 +320,7 @@ def dry_run_environment(tmp_path: Path, gpus: int, with_7724: str, port_base: in
         "FD_E2E_MAX_NUM_SEQS": "2",
         "FD_E2E_ABORTED_REQUESTS": "3",
         "FD_E2E_ABORT_AFTER_S": "10",  # the stubs answer a stream at once: the close never waits for this
+        "FD_E2E_ORPHAN_REQUESTS": "2",  # beside max-num-seqs (2) routed ones
         "FD_E2E_READY_ATTEMPTS": "6000",  # detection only: a loaded machine starts the stubs slowly
         "FD_E2E_READY_INTERVAL_S": "0.01",
         "FD_E2E_STOP_GRACE_S": "5",
@@ -305,7 +337,15 @@ DRY_RUNS = [
     ("4-gpus-7724", 4, "1", {}),
     ("2-gpus-pre-7724", 2, "0", {}),
     ("1-gpu", 1, "1", {"FD_E2E_REQUIRED": "0"}),
+    # The fake prefill server logs no orphan notice and no drop (as if the plugin's engine side were not active),
+    # or the notices without the messagers' drops: the orphan wave must fail.
+    ("orphans-unannounced", 4, "1", {"FD_E2E_FAKE_ORPHANS": "unannounced"}),
+    ("orphans-undropped", 4, "1", {"FD_E2E_FAKE_ORPHANS": "undropped"}),
 ]
+ORPHAN_WAVE_TEST = (
+    "tests/e2e/test_pd_e2e.py::"
+    "test_orphan_wave_direct_requests_to_prefill_beside_routed_ones_are_noticed_dropped_and_answered"
+)
 
 
 @pytest.fixture(scope="module")
@@ -337,11 +377,12 @@ def dry_runs(tmp_path_factory):
 
 def test_gpu_module_dry_run_with_4_gpus_and_a_release_with_7724(dry_runs):
     """tests/e2e/test_pd_e2e.py itself, unchanged: fixtures, readiness, the race wave, the race proof (rank 1's early
-    layer-0 signals in the stub's logs), the abort wave, diagnose, the strict xfail (the fake decode server never
-    answers while the fix is off) and the teardowns all run; each server has its own two GPUs."""
+    layer-0 signals in the stub's logs), the abort wave, the orphan wave (two requests straight to the prefill stub
+    beside two routed ones: two notices, every rank dropped both), diagnose, the strict xfail (the fake decode server
+    never answers while the fix is off) and the teardowns all run; each server has its own two GPUs."""
     tmp_path, result = dry_runs["4-gpus-7724"]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed, 1 xfailed" in result.stdout, result.stdout
+    assert "4 passed, 1 xfailed" in result.stdout, result.stdout
     artifacts = tmp_path / "artifacts"
     prefill_log = (artifacts / "pd-plugin-ordered" / "prefill" / "stdout.log").read_text()
     decode_log = (artifacts / "pd-plugin-ordered" / "decode" / "stdout.log").read_text()
@@ -357,6 +398,31 @@ def test_gpu_module_dry_run_with_4_gpus_and_a_release_with_7724(dry_runs):
     assert (artifacts / "mixed-reference" / "mixed" / "stdout.log").is_file()
     assert (artifacts / "pd-plugin-ordered" / "engine-abort-notices.txt").is_file()
     assert "3 streams closed: 3 after the server answered" in result.stdout
+    notices = (artifacts / "pd-plugin-ordered" / "engine-orphan-notices.txt").read_text().splitlines()
+    assert len(notices) == 2 and len(noticed_orphans(notices)) == 2, notices  # the routed ones are no orphans
+    assert all(notice.startswith("log/engine.log: ") for notice in notices), notices
+    drops = orphan_drop_counts(artifacts / "pd-plugin-ordered" / "prefill")
+    assert {rank: sorted(dropped) for rank, dropped in drops.items()} == dict.fromkeys(
+        [0, 1], sorted(noticed_orphans(notices))
+    )
+
+
+@pytest.mark.parametrize(
+    "name, complaint",
+    [
+        ("orphans-unannounced", "its engine logged orphan notices for 0 request(s) []"),
+        ("orphans-undropped", "messager ranks that dropped no layer-0 task of announced orphans: {0: ["),
+    ],
+)
+def test_gpu_module_dry_run_fails_the_orphan_wave_without_notices_or_drops(dry_runs, name, complaint):
+    """The orphan wave's checks can fail: without the engine's orphan notices (or with them but without the
+    messagers' drops) it fails with that reason, and only it."""
+    tmp_path, result = dry_runs[name]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 failed, 3 passed, 1 xfailed" in result.stdout, result.stdout
+    assert f"FAILED {ORPHAN_WAVE_TEST}" in result.stdout, result.stdout
+    assert complaint in result.stdout, result.stdout
+    assert (tmp_path / "artifacts" / "pd-plugin-ordered" / "engine-orphan-notices.txt").is_file()
 
 
 def test_gpu_module_dry_run_with_2_shared_gpus_and_a_release_before_7724(dry_runs):
@@ -364,7 +430,7 @@ def test_gpu_module_dry_run_with_2_shared_gpus_and_a_release_before_7724(dry_run
     race proof and the A/B run skip with that reason while the waves still run."""
     tmp_path, result = dry_runs["2-gpus-pre-7724"]
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed, 2 skipped" in result.stdout, result.stdout
+    assert "3 passed, 2 skipped" in result.stdout, result.stdout
     assert result.stdout.count("predates #7724") == 2, result.stdout  # the race proof's reason and the A/B run's
     artifacts = tmp_path / "artifacts" / "pd-plugin-ordered"
     for role in ("prefill", "decode"):
@@ -485,6 +551,41 @@ def test_early_signal_counts_per_rank_and_engine_abort_notices(tmp_path):
     assert engine_abort_notices(tmp_path) == [f"prefill/log/engine.log: {notice}"]
 
 
+def test_engine_orphan_notices_and_the_orphan_tasks_each_rank_dropped(tmp_path):
+    log = tmp_path / "prefill" / "log"
+    log.mkdir(parents=True)
+    notice = "fastdeploy_pd_fix: engine notice put: orphan of request {} on slot {} (need_prefill_tokens=700)"
+    abort = "fastdeploy_pd_fix: engine notice put: abort of request r-9 on slot 1 (emitted_end=256), fenced"
+    engine_lines = [notice.format("o-1", 3), abort, notice.format("o-2", 4), notice.format("o-1", 3)]
+    (log / "workerlog.0").write_text("\n".join(engine_lines) + "\n")
+    drop = (
+        "fastdeploy_pd_fix: dropped layer-0 task slot=3 prefilled_token_num={end} from {source}: "
+        "chunk [{start}, {end}) belongs to orphan {request_id}"
+    )
+    other = "fastdeploy_pd_fix: dropped layer-0 task slot=3 prefilled_token_num=256 from kv signal: chunk [0, 256) "
+    (log / "cache_messager_rank0.log").write_text(
+        "\n".join(
+            [
+                "active on rank_id=0 rank=0 nranks=2",
+                drop.format(start=0, end=256, source="kv signal", request_id="o-1"),
+                drop.format(start=256, end=512, source="notice", request_id="o-1"),
+                drop.format(start=0, end=256, source="registration", request_id="o-2"),
+                other + "does not fit request r-5, which needs 128 tokens",
+                notice.format("o-3", 5),  # an engine line in a messager log is not a notice
+            ]
+        )
+        + "\n"
+    )
+    (log / "cache_messager_rank1.log").write_text(drop.format(start=0, end=256, source="kv signal", request_id="o-2"))
+
+    notices = engine_orphan_notices(tmp_path)
+    assert notices == [f"prefill/log/workerlog.0: {line}" for line in engine_lines if "orphan" in line]
+    assert noticed_orphans(notices) == ["o-1", "o-2"]
+    assert orphan_drop_counts(tmp_path) == {0: {"o-1": 2, "o-2": 1}, 1: {"o-2": 1}}
+    (log / "cache_messager_rank1.log").write_text("active on rank_id=1 rank=1 nranks=2\n")
+    assert orphan_drop_counts(tmp_path)[1] == {}  # a rank that dropped nothing is still listed
+
+
 @pytest.mark.parametrize(
     "environ, complaint",
     [
@@ -493,6 +594,8 @@ def test_early_signal_counts_per_rank_and_engine_abort_notices(tmp_path):
         ({"FD_E2E_PREFILL_GPUS": "0"}, "TP size of 2"),
         ({"FD_E2E_DECODE_GPUS": "2"}, "IPC transfer needs equal TP sizes"),
         ({"FD_E2E_REQUESTS": "many"}, "FD_E2E_REQUESTS='many'"),
+        ({"FD_E2E_ORPHAN_REQUESTS": "0"}, "FD_E2E_ORPHAN_REQUESTS=0: must be positive"),
+        ({"FD_E2E_ORPHAN_ROUTED_REQUESTS": "12"}, "together they must exceed --max-num-seqs 16"),
         ({"FD_E2E_UNFIXED_PLUGIN": "maybe"}, "FD_E2E_UNFIXED_PLUGIN"),
     ],
 )

@@ -3,7 +3,9 @@
 Endpoints: ``POST /register`` ({"role", "host_ip", "port"}), ``GET /registered_number``, ``GET /health``,
 ``POST /v1/completions`` and ``/v1/chat/completions`` (sent to the first prefill, then the first decode instance;
 the decode answer is returned, as the real router does in splitwise mode; a streamed one is relayed from the prefill
-instance, and closed there when its client closes). Test handshake: ``GET
+instance, and closed there when its client closes). Like the real router, it adds ``disaggregate_info`` (naming the
+two instances) to every request it forwards: a request without it is one sent straight to a server (an orphan on a
+prefill instance). Test handshake: ``GET
 /wait_polls?count=N`` answers once ``/registered_number`` has been answered N times.
 
 Start-up handshake: with ``--port 0`` the port is written to ``--port-file`` once the server listens.
@@ -29,6 +31,10 @@ class RouterState:
 
 
 STATE = RouterState()
+
+
+def address(instance: dict) -> str:
+    return f"{instance['host_ip']}:{instance['port']}"
 
 
 class RouterHandler(JsonHandler):
@@ -72,11 +78,13 @@ class RouterHandler(JsonHandler):
         if not (prefill and decode):
             self.reply(503, {"error": "no prefill or no decode instance registered"})
             return
+        addresses = {"prefill": address(prefill[0]), "decode": address(decode[0])}
+        request = {**request, "disaggregate_info": addresses}
         if request.get("stream"):
             self.relay_stream(prefill[0], request)
             return
         for instance in prefill + decode:
-            status, body = http_json(f"http://{instance['host_ip']}:{instance['port']}{self.path}", request)
+            status, body = http_json(f"http://{address(instance)}{self.path}", request)
         self.reply(status, body)
 
     def relay_stream(self, instance, request):

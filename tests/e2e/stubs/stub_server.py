@@ -16,10 +16,16 @@ messagers run under setsid).
 A streamed request (``"stream": true``) is answered with its status line and headers at once, then held: a client
 that closes the connection aborts it (with ``--abort-notices`` the stub logs the engine-side notice line to
 ``$FD_LOG_DIR/engine.log``); one that waits gets the answer as one SSE event after ``--stream-hold-s``.
+
+Orphans: with ``--orphan-notices``, a prefill stub that gets a request without ``disaggregate_info`` (sent straight
+to it, not through the router) logs, before it answers, what a prefill instance with the plugin's engine side logs
+for it: the engine's orphan notice line in ``$FD_LOG_DIR/engine.log``, and in each rank's cache messager log one
+dropped layer-0 task line per chunk of the orphan (``--no-orphan-drops``: the messagers log none).
 """
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -31,6 +37,13 @@ from stub_common import HOST, JsonHandler, announce_port, http_json, make_server
 
 # Per rank: the early layer-0 signals its messager logs (the race counter of core/messager_step.py).
 EARLY_SIGNALS = ([], [(0, 0, 256), (1, 0, 128)])
+RANKS = len(EARLY_SIGNALS)
+#: Prefill tokens per chunk of an orphan (the e2e test's default ``--max-num-batched-tokens``).
+CHUNK_TOKENS = 256
+#: The stub's logs are written by the request threads of one process: one writer at a time.
+LOG_LOCK = threading.Lock()
+#: The slot each orphan gets (the stub has no scheduler: one number per orphan; taken under LOG_LOCK).
+ORPHAN_SLOTS = itertools.count()
 BATCHES = {
     "agree": ([[(0, 256)], [(1, 128)]], [[(0, 256)], [(1, 128)]]),
     "diverge": ([[(0, 256)], [(1, 128)]], [[(0, 256)], [(1, 64)]]),
@@ -58,6 +71,8 @@ def make_handler(args):
             request = self.read_json()
             if args.never_answer:
                 threading.Event().wait()  # hold the connection open forever, like a deadlocked engine
+            if args.orphan_notices and args.role == "prefill" and "disaggregate_info" not in request:
+                log_orphan(request, messagers_drop=not args.no_orphan_drops)
             text = answer_text(request, args.answer_suffix)
             if request.get("stream"):
                 self.stream(request, text)
@@ -93,6 +108,33 @@ def log_abort_notice(request: dict) -> None:
     digest = hashlib.sha256(str(request.get("prompt")).encode()).hexdigest()[:8]
     with open(Path(os.environ["FD_LOG_DIR"]) / "engine.log", "a", encoding="utf-8") as log:
         log.write(f"INFO fastdeploy_pd_fix: abort of request stub-{digest} in slot 0 sent, emitted_end=None\n")
+
+
+def log_orphan(request: dict, messagers_drop: bool) -> None:
+    """What a prefill instance with the plugin logs for an orphan: the engine's notice, put before it admits the
+    request (plugin/engine.py), then each rank's messager dropping the orphan's layer-0 task of every chunk
+    (core/messager_step.py, core/release.py)."""
+    prompt = str(request.get("prompt") or request.get("messages"))
+    request_id = f"cmpl-stub-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}_0"
+    need = max(1, len(prompt) // 4)
+    log_dir = Path(os.environ["FD_LOG_DIR"])
+    with LOG_LOCK:
+        slot = next(ORPHAN_SLOTS)
+        with open(log_dir / "engine.log", "a", encoding="utf-8") as log:
+            log.write(
+                f"INFO fastdeploy_pd_fix: engine notice put: orphan of request {request_id} on slot {slot} "
+                f"(need_prefill_tokens={need})\n"
+            )
+        if not messagers_drop:
+            return
+        chunks = [(start, min(start + CHUNK_TOKENS, need)) for start in range(0, need, CHUNK_TOKENS)]
+        for rank in range(RANKS):
+            with open(log_dir / f"cache_messager_rank{rank}.log", "a", encoding="utf-8") as log:
+                for start, end in chunks:
+                    log.write(
+                        f"WARNING fastdeploy_pd_fix: dropped layer-0 task slot={slot} prefilled_token_num={end} "
+                        f"from kv signal: chunk [{start}, {end}) belongs to orphan {request_id}\n"
+                    )
 
 
 def register(args, port: int) -> None:
@@ -145,6 +187,8 @@ def main():
     parser.add_argument("--cache-messager-logs", choices=sorted(BATCHES))
     parser.add_argument("--detached-child-file")
     parser.add_argument("--abort-notices", action="store_true")
+    parser.add_argument("--orphan-notices", action="store_true")
+    parser.add_argument("--no-orphan-drops", action="store_true")
     parser.add_argument("--stream-hold-s", type=float, default=5.0)
     parser.add_argument("--hold-port", metavar="PID_FILE", help="run as the detached child")
     args = parser.parse_args()
