@@ -1,10 +1,10 @@
 """Run every benchmark side by side: ``python -m benchmarks.run [--quick]`` from the repository root.
 
 Prints one table per benchmark, writes ``results.json`` and ``results.png`` (when matplotlib is installed) into
-``build/benchmarks/`` (``--out-dir benchmarks`` refreshes the committed ones the README shows), and prints a one-line
-JSON summary as the last line of stdout. ``--quick`` runs in seconds (the CI smoke); the full run takes a minute or
-two. Ratios are measured within one run, so they are comparable; absolute times depend on the machine and its load
-(recorded in ``results.json``).
+``build/benchmarks/`` (``--out-dir benchmarks`` refreshes the committed ones docs/benchmarks.md shows), and prints a
+one-line JSON summary as the last line of stdout. ``--quick`` runs in seconds (the CI smoke); the full run takes a
+minute or two. Ratios are measured within one run, so they are comparable; absolute times depend on the machine and
+its load (recorded in ``results.json``).
 
 1. ``parse``: our consume path (``buffer.numpy()`` + ``parse_kv_signal``) versus upstream-style per-element paddle
    indexing, 1 to 512 tasks per signal; and our per-signal cost by layer index.

@@ -77,7 +77,8 @@ def run_demo(json_output: bool = False, deadline_s: float = 3.0) -> int:
 def _demo(json_output: bool, deadline_s: float) -> int:
     if importlib.util.find_spec("paddle") is None:
         print(
-            "the demo's stand-in runs real paddle tensors: pip install 'fastdeploy-pd-fix[demo]' (CPU build), "
+            "the demo's stand-in runs real paddle tensors: on a machine without Paddle, pip install "
+            "'fastdeploy-pd-fix[demo,cpu]' (the cpu extra brings the CPU build; never into a FastDeploy environment), "
             "or run it where paddlepaddle-gpu is installed",
             file=sys.stderr,
         )
