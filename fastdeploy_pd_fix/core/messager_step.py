@@ -44,6 +44,8 @@ ERROR_BACKOFF_MAX_S = 1.0
 #: Once the pause is at its maximum, an error repeated in a row gets one line every this many repeats (about one a
 #: minute) instead of one per attempt: weeks of a persistent fault must not fill the disk.
 ERROR_SUMMARY_EVERY = 60
+#: The least time between two summary lines of one process (:class:`CountSummary`).
+SUMMARY_EVERY_S = 60.0
 #: How many queued batches the journal keeps for reports.
 RECENT_BATCHES = 32
 #: The messager attribute :func:`step_for` keeps the messager's step in.
@@ -74,6 +76,30 @@ class BatchJournal:
             self.sequence_hash = next_sequence_hash(self.sequence_hash, batch)
             self.recent.append((self.queued, list(batch), self.sequence_hash))
             line = f"{self.prefix}queued batch #{self.queued} {list(batch)} seq_hash={self.sequence_hash}"
+        self.log(line)
+
+
+class CountSummary:
+    """Counters of what one process's plugin did, logged as one line when they changed, at most once per
+    :data:`SUMMARY_EVERY_S`, from whichever thread counts next: over weeks the log shows the plugin at work (or at
+    fault) without a line per event. ``clock`` is injectable for tests."""
+
+    def __init__(self, log: Callable[[str], None], prefix: str, clock: Callable[[], float] = time.monotonic):
+        self.log, self.prefix, self.clock = log, prefix, clock
+        self.lock = threading.Lock()
+        self.counts: Dict[str, int] = {}
+        self._logged: Dict[str, int] = {}
+        self._logged_at = clock()
+
+    def add(self, name: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        with self.lock:
+            self.counts[name] = self.counts.get(name, 0) + count
+            if self.counts == self._logged or self.clock() - self._logged_at < SUMMARY_EVERY_S:
+                return
+            self._logged, self._logged_at = dict(self.counts), self.clock()
+            line = f"{self.prefix}summary: " + ", ".join(f"{name} {value}" for name, value in self.counts.items())
         self.log(line)
 
 
@@ -222,6 +248,7 @@ class MessagerStep:
         # Our own lock: the registration thread may already hold engine_cache_task_thread_lock when it stores a task.
         self.lock = threading.Lock()
         self.journal = BatchJournal(logger.info, log_prefix)
+        self.summary = CountSummary(logger.info, log_prefix)
         self.registered = RegisteredNeeds(messager)
         self.before_layer0 = before_layer0
         self.after_release = after_release
@@ -266,6 +293,7 @@ class MessagerStep:
         for slot, chunk_offset, end in tasks:
             if slot not in self.messager.idx_cache_task_dict:
                 self.early_layer0_signals += 1
+                self.summary.add("early layer-0 signals")
                 self.logger.info(
                     f"{self.log_prefix}early layer-0 signal #{self.early_layer0_signals}: slot {slot} chunk "
                     f"[{chunk_offset}, {end}) arrived before its registration"
@@ -291,6 +319,7 @@ class MessagerStep:
     def handle_notice(self, notice: Notice) -> None:
         """Hand one engine notice to the policy and release what became ready; never raises."""
         self.logger.info(f"{self.log_prefix}engine notice: {notice.describe()}")
+        self.summary.add(f"{notice.kind} notices read")
         try:
             with self.lock:
                 self.publish(self.policy.add_notice(notice, self.registered), "notice")
@@ -373,6 +402,9 @@ class MessagerStep:
 
     def publish(self, released: Released, source: str) -> None:
         """Log what was ignored or dropped, then journal and queue each batch in order (caller holds the lock)."""
+        self.summary.add("batches queued", len(released.batches))
+        self.summary.add("tasks dropped", len(released.drops))
+        self.summary.add("parts ignored or requests abandoned", len(released.ignored))
         for reason in released.ignored:
             self.logger.warning(f"{self.log_prefix}{reason}")
         for drop in released.drops:

@@ -22,7 +22,7 @@ rank reads them at the same position of the stream. What is patched, why, and wh
 
 Each class is patched only when :func:`fastdeploy_pd_fix.config.engine_notices` is on (plugin on, ordered mode,
 ``FD_PD_FIX_ENGINE_NOTICES`` not off) and :func:`check_target` recognises it; otherwise it is left untouched, with
-one log line. A wrapper never breaks the engine: whatever goes wrong in our part is logged (once per kind) and the
+one log line. A wrapper never breaks the engine: whatever goes wrong in our part is logged (counted per kind) and the
 original runs; no notice is sent then, and the messagers fall back to their two-stream rules.
 
 FastDeploy facts this relies on (read in public FastDeploy code; store ids of the ``search`` tool):
@@ -39,8 +39,10 @@ FastDeploy facts this relies on (read in public FastDeploy code; store ids of th
 
 Not confirmed: that a scheduled chunk always runs on the GPU (``emitted_end`` is exact only then); that no caller of
 ``recycle_abort_task`` holds a lock the messagers need (the two puts block the calling thread until every rank has
-read); ``ResourceManagerV2`` (store id 59711216585) frees slots through its own request manager and is not targeted;
-preemption on a prefill instance (``reschedule_preempt_task``) is not announced.
+read); ``ResourceManagerV2`` (store id 59711216585) subclasses ``ResourceManagerV1`` and admits through
+``super().add_request_in_p``, so the wrappers on V1's methods run for it too (tested on a subclass model), but what
+it does to slots outside V1's methods is not announced; preemption on a prefill instance
+(``reschedule_preempt_task``) is not announced.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from fastdeploy_pd_fix import __version__, config
 from fastdeploy_pd_fix.core.engine_notices import (
@@ -62,6 +64,7 @@ from fastdeploy_pd_fix.core.engine_notices import (
     orphan_batch,
     splitwise_role,
 )
+from fastdeploy_pd_fix.core.messager_step import CountSummary
 from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
@@ -90,18 +93,23 @@ UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
 #: Who announces engine notices in the stream (the messagers log it).
 ANNOUNCER = f"fastdeploy_pd_fix {__version__}"
 
-_warned = set()
+#: What the engine side did in this process, one line a minute at most when it changed.
+SUMMARY = CountSummary(logger.info, LOG_PREFIX)
+_warned: Dict[str, int] = {}
 _warned_lock = threading.Lock()
 _patch_lock = threading.Lock()
 
 
-def warn_once(key: str, message: str) -> None:
-    """Log ``message`` the first time ``key`` comes up in this process: a wrapper runs on every abort and admission."""
+def warn_counted(key: str, message: str) -> None:
+    """Log ``message`` the 1st, 10th, 100th, ... time ``key`` comes up in this process, with the count: a wrapper runs
+    on every admission, so every time would flood the engine's log, and only once would hide weeks of lost notices."""
     with _warned_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    logger.warning(f"{LOG_PREFIX}{message}")
+        count = _warned[key] = _warned.get(key, 0) + 1
+    if count == 10 ** (len(str(count)) - 1):
+        logger.warning(
+            f"{LOG_PREFIX}{message} ({count} time{'s' if count > 1 else ''} in this process; logged again "
+            f"at the {10 * count}th)"
+        )
 
 
 class Mailboxes:
@@ -116,7 +124,7 @@ class Mailboxes:
         try:
             mailbox = getattr(connector, CONNECTOR_MAILBOX, None)
             if not callable(getattr(mailbox, MAILBOX_PUT, None)):
-                warn_once(
+                warn_counted(
                     "connector without mailbox",
                     f"{type(connector).__name__} has no {CONNECTOR_MAILBOX}.{MAILBOX_PUT}: engine notices not sent",
                 )
@@ -134,7 +142,7 @@ class Mailboxes:
             if splitwise_role(resource_manager) == PREFILL_ROLE and not isinstance(put, AnnouncedPut):
                 setattr(mailbox, MAILBOX_PUT, AnnouncedPut(put, ANNOUNCER))
         except Exception as error:
-            warn_once(f"capture {type(error).__name__}", f"mailbox not captured from the connector: {error!r}")
+            warn_counted(f"capture {type(error).__name__}", f"mailbox not captured from the connector: {error!r}")
 
     def mailbox_for(self, resource_manager):
         """The mailbox of the connector built with ``resource_manager``; else the process's only one; else None
@@ -161,7 +169,7 @@ MAILBOXES = Mailboxes()
 def _mailbox_or_warn(resource_manager):
     mailbox = MAILBOXES.mailbox_for(resource_manager)
     if mailbox is None:
-        warn_once(
+        warn_counted(
             "no mailbox",
             f"no cache-info mailbox known for this {type(resource_manager).__name__} (no {CONNECTOR_CLASS} built with "
             "it): engine notices not sent, the messagers use their two-stream rules",
@@ -172,7 +180,7 @@ def _mailbox_or_warn(resource_manager):
 def _put(resource_manager, batches) -> None:
     """Put each batch in order (each put waits until every rank has read the previous batch), then log them."""
     if splitwise_role(resource_manager) is None:
-        warn_once("no role", "splitwise role not found on the resource manager: engine notices not sent")
+        warn_counted("no role", "splitwise role not found on the resource manager: engine notices not sent")
     if not batches:
         return
     mailbox = _mailbox_or_warn(resource_manager)
@@ -181,6 +189,7 @@ def _put(resource_manager, batches) -> None:
     for batch in batches:
         getattr(mailbox, MAILBOX_PUT)(batch)
     for notice in (decode(item) for batch in batches for item in batch):
+        SUMMARY.add(f"{notice.kind} notices put")
         if notice.kind != FENCE:
             logger.info(
                 f"{LOG_PREFIX}engine notice put: {notice.describe()}" + (", fenced" if notice.kind == ABORT else "")
@@ -200,7 +209,7 @@ def announce_orphans(resource_manager, requests) -> None:
 
 def announcing_first(announce: Callable[[object, object], None]) -> Callable:
     """A wrapper factory for a method ``(self, argument, ...)``: ``announce(self, argument)`` runs first, guarded
-    (whatever goes wrong in it is logged once per kind), then the original, always."""
+    (whatever goes wrong in it is logged, counted per kind: :func:`warn_counted`), then the original, always."""
 
     def make_wrapper(original):
         where = original.__name__
@@ -210,10 +219,10 @@ def announcing_first(announce: Callable[[object, object], None]) -> Callable:
             try:
                 announce(self, argument)
             except Exception as error:  # never break the engine because of the plugin
-                warn_once(
+                SUMMARY.add(f"{where} notices not sent")
+                warn_counted(
                     f"{where} {type(error).__name__}",
-                    f"{where}: notice not sent, the original runs: {error!r} (further {type(error).__name__} not "
-                    "logged)",
+                    f"{where}: notice not sent, the original runs: {error!r}",
                 )
             return original(self, argument, *args, **kwargs)
 

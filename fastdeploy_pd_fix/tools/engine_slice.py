@@ -10,8 +10,9 @@ decode instance, zmq (where it is not installed), and each messager rank's regis
 
 The release files are found in a FastDeploy package directory by what they define, not by a list of file names:
 the plugin's two targets at the modules it patches (:mod:`fastdeploy_pd_fix.target`), the class with the prefill
-prepare thread (``_fetch_request_prefill``), the class with the mailbox (``put_cache_info`` and ``get_cache_info``),
-the module the resource manager imports ``Request`` from, and ``envs``.
+prepare thread (``_fetch_request_prefill``), the class with the mailbox (``put_cache_info`` and ``get_cache_info``;
+of several, the one the release's ``cache_messager.py`` imports), the module the resource manager imports
+``Request`` from, and ``envs``.
 
 :func:`check_engine` plays :data:`WAVES` (routed requests and orphans, an orphan's slot reused by a routed request)
 and judges what every rank read: the ``engine:`` line of ``preflight``.
@@ -39,6 +40,7 @@ from fastdeploy_pd_fix.target import (
     RESOURCE_MANAGER_CLASS,
     RESOURCE_MANAGER_METHODS,
     RESOURCE_MANAGER_MODULE,
+    SCRIPT_PATH,
 )
 from fastdeploy_pd_fix.tools import preflight_tree
 
@@ -87,9 +89,9 @@ def _classes(tree: ast.Module) -> Dict[str, set]:
     }
 
 
-def _find_defining(package_dir: Path, must_contain: Tuple[str, ...], methods: Tuple[str, ...]) -> Optional[str]:
-    """The module of the package whose source has every string of ``must_contain`` (a cheap filter) and a class
-    that defines every method of ``methods``; None when no module does."""
+def _find_defining(package_dir: Path, methods: Tuple[str, ...]) -> Dict[str, str]:
+    """Every class of the package that defines all of ``methods``: class name -> module (a cheap text filter first)."""
+    found: Dict[str, str] = {}
     for path in sorted(package_dir.rglob("*.py")):
         if "test" in path.relative_to(package_dir).parts[0]:
             continue
@@ -97,15 +99,25 @@ def _find_defining(package_dir: Path, must_contain: Tuple[str, ...], methods: Tu
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        if not all(needle in text for needle in must_contain):
+        if not all(method in text for method in methods):
             continue
         try:
             classes = _classes(ast.parse(text))
         except (SyntaxError, ValueError):
             continue
-        if any(set(methods) <= defined for defined in classes.values()):
-            return _module_name(package_dir, path)
-    return None
+        for name, defined in classes.items():
+            if set(methods) <= defined:
+                found.setdefault(name, _module_name(package_dir, path))
+    return found
+
+
+def _messager_imports(package_dir: Path) -> set:
+    """The names the release's ``cache_messager.py`` imports (empty without one)."""
+    try:
+        tree = ast.parse((package_dir.parent / SCRIPT_PATH).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
 
 
 def _import_source(tree: ast.Module, name: str) -> Optional[str]:
@@ -132,15 +144,19 @@ def find_engine_files(package_dir: Path) -> Tuple[Optional[EngineFiles], str]:
         if class_name not in defined:
             return None, f"{module} defines no {class_name}"
         roles[role] = module
-    searches = {
-        "prepare": ((PREFILL_FETCH,), (PREFILL_FETCH,)),
-        "queue": ((MAILBOX_PUT, MAILBOX_GET), (MAILBOX_PUT, MAILBOX_GET)),
-    }
-    for role, (needles, methods) in searches.items():
-        module = _find_defining(package_dir, needles, methods)
-        if module is None:
+    for role, methods in (("prepare", (PREFILL_FETCH,)), ("queue", (MAILBOX_PUT, MAILBOX_GET))):
+        classes = _find_defining(package_dir, methods)
+        if not classes:
             return None, f"no class with {', '.join(methods)} in {package_dir}"
-        roles[role] = module
+        if len(classes) > 1:  # several mailboxes: the one the messagers read, by the name their file imports
+            imported = {name: module for name, module in classes.items() if name in _messager_imports(package_dir)}
+            if len(imported) != 1:
+                return None, (
+                    f"{len(classes)} classes with {', '.join(methods)} in {package_dir} ({', '.join(sorted(classes))})"
+                    f" and the cache messager imports {len(imported)} of them"
+                )
+            classes = imported
+        roles[role] = next(iter(classes.values()))
     resource_manager_tree = ast.parse(_module_path(package_dir, roles["resource_manager"]).read_bytes())
     request = _import_source(resource_manager_tree, REQUEST_CLASS)
     if request is None or not _module_path(package_dir, request).is_file():

@@ -90,6 +90,20 @@ def test_a_release_without_prepare_threads_is_not_checked_and_says_why(tmp_path)
     assert report["line"].startswith("not checked: no class with _fetch_request_prefill in ")
 
 
+def test_of_two_mailbox_classes_the_one_the_messager_imports_is_run(tmp_path):
+    package_dir = release_tree(tmp_path)
+    other = package_dir / "inter_communicator" / "engine_cache_queue.py"
+    other.write_text(
+        "class EngineCacheQueue:\n    def put_cache_info(self, x): ...\n    def get_cache_info(self): ...\n"
+    )
+    files, why = engine_slice.find_engine_files(package_dir)
+    assert files is not None and files.roles["queue"] == "fastdeploy.inter_communicator.engine_worker_queue", why
+    (package_dir / "cache_manager" / "cache_messager.py").unlink()  # without the messager's import: ambiguous
+    files, why = engine_slice.find_engine_files(package_dir)
+    assert files is None and why.startswith("2 classes with put_cache_info, get_cache_info in "), why
+    assert why.endswith("(EngineCacheQueue, EngineWorkerQueue) and the cache messager imports 0 of them"), why
+
+
 def test_a_lone_cache_messager_file_has_no_engine_files(tmp_path):
     assert engine_slice.check_engine(None, tmp_path)["line"] == "not checked: no engine files"
 

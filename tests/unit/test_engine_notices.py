@@ -33,7 +33,7 @@ DEADLINE = 5.0  # seconds; every wait below ends on a handshake long before it
 def plugin_switches(monkeypatch):
     for name in ("FD_PD_FIX", "FD_PD_FIX_MODE", "FD_PD_FIX_ENGINE_NOTICES"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(engine, "_warned", set())  # every test sees its own first warnings
+    monkeypatch.setattr(engine, "_warned", {})  # every test sees its own first warnings
     yield monkeypatch
     for cls in (ResourceManagerV1, SplitwiseConnector):
         unpatch_engine_class(cls)
@@ -267,6 +267,24 @@ def test_errors_in_our_part_never_reach_the_engine(patched, caplog):
     assert caplog.text.count("add_request_in_p: notice not sent") == 1 and "ConnectionError" in caplog.text
 
 
+def test_a_persistent_error_is_logged_with_its_count_at_the_1st_10th_and_100th_time(patched, caplog):
+    # Every admission fails to put its notice: weeks of that must leave a trace, not one line nor a flood.
+    mailbox = BrokenMailbox()
+    resource_manager, connector = engine_with(mailbox)
+    orphan = EngineRequest("O", 8, transfer=False)
+    resource_manager.preallocate_resource_in_p(orphan)
+    with caplog.at_level(logging.WARNING, logger="fastdeploy_pd_fix"):
+        for _ in range(150):
+            resource_manager.add_request_in_p([orphan])
+    assert mailbox.calls == 150 and len(resource_manager.running) == 150  # the original ran every time
+    lines = [line for line in caplog.text.splitlines() if "add_request_in_p: notice not sent" in line]
+    assert [line.split("(")[-1] for line in lines] == [
+        "1 time in this process; logged again at the 10th)",
+        "10 times in this process; logged again at the 100th)",
+        "100 times in this process; logged again at the 1000th)",
+    ]
+
+
 def test_a_request_we_cannot_read_gets_no_notice_and_the_original_runs(patched, caplog):
     mailbox = OneBatchMailbox(0)
     resource_manager, connector = engine_with(mailbox)
@@ -490,3 +508,17 @@ def test_the_first_non_empty_read_tells_whether_the_engine_announced_itself(firs
     results = [queue.get_cache_info() for _ in range(3)]
     assert [getattr(notice, "request_id", None) for notice in seen] == [announced]  # once, at the first items
     assert results[0] == [] and all(not is_notice(item) for result in results for item in result)
+
+
+def test_a_subclass_that_calls_the_patched_methods_puts_the_notices_too(patched):
+    # FastDeploy's ResourceManagerV2 subclasses V1 and admits through super().add_request_in_p: the wrappers on V1's
+    # methods run there too, so its orphans are announced like V1's.
+    class ResourceManagerV2(ResourceManagerV1):
+        def add_request_in_p(self, requests):
+            return super().add_request_in_p(list(requests))
+
+    mailbox = OneBatchMailbox(0)
+    resource_manager = ResourceManagerV2()
+    connector = SplitwiseConnector(None, mailbox, resource_manager)
+    admit(resource_manager, connector, EngineRequest("O", 6, transfer=False))
+    assert [(n.kind, n.request_id, n.value) for batch in notices_of(mailbox) for n in batch] == [(ORPHAN, "O", 6)]

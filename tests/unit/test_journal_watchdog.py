@@ -8,7 +8,7 @@ import pytest
 from support.messager import StepMessager
 
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, make_step, next_sequence_hash
+from fastdeploy_pd_fix.core.messager_step import BatchJournal, CountSummary, make_step, next_sequence_hash
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.inject import injected_delay
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
@@ -126,3 +126,20 @@ def test_observer_and_attached_step_wrap_get_together(observer_first):
     assert batch == [(2, 4)] and observer.held_for()[0] is batch
     assert messager.idx_cache_task_dict[2]["request_id"] == "A"
     assert len([line for line in lines if "queued batch #" in line]) == 1
+
+
+def test_the_summary_is_one_line_a_minute_at_most_and_only_after_a_change():
+    now, lines = [0.0], []
+    summary = CountSummary(lines.append, "p: ", clock=lambda: now[0])
+    summary.add("batches queued")  # within the first minute: counted, not logged
+    now[0] = 61.0
+    summary.add("batches queued", 2)
+    summary.add("tasks dropped", 0)  # nothing counted: no change
+    now[0] = 90.0
+    summary.add("tasks dropped")  # counted; the next line may come at 121 s
+    now[0] = 125.0
+    summary.add("orphan notices read")
+    assert lines == [
+        "p: summary: batches queued 3",
+        "p: summary: batches queued 3, tasks dropped 1, orphan notices read 1",
+    ]

@@ -204,7 +204,9 @@ def _jsonable(item):
 
 
 def run(modules: dict, nranks: int, waves: list, socket_dir: str) -> dict:
-    """Play ``waves`` (each: requests ``{"id", "prompt", "routed", "finish_after"}``) through the release's engine."""
+    """Play ``waves`` through the release's engine: each wave a list of requests ``{"id", "prompt", "routed",
+    "finish"}`` handed to the scheduler at once; the driver waits until all are admitted, then finishes those with
+    ``finish`` (the token processor's ``finish_requests``)."""
     queue_module = importlib.import_module(modules["queue"])
     resource_module = importlib.import_module(modules["resource_manager"])
     connector_module = importlib.import_module(modules["connector"])
