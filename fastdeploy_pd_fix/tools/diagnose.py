@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
+from fastdeploy_pd_fix.tools import positive_int
 
 #: Exit codes (also in the command help).
 NO_DIVERGENCE, DIVERGENCE, NOT_DIAGNOSED = 0, 1, 2
@@ -480,16 +481,6 @@ def diagnose(log_dir, tp: Optional[int] = None) -> Tuple[int, str]:
         return NOT_DIAGNOSED, str(error)
     except Exception as error:  # a bug of ours must not read as "divergence found"
         return NOT_DIAGNOSED, f"diagnose failed: {error!r}"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -45,8 +45,7 @@ from fastdeploy_pd_fix.standin.harness import (
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
-from fastdeploy_pd_fix.tools import engine_slice, positive_seconds, preflight_tree
-from fastdeploy_pd_fix.tools.diagnose import positive_int
+from fastdeploy_pd_fix.tools import engine_slice, positive_int, positive_seconds, preflight_tree
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
 OFF, ON = config.OFF, config.ORDERED
