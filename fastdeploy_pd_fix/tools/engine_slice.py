@@ -41,6 +41,8 @@ from fastdeploy_pd_fix.target import (
     RESOURCE_MANAGER_METHODS,
     RESOURCE_MANAGER_MODULE,
     SCRIPT_PATH,
+    UPSTREAMED_PACKAGE,
+    UPSTREAMED_PATH,
 )
 from fastdeploy_pd_fix.tools import preflight_tree
 
@@ -67,10 +69,12 @@ WAVES = [
 
 @dataclass(frozen=True)
 class EngineFiles:
-    """The release files of a slice: role -> module name, and module name -> file."""
+    """The release files of a slice: role -> module name, and module name -> file; ``fixed``: the release carries
+    the fix (``make-patch``'s package, which its engine files import, is among the files)."""
 
     roles: Dict[str, str]
     files: Dict[str, Path]
+    fixed: bool = False
 
 
 def _module_name(package_dir: Path, path: Path) -> str:
@@ -166,7 +170,10 @@ def find_engine_files(package_dir: Path) -> Tuple[Optional[EngineFiles], str]:
     envs = package_dir / "envs.py"
     if envs.is_file():
         files[f"{PACKAGE}.envs"] = envs
-    return EngineFiles(roles, files), ""
+    upstreamed = package_dir.parent / UPSTREAMED_PATH
+    for path in sorted(upstreamed.glob("*.py")) if upstreamed.is_dir() else []:
+        files[_module_name(package_dir, path)] = path  # its __init__ too: the tree path follows the name
+    return EngineFiles(roles, files, fixed=upstreamed.is_dir()), ""
 
 
 def run_slice(files: EngineFiles, work: Path, plugin_on: bool = True, waves=WAVES, nranks: int = NRANKS) -> dict:
@@ -268,7 +275,8 @@ def check_engine(package_dir: Optional[Path], work: Path) -> dict:
     if files is None:
         return {"checked": False, "line": f"not checked: {why}", "methods": {}}
     on, off = run_slice(files, work, plugin_on=True), run_slice(files, work, plugin_on=False)
-    problems = judge(on) + [f"plugin off: {problem}" for problem in judge(off, notices_expected=False)]
+    # A release that carries the fix announces and puts its own notices, with the plugin off too.
+    problems = judge(on) + [f"plugin off: {problem}" for problem in judge(off, notices_expected=files.fixed)]
     patched = [line for line in on.get("decisions", []) if ": patched " in line]
     orphans_read = not judge(on) and bool(_notices(on["ranks"][0]))
     exercised = {
@@ -283,6 +291,8 @@ def check_engine(package_dir: Optional[Path], work: Path) -> dict:
     line = ", ".join(
         f"{method} {status[method]}" + (f" ({reasons[method]})" if method in reasons else "") for method in methods
     )
+    if files.fixed:
+        line = f"the release's own notices ({UPSTREAMED_PACKAGE}; the plugin's engine patch stands aside): {line}"
     return {
         "checked": True,
         "line": line if not problems else f"FAILED: {'; '.join(problems)}",

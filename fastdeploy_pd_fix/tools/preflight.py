@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.analysis import analyse_source
+from fastdeploy_pd_fix.analysis import ALREADY_FIXED, analyse_source
 from fastdeploy_pd_fix.cli import OneLineParser, output_folder
 from fastdeploy_pd_fix.standin.harness import (
     NOT_RUN,
@@ -44,7 +44,7 @@ from fastdeploy_pd_fix.standin.harness import (
 )
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
-from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
+from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS, UPSTREAMED_PATH
 from fastdeploy_pd_fix.tools import engine_slice, positive_int, positive_seconds, preflight_tree
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
@@ -269,14 +269,18 @@ def preflight(
     parallel: Optional[int] = None,
     keep: Optional[str] = None,
     progress=print,
+    observe: bool = False,
 ) -> dict:
-    """The whole check as one JSON-ready report; ``report["exit_code"]`` is the command's exit code."""
+    """The whole check as one JSON-ready report; ``report["exit_code"]`` is the command's exit code. ``observe``: the
+    release's own runs use ``FD_PD_FIX_MODE=observe`` instead of ``FD_PD_FIX=0`` (its own release, journalled: their
+    kept logs are for ``diagnose``)."""
     started = time.monotonic()
     report: dict = {
         "source": source,
         "scenarios": {},
         "exit_code": EXIT_USAGE,
         "environment_ignored": plugin_variables(),  # each run sets its own: see run_scenario's ``mode``
+        "baseline": config.OBSERVE if observe else OFF,  # the mode of the release's own runs
     }
     try:
         path = locate_source(source)
@@ -308,10 +312,17 @@ def preflight(
         report["elapsed_s"] = round(time.monotonic() - started, 1)
         return report
 
+    engine_dir = package_dir_of(path)
+    if analysis.already_fixed and (engine_dir is None or not (engine_dir.parent / UPSTREAMED_PATH).is_dir()):
+        report["verdict"] = (
+            f"NO CHECK: {path} carries the fix ({UPSTREAMED_PATH}), which is not beside it: pass the checkout "
+            f"(--source TREE) so that the release's own package runs (exit {EXIT_USAGE})"
+        )
+        return report
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="fd-pd-fix-preflight-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        tree = preflight_tree.build_tree(path, work / "tree", fastdeploy_version(path))
+        tree = preflight_tree.build_tree(path, work / "tree", fastdeploy_version(path), engine_dir)
         report.update(
             stubbed_modules=tree.stubbed_modules,
             missing_third_party=tree.missing_third_party,
@@ -319,10 +330,10 @@ def preflight(
             options=len(tree.options),
             required_options=[option.flag for option in tree.options if option.required],
         )
-        progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(MODES)} on 2 rank processes each ...")
+        modes = (report["baseline"], ON)
+        progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(modes)} on 2 rank processes each ...")
         workers = parallel or max(2, min(8, 2 * (os.cpu_count() or 1)))
-        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress, keep_runs=bool(keep))
-        engine_dir = package_dir_of(path)
+        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress, modes, bool(keep))
         if engine_dir is not None:
             progress(f"running the engine slice on {engine_dir} (plugin on/off) ...")
         report["engine"] = engine_slice.check_engine(engine_dir, work / "engine")
@@ -338,13 +349,17 @@ def preflight(
 
 
 def _conclude(report: dict, records: Dict[str, dict]) -> None:
+    baseline = report["baseline"]
+    if report["analysis"]["already_fixed"]:
+        _conclude_already_fixed(report, records)
+        return
     on_runs = [record[ON] for record in records.values()]
     decision_lines = [line for record in on_runs for lines in record["decisions"].values() for line in lines]
     stood_aside = [line for line in decision_lines if "stood aside" in line]
     patched = [line for line in decision_lines if ": patched " in line]
     report["decision"] = (stood_aside or patched or ["no decision line in the rank logs"])[0]
     failing = [name for name, record in records.items() if not run_good(record[ON])]
-    off_bad = [name for name, record in records.items() if not run_good(record[OFF])]
+    off_bad = [name for name, record in records.items() if not run_good(record[baseline])]
     without = f"without the plugin {len(off_bad)} of {len(records)} fail ({', '.join(off_bad) or 'none'})"
     engine_failed = bool(report["engine"].get("problems"))
     if stood_aside or not all(record["patched"] for record in on_runs):
@@ -366,6 +381,26 @@ def _conclude(report: dict, records: Dict[str, dict]) -> None:
         report["verdict"] = (
             f"PASS: with the plugin all {len(records)} scenarios finished with identical batches on every rank"
             f"{' and the engine slice passed' if report['engine']['checked'] else ''}; {without} (exit {EXIT_PASS})"
+        )
+        report["exit_code"] = EXIT_PASS
+
+
+def _conclude_already_fixed(report: dict, records: Dict[str, dict]) -> None:
+    """A release that carries the fix (``make-patch``): the plugin stands aside and the release's own runs count."""
+    baseline = report["baseline"]
+    report["decision"] = f"stands aside: {ALREADY_FIXED}"
+    failing = [name for name, record in records.items() if not run_good(record[baseline])]
+    failing += ["the engine slice"] if report["engine"].get("problems") else []
+    if failing:
+        report["verdict"] = (
+            f"FAIL: this release carries the fix, and its own code failed {', '.join(failing)} (exit {EXIT_FAIL})"
+        )
+        report["exit_code"] = EXIT_FAIL
+    else:
+        engine = " and the engine slice passed" if report["engine"]["checked"] else ""
+        report["verdict"] = (
+            f"PASS: this release carries the fix; its own release finished all {len(records)} scenarios with "
+            f"identical batches on every rank{engine}; the plugin stands aside (exit {EXIT_PASS})"
         )
         report["exit_code"] = EXIT_PASS
 
@@ -396,10 +431,12 @@ def print_report(report: dict) -> None:
         required = ", ".join(report["required_options"]) or "none"
         print(f"          (from its parse_args: {report['options']} options, required: {required})")
     if report["scenarios"]:
-        cells = {name: (cell(record[OFF]), cell(record[ON])) for name, record in report["scenarios"].items()}
-        width = max(len(text) for pair in cells.values() for text in pair) + 2
+        baseline = report["baseline"]
+        cells = {name: (cell(record[baseline]), cell(record[ON])) for name, record in report["scenarios"].items()}
+        header = "plugin off (FD_PD_FIX=0)" if baseline == OFF else "release's own (FD_PD_FIX_MODE=observe)"
+        width = max(len(text) for pair in cells.values() for text in pair + (header,)) + 2
         print()
-        print(f"{'scenario':<9}{'kind':<10}{'plugin off (FD_PD_FIX=0)':<{width}}plugin on (ordered)")
+        print(f"{'scenario':<9}{'kind':<10}{header:<{width}}plugin on (ordered)")
         print(f"{'-' * 8:<9}{'-' * 9:<10}{'-' * (width - 2):<{width}}{'-' * (width - 2)}")
         for name, (off_cell, on_cell) in cells.items():
             print(f"{name:<9}{report['scenarios'][name]['kind']:<10}{off_cell:<{width}}{on_cell}")
@@ -439,6 +476,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--deadline", type=positive_seconds, default=DEFAULT_DEADLINE_S, help="seconds after ready: a hang"
     )
     parser.add_argument("--parallel", type=positive_int, help="runs at a time (default: 2 x CPUs, 2 to 8)")
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="run the release's own side with FD_PD_FIX_MODE=observe (its release, journalled: with --keep, its logs "
+        "are for diagnose) instead of FD_PD_FIX=0",
+    )
     parser.add_argument(
         "--keep",
         metavar="DIR",
@@ -480,6 +523,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.parallel,
             args.keep,
             progress=lambda line: print(line, file=stream, flush=True),
+            observe=args.observe,
         )
         if args.json:
             print(json.dumps(report, indent=1))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
-from fastdeploy_pd_fix.target import SCRIPT_PATH
+from fastdeploy_pd_fix.target import SCRIPT_PATH, UPSTREAMED_PATH
 
 STUBS_SOURCE = Path(__file__).resolve().parent / "preflight_stubs"
 PACKAGE = "fastdeploy"
@@ -296,10 +296,17 @@ def _stub_imports(
     return stubbed, missing
 
 
-def build_tree(source: Path, root: Path, version: str = "unknown (preflight stubs)") -> TreeReport:
-    """Lay out the tree under ``root``; the file is copied unmodified and only read to derive the stubs."""
+def build_tree(
+    source: Path, root: Path, version: str = "unknown (preflight stubs)", package_dir: Optional[Path] = None
+) -> TreeReport:
+    """Lay out the tree under ``root``; the file is copied unmodified and only read to derive the stubs. Where the
+    file's ``fastdeploy`` package (``package_dir``) carries the fix (``make-patch``'s package), that package is
+    copied too: it is the release's own code under test, not something to stub."""
     tree = ast.parse(Path(source).read_bytes(), filename=str(source))
     _copy_harness(root / PACKAGE)
+    upstreamed = package_dir.parent / UPSTREAMED_PATH if package_dir is not None else None
+    if upstreamed is not None and upstreamed.is_dir():
+        shutil.copytree(upstreamed, root / UPSTREAMED_PATH, ignore=shutil.ignore_patterns("*.pyc", "__pycache__"))
     script = root / SCRIPT_PATH
     script.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, script)

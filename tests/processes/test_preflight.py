@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from support.installed import require_plugin_installed
-from support.upstream_files import TARGET_FILES, UPSTREAM, UPSTREAM_FILES, needs_upstream
+from support.upstream_files import (
+    TARGET_FILES,
+    UPSTREAM,
+    UPSTREAM_FILES,
+    needs_engine_files,
+    needs_upstream,
+    release_tree,
+)
 
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
@@ -111,3 +118,55 @@ def test_a_release_it_has_never_seen_the_stand_in_file():
     assert "fastdeploy.inter_communicator.engine_worker_queue" in report["stubbed_modules"]
     for scenario in RACE:
         assert report["scenarios"][scenario]["off"]["outcome"] == "hang", "the stand-in's #7872 hangs in s1-s3"
+
+
+@needs_upstream
+def test_observe_keeps_the_release_own_journal_for_diagnose(tmp_path):
+    # The release's own runs in observe mode write the batch journal: diagnose names the seed's divergence in them.
+    source = UPSTREAM / "cache_messager@gongshaotian_8a1e71d0.py"
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_pd_fix.tools.preflight", "--source", str(source), "--json"]
+        + ["--scenarios", "s1", "--observe", "--keep", str(tmp_path / "kept")],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    report = json.loads(completed.stdout)
+    assert completed.returncode == preflight.EXIT_PASS and report["baseline"] == "observe", describe(report)
+    assert report["scenarios"]["s1"]["observe"]["outcome"] == "hang", describe(report)
+    diagnosed = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_pd_fix", "diagnose", str(tmp_path / "kept" / "runs" / "observe")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert diagnosed.returncode == 1 and "first divergence at batch #1" in diagnosed.stdout, diagnosed.stdout
+
+
+@needs_engine_files
+def test_a_make_patched_release_2_6_tree_passes_on_its_own_fix(tmp_path):
+    # make-patch on a checkout of release/2.6's files, then preflight on the patched tree: the release's own
+    # layer0_release runs (the plugin stands aside), in the messagers and in the engine slice.
+    checkout = tmp_path / "FastDeploy"
+    release_tree(checkout)
+    git = ["git", "-C", str(checkout), "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q", "-b", "release", str(checkout)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "release/2.6 files"], check=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "fastdeploy_pd_fix", "make-patch", "--repo", str(checkout), "--base", "release"]
+        + ["--out", str(tmp_path / "patches")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    code, report, _ = run_preflight(checkout, ("s1", "s2"))
+    assert code == preflight.EXIT_PASS, describe(report)
+    assert report["verdict"].startswith("PASS: this release carries the fix"), report["verdict"]
+    assert report["engine"]["line"].startswith("the release's own notices (layer0_release"), report["engine"]
+    assert all(preflight.run_good(record["off"]) for record in report["scenarios"].values()), describe(report)
+    lone = tmp_path / "cache_messager.py"  # the patched file alone: its package is not beside it
+    lone.write_bytes((checkout / SCRIPT_PATH).read_bytes())
+    code, report, _ = run_preflight(lone, ("s1",))
+    assert code == preflight.EXIT_USAGE and "carries the fix" in report["verdict"], report["verdict"]
