@@ -95,8 +95,11 @@ class MessagerRuntime:
         policy = self.step.policy if self.step else None
         waiting = policy.waiting_signals() if policy else "n/a (observe mode)"
         registrations = policy.open_registrations() if policy else "n/a (observe mode)"
+        notices = {None: "not known yet (no cache-info batch read)", True: "on", False: "OFF"}[
+            self.step.engine_notices if self.step else None
+        ]
         return (
-            f"mode={self.mode} rank={self.rank}\nwaiting layer-0 signals: {waiting}\n"
+            f"mode={self.mode} rank={self.rank} engine notices: {notices}\nwaiting layer-0 signals: {waiting}\n"
             f"open registrations per slot: {registrations}\n"
             f"idx_cache_task_dict slots: {sorted(self.messager.idx_cache_task_dict)}"
         )

@@ -176,6 +176,8 @@ def test_limits_show_what_the_user_sees_without_notices(results):
         "the oldest layer-0 signal has waited" in messager_log(l11, rank) and "((0, 0, 4),)" in messager_log(l11, rank)
         for rank in (0, 1)
     ), describe(l11)
+    report = messager_log(l11, 0).split("fastdeploy_pd_fix WATCHDOG: stalled", 1)
+    assert len(report) == 2 and "engine notices: OFF\n" in report[1], "the report says why it waits"
 
 
 def test_repeats_are_ignored_once_counted(results):
