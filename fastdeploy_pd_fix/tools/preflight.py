@@ -392,9 +392,8 @@ def _conclude_already_fixed(report: dict, records: Dict[str, dict]) -> None:
     failing = [name for name, record in records.items() if not run_good(record[baseline])]
     failing += ["the engine slice"] if report["engine"].get("problems") else []
     if failing:
-        report["verdict"] = (
-            f"FAIL: this release carries the fix, and its own code failed {', '.join(failing)} (exit {EXIT_FAIL})"
-        )
+        failed = ", ".join(failing)
+        report["verdict"] = f"FAIL: this release carries the fix, and its own code failed {failed} (exit {EXIT_FAIL})"
         report["exit_code"] = EXIT_FAIL
     else:
         engine = " and the engine slice passed" if report["engine"]["checked"] else ""
