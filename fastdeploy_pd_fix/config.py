@@ -89,7 +89,7 @@ def engine_notices(environ=os.environ):
 
     On only when the plugin is on, the mode is ``ordered`` (the only policy that reads them) and
     ``FD_PD_FIX_ENGINE_NOTICES`` is not off (same spellings as ``FD_PD_FIX``; an unknown value keeps it on, with a
-    warning). Off, the messager side still runs ordered mode on the two streams alone (its documented limits)."""
+    warning). Off, the messagers read no engine announcement and release by upstream's rule (release rule 10)."""
     if switched_off(environ) or selected_mode(environ)[0] != ORDERED:
         return False, None
     return _on_off(environ, ENV_ENGINE_NOTICES, "notices stay on")

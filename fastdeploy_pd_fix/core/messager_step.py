@@ -33,7 +33,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .kv_signal import parse_kv_signal
 from .notice import ENGINE, Notice, decode, is_notice, split_notices
-from .release import ORDERED, Registration, Released, ReleasePolicy, make_release
+from .release import ORDERED, Registration, Released, ReleasePolicy, make_release, policy_after_first_read
 
 #: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
 NO_SIGNAL_BACKOFF_S = 0.001
@@ -300,21 +300,38 @@ class MessagerStep:
                 )
 
     def handle_first_read(self, announcement: Optional[Notice]) -> None:
-        """Log, once, whether the engine puts notices: its announcement heads the first cache-info batch, or not."""
+        """Learn, once, whether the engine puts notices: its announcement heads the first cache-info batch, or not.
+        Ordered mode without them releases by upstream's rule from here on (release rule 10); logged either way."""
         self.engine_notices = announcement is not None
+        mode = self.policy.mode
+        try:
+            with self.lock:
+                self.policy, released = policy_after_first_read(self.policy, self.engine_notices, self.registered)
+                self.publish(released, "first cache-info read")
+        except Exception:  # never into the registration loop; the policy stays as it was
+            self.logger.exception(f"{self.log_prefix}failed to take the first cache-info read's announcement")
         if announcement is not None:
             self.logger.info(
                 f"{self.log_prefix}engine notices: on ({announcement.describe()}, first cache-info batch)"
             )
-        elif self.policy.mode == ORDERED:
+        elif mode != ORDERED:
+            self.logger.info(f"{self.log_prefix}engine notices: off (not announced; {mode} reads none)")
+        elif self.policy.mode != ORDERED:
+            self.summary.add("ordered handed to upstream (engine notices off)")
             self.logger.warning(
                 f"{self.log_prefix}engine notices: OFF: the first cache-info batch does not start with the engine's "
-                "announcement (its engine side is switched off, stands aside, or is of another version); ordered "
-                "release runs on the two streams alone: a request sent to this prefill server directly, not through "
-                "the router, holds every later transfer for as long as it keeps its slot"
+                "announcement (its engine side is switched off, stands aside, or is of another version). Without "
+                "notices a request sent to this prefill server directly, not through the router, cannot be told "
+                f"from a late registration, so release goes on by {self.policy.mode}'s rule (#8034) instead of "
+                "ordered: never held behind such a request, but the chunked and cross-order races (s2, s3) can "
+                "hang the ranks again; switch the engine side on to get ordered back"
             )
         else:
-            self.logger.info(f"{self.log_prefix}engine notices: off (not announced; {self.policy.mode} reads none)")
+            self.logger.warning(
+                f"{self.log_prefix}engine notices: OFF, and ordered release stays on (the hand-over failed, see "
+                "above): a request sent to this prefill server directly holds every later transfer while it keeps "
+                "its slot"
+            )
 
     def handle_notice(self, notice: Notice) -> None:
         """Hand one engine notice to the policy and release what became ready; never raises."""

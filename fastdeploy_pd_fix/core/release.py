@@ -49,13 +49,18 @@ returning a :class:`Released`):
        later registration of them is ignored (rule 2). The engine fences each abort (rule 9, in the engine-side
        patch): the slot's next request computes only after every rank has handled the abort.
 
+    10. Notices off. Whether the engine puts notices is itself in the cache-info stream: its first batch starts
+        with the engine's announcement, or not (:func:`policy_after_first_read`). Without notices the two streams
+        cannot tell a request computed without registering (an orphan) from a request whose registration is late
+        (the race): waiting holds every later signal behind the orphan's for as long as it keeps its slot, where
+        the release as is goes on; and no rule on the two streams can tell them apart alike on every rank (a
+        lagging consume thread may read the orphan slot's next registration before the orphan's signal). So an
+        ordered policy that learns, at the first cache-info read, that notices are off hands its waiting signals to
+        ``upstream`` and releases by its rule from then on (invariant 7: never worse than upstream; its
+        chunked and cross-order races, s2 and s3, come back).
+
     Every decision depends only on the tasks, registrations and notices seen so far and on their order within each
-    stream, so every rank decides alike. Without notices (the engine-side patch absent or standing aside), what the
-    two streams cannot tell apart, and where this policy then errs, alike on every rank: a request aborted before its
-    first chunk whose slot's next request starts with the same chunk; a next request whose prefix-cached first
-    chunk starts exactly where an aborted request stopped; a request computed without registering (its task waits
-    for its slot's next registration and is bound to it); and an aborted request whose first registration arrives
-    only after its slot's next request registered.
+    stream, so every rank decides alike.
 
 ``upstream`` (:class:`UpstreamRelease`)
     The semantics of upstream PR #8034, kept for parity and A/B comparison: every layer-0 task goes through a
@@ -470,6 +475,25 @@ class UpstreamRelease:
         else:
             released.batches.append(((slot, prefilled_token_num),))
         return released
+
+
+def policy_after_first_read(
+    policy: ReleasePolicy, announced: bool, registered: Mapping[int, int]
+) -> Tuple[ReleasePolicy, Released]:
+    """The policy that releases from the first cache-info read on, and what it released taking over (rule 10).
+
+    ``announced``: the read starts with the engine's announcement (:data:`.notice.ENGINE`). Call it once, before
+    the read's items reach the policy: an ``ordered`` policy without notices then holds no registration yet, only
+    the layer-0 signals that came first, which ``upstream`` takes over in their order."""
+    if announced or policy.mode != ORDERED:
+        return policy, Released()
+    if policy.open_registrations():
+        raise ValueError("policy_after_first_read: the policy already holds registrations; call it at the first read")
+    successor = UpstreamRelease()
+    released = Released()
+    for tasks in policy.waiting_signals():
+        released.extend(successor.add_signal(tasks, registered))
+    return successor, released
 
 
 def make_release(mode: str) -> ReleasePolicy:

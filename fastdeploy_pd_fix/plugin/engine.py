@@ -23,7 +23,8 @@ rank reads them at the same position of the stream. What is patched, why, and wh
 Each class is patched only when :func:`fastdeploy_pd_fix.config.engine_notices` is on (plugin on, ordered mode,
 ``FD_PD_FIX_ENGINE_NOTICES`` not off) and :func:`check_target` recognises it; otherwise it is left untouched, with
 one log line. A wrapper never breaks the engine: whatever goes wrong in our part is logged (counted per kind) and the
-original runs; no notice is sent then, and the messagers fall back to their two-stream rules.
+original runs; no notice is sent then (without the engine's announcement the messagers release by upstream's rule,
+release rule 10).
 
 FastDeploy facts this relies on (read in public FastDeploy code; store ids of the ``search`` tool):
 
@@ -172,7 +173,7 @@ def _mailbox_or_warn(resource_manager):
         warn_counted(
             "no mailbox",
             f"no cache-info mailbox known for this {type(resource_manager).__name__} (no {CONNECTOR_CLASS} built with "
-            "it): engine notices not sent, the messagers use their two-stream rules",
+            "it): engine notices not sent",
         )
     return mailbox
 

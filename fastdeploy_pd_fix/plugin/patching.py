@@ -59,7 +59,7 @@ ENGINE_REMOVE_WHEN = "the running FastDeploy announces aborted and transfer-less
 ENGINE_DETAILS = (
     "only when FD_PD_FIX is on, FD_PD_FIX_MODE is ordered and FD_PD_FIX_ENGINE_NOTICES is not off; puts nothing on "
     "other roles (nobody may read the mailbox there); any error in the plugin's part is logged once and the "
-    "original runs without a notice, which leaves the messagers on their two-stream rules"
+    "original runs without a notice (without the announcement the messagers release by upstream's rule)"
 )
 
 MANIFEST = (

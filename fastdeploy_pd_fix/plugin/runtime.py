@@ -98,8 +98,10 @@ class MessagerRuntime:
         notices = {None: "not known yet (no cache-info batch read)", True: "on", False: "OFF"}[
             self.step.engine_notices if self.step else None
         ]
+        handed_over = f" (releasing by {policy.mode}'s rule)" if policy and policy.mode != self.mode else ""
         return (
-            f"mode={self.mode} rank={self.rank} engine notices: {notices}\nwaiting layer-0 signals: {waiting}\n"
+            f"mode={self.mode}{handed_over} rank={self.rank} engine notices: {notices}\n"
+            f"waiting layer-0 signals: {waiting}\n"
             f"open registrations per slot: {registrations}\n"
             f"idx_cache_task_dict slots: {sorted(self.messager.idx_cache_task_dict)}"
         )

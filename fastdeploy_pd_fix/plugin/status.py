@@ -27,7 +27,7 @@ def engine_line() -> str:
     """One line on the engine-side patch: whether the engine process will put slot-lifecycle notices."""
     off = notices_off_reason()
     if off:
-        return f"notices off ({off}): the messagers use their two-stream rules"
+        return f"notices off ({off}): the messagers release by upstream's rule (#8034), not ordered"
     return (
         f"notices on: {RESOURCE_MANAGER_CLASS} and {CONNECTOR_CLASS} are patched as the engine process imports them "
         "(prefill role only; its log has one decision line for each)"

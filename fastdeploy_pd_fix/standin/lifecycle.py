@@ -8,8 +8,8 @@ that patch is on: ordered mode, ``FD_PD_FIX_ENGINE_NOTICES`` not off). Each sche
 next request's signals come after the abort's read. ``expected`` gives, per run mode, ``(outcome, ground-truth
 violations)`` on the default stand-in variant (#7872, no #7724, three-argument op): ``off`` is the release's own
 code, ``upstream`` and ``ordered`` the plugin's modes, :data:`WITHOUT_NOTICES` ordered mode with the engine-side
-notices off. ``decidable`` is False for the cases the two streams alone cannot decide (design doc section 4):
-there ``ordered`` without notices shows the documented limit, and the notices decide them.
+notices off, which releases by upstream's rule (release rule 10). The cases marked "limit" are those the two
+streams alone cannot decide (design doc section 4); the notices decide them.
 
 * l1: the issue's case: A aborted between chunks, its slot reused by B, C, D in turn.
 * l2: A aborted between chunks; one rank reads A's emitted chunk only after B registered on the slot.
@@ -35,10 +35,10 @@ WITHOUT_NOTICES = "ordered-without-notices"
 WITHOUT_NOTICES_ENV = {config.ENV_ENGINE_NOTICES: "0"}
 
 
-def _expected(off, upstream, ordered, without_notices=None):
-    """``expected`` per run mode: ``(outcome, ground-truth violations)``; without notices as with them unless given."""
-    outcomes = {config.OFF: off, config.UPSTREAM: upstream, config.ORDERED: ordered}
-    outcomes[WITHOUT_NOTICES] = ordered if without_notices is None else without_notices
+def _expected(off, upstream, ordered):
+    """``expected`` per run mode: ``(outcome, ground-truth violations)``; ordered without notices releases by
+    upstream's rule from its first cache-info read on (release rule 10), so it shows what upstream shows."""
+    outcomes = {config.OFF: off, config.UPSTREAM: upstream, config.ORDERED: ordered, WITHOUT_NOTICES: upstream}
     return {mode: list(value) for mode, value in outcomes.items()}
 
 
@@ -80,7 +80,6 @@ LIFECYCLE_SCENARIOS = {
         ],
         "aborted": ["A"],
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1 reg3 sig2 sig3 reg4 sig4"),
-        "decidable": True,
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
             "every mode finishes B, C, D (#7872's own code: the issue measured this); the old ordered rules dropped "
@@ -94,7 +93,6 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
         "aborted": ["A"],
         "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
-        "decidable": True,
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "both ranks send A's batch after B registered: the dict read sends B's blocks for A's chunk; ordered "
@@ -108,7 +106,6 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 6)]],
         "aborted": ["A"],
         "schedules": _schedules("stall reg0 sig0 reg1 reg2 sig1 go", "stall reg0 reg1 reg2 sig0 sig1 go"),
-        "decidable": True,
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "the queued batch of A's final chunk is sent with B's task by the dict read; ordered sends it with A's "
@@ -122,7 +119,6 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 3)]],
         "aborted": ["A"],
         "schedules": _schedules("hold reg0 sig0 reg1 reg2 go drain sig1"),
-        "decidable": True,
         "expected": _expected(off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0)),
         "why": (
             "the dict read sends A's final chunk as B's (B needs 3 <= 4): B is reported finished with blocks B never "
@@ -136,13 +132,10 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 4)], _abort("A", 0, None), [_request("B", 0, 4)]],
         "aborted": ["A"],
         "schedules": _schedules("reg0 reg1 reg2 sig0"),
-        "decidable": False,
-        "expected": _expected(
-            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 4)
-        ),
+        "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
-            "limit: B's only chunk [0, 4) fits the unstarted A, so ordered binds it to A on every rank alike (A's "
-            "blocks sent, never computed) and B never finishes; the dict read sends B's task and finishes"
+            "limit: on the two streams alone B's only chunk [0, 4) fits the unstarted A; the dict read sends B's "
+            "task and finishes; ordered reads A's abort and binds the chunk to B"
         ),
     },
     "l6": {
@@ -152,13 +145,10 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
         "aborted": ["A"],
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1"),
-        "decidable": False,
-        "expected": _expected(
-            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 4)
-        ),
+        "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
-            "limit: B's chunk [2, 4) continues A by content, so ordered sends it as A's on every rank alike and B "
-            "never finishes (no watchdog report: nothing waits); the dict read sends B's task and finishes"
+            "limit: on the two streams alone B's chunk [2, 4) continues A by content; the dict read sends B's task "
+            "and finishes; ordered reads A's abort (emitted_end 2) and binds the chunk to B"
         ),
     },
     "l7": {
@@ -168,7 +158,6 @@ LIFECYCLE_SCENARIOS = {
         "registrations": [[_request("A", 0, 8)], _abort("A", 0, 4), [_request("B", 0, 6), _request("C", 1, 6)]],
         "aborted": ["A"],
         "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
-        "decidable": True,
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
             "as l2 with prefix-cached first chunks: B [2, 6) does not continue A (ended at 4), so A is abandoned; "
@@ -186,7 +175,6 @@ LIFECYCLE_SCENARIOS = {
             [_request("A", 0, 8, "decode")],
         ],
         "schedules": _schedules("reg0 reg1 sig0 sig1 reg2 reg3 sig2", "reg0 sig0 reg1 sig1 reg2 sig2 reg3"),
-        "decidable": True,
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
             "the immediate repeat completes A again (ignored by ordered: A was counted before); the one after A "
@@ -205,7 +193,6 @@ LIFECYCLE_SCENARIOS = {
         ],
         "aborted": ["A"],
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 reg3 sig1", "reg0 sig0 drain reg1 reg2 hold sig1 reg3 go"),
-        "decidable": True,
         "expected": _expected(off=("hang", 4), upstream=("hang", 4), ordered=("finished", 0)),
         "why": (
             "the late repeat stores the aborted A's task over B's: the dict read sends B's chunk with A's task (need "
@@ -218,13 +205,11 @@ LIFECYCLE_SCENARIOS = {
         "owners": [["O"], ["B"]],
         "registrations": [_orphan("O", 0, 4), [_request("B", 0, 4)]],
         "schedules": _schedules("reg0 sig0 reg1 drain sig1"),
-        "decidable": False,
-        "expected": _expected(
-            off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0), without_notices=("finished", 4)
-        ),
+        "expected": _expected(off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0)),
         "why": (
-            "limit, alike in every mode (the issue's measurement): O's chunk is bound to B and sent with B's blocks "
-            "before B computed them; B is reported finished"
+            "limit, alike in every mode without notices (the issue's measurement): O's chunk is bound to B and sent "
+            "with B's blocks before B computed them; B is reported finished; ordered reads O's orphan notice and "
+            "drops O's chunk"
         ),
     },
     "l11": {
@@ -233,13 +218,11 @@ LIFECYCLE_SCENARIOS = {
         "owners": [["O"], ["A"]],
         "registrations": [_orphan("O", 0, 4), [_request("A", 1, 4)]],
         "schedules": _schedules("reg0 sig0 reg1 sig1"),
-        "decidable": False,
-        "expected": _expected(
-            off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0), without_notices=("hang", 0)
-        ),
+        "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
-            "limit: ordered keeps O's chunk at the head, waiting for a registration of slot 0, and A behind it; the "
-            "watchdog reports the waiting head; the other modes send A"
+            "limit: on the two streams alone O's chunk waits for a registration of slot 0 that never comes; every "
+            "mode sends A: ordered drops O's chunk on its orphan notice, without notices it releases by upstream's "
+            "rule (rule 10), whose pending buffer keeps O's chunk aside"
         ),
     },
     "l12": {
@@ -248,7 +231,6 @@ LIFECYCLE_SCENARIOS = {
         "owners": [["A"], ["A"]],
         "registrations": [[_request("A", 0, 8, "prefill")], [_request("A", 0, 8, "decode")]],
         "schedules": _schedules("reg0 sig0 reg1 sig1", "sig0 reg0 sig1 reg1"),
-        "decidable": True,
         "expected": _expected(off=("hang", 0), upstream=("hang", 0), ordered=("finished", 0)),
         "why": (
             "the pending buffer keeps only A's latest chunk on the rank whose registration completes late (as s2); "
@@ -267,13 +249,10 @@ LIFECYCLE_SCENARIOS = {
         ],
         "aborted": ["A"],
         "schedules": _schedules("reg0 sig0 reg1 reg2 drain reg3 sig1"),
-        "decidable": False,
-        "expected": _expected(
-            off=("hang", 8), upstream=("hang", 8), ordered=("finished", 0), without_notices=("hang", 8)
-        ),
+        "expected": _expected(off=("hang", 8), upstream=("hang", 8), ordered=("finished", 0)),
         "why": (
-            "limit, alike in every mode: A's chunk is sent with B's task, then B's chunk with A's (A registered after"
-            " B); B never finishes"
+            "limit, alike in every mode without notices: A's chunk is sent with B's task, then B's chunk with A's (A "
+            "registered after B); B never finishes; ordered reads A's abort before B's registration"
         ),
     },
 }

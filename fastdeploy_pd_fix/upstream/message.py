@@ -83,8 +83,8 @@ def _engine_line(engine_unwired: Optional[str]) -> str:
         "of `engine_notices.abort_batches(self, request_id, next(engine_notices.FENCE_SERIALS))` with the engine "
         "worker queue's put_cache_info; in ResourceManagerV1.add_request_in_p, put "
         "`engine_notices.orphan_batch(self, requests)` if it is not empty; give the resource manager the "
-        "SplitwiseConnector's engine_worker_queue. Until then the release runs on the two streams alone, with the "
-        "limits named in release.py."
+        "SplitwiseConnector's engine_worker_queue. Until then the messagers read no engine announcement and "
+        "release by upstream's rule (release.py, rule 10)."
     )
 
 

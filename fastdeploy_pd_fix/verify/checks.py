@@ -72,6 +72,13 @@ LIMITATIONS = {
     "occupant is dropped (ordered, rule 6)",
 }
 
+#: Why a finding of ``ordered`` on a workload whose cache info does not start with the engine's announcement is a
+#: limit: ordered then releases by upstream's rule (release rule 10), so it finds what upstream finds, never more.
+NOTICES_OFF_LIMIT = (
+    "engine notices off: an orphan cannot be told from a late registration alike on every rank, so ordered releases "
+    "by upstream's rule from the first cache-info read on (release rule 10) and shows upstream's findings here"
+)
+
 SHAPE_MERGED = "merged-vs-split"  # s1: one rank put tasks in one batch that another rank split into several
 SHAPE_COLLAPSED = "collapsed-chunks"  # s2: one rank released fewer tasks (pending kept only the latest chunk)
 SHAPE_REORDERED = "reordered"  # s3: same batches, different order

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix.cli import OneLineParser, output_file
 from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
@@ -103,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         "interleavings: joint ones covered (merges per rank ** ranks); states: distinct (release state, outputs) "
         "per rank; outcomes: distinct per-rank results; violations: (configuration, kind) findings; limits: known, "
-        "documented limitations (ghosts; lifecycle workloads the two streams cannot decide), not counted"
+        "documented limitations (ordered: workloads without the engine's notices, released by upstream's rule; "
+        "upstream: ghosts and lifecycle workloads the two streams cannot decide), not counted"
         + (" (--strict: counted)" if args.strict else "")
         + (
             "; notices viol./limits: the lifecycle families with the engine's notices (fenced), where nothing is a "
@@ -128,10 +129,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
     if limitations:
         print("\nknown, documented limitations (not counted; --strict counts them), smallest example of each kind:")
+        by_reason: Dict[str, list] = {}
         for counterexample in limitations:
-            family = f" [{counterexample.workload.family}]" if counterexample.limit_reason else ""
-            print(f"  {counterexample.kind}{family}: {counterexample.reason}")
-            print(f"    e.g. {counterexample.workload.describe()}: {counterexample.details[0]}")
+            by_reason.setdefault(counterexample.reason, []).append(counterexample)
+        for reason, examples in by_reason.items():
+            print(f"  {reason}:")
+            for counterexample in examples:
+                family = f" [{counterexample.workload.family}]" if counterexample.limit_reason else ""
+                print(f"    {counterexample.kind}{family}, e.g. {counterexample.workload.describe()}")
+                print(f"      {counterexample.details[0]}")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as handle:
             json.dump(

@@ -139,6 +139,11 @@ class LifecycleWorkload:
     features: frozenset = field(default_factory=frozenset)
     notices: bool = False  # the cache info carries the engine's notices (engine-side patch on)
 
+    @property
+    def announced(self) -> bool:
+        """Whether the cache-info stream starts with the engine's announcement (release rule 10)."""
+        return self.notices
+
     def signal_gates(self, index: int) -> Tuple[int, ...]:
         return tuple(self.tid_owner[tid] for tid in self.signal_tids[index])
 

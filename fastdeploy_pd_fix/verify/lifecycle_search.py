@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix.core.notice import abort_notice, orphan_notice
-from fastdeploy_pd_fix.core.release import ORDERED, OrderedRelease, Registration, Released
+from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, Released, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import (
     CRASH,
@@ -207,6 +207,11 @@ class LifecycleExplorer:
 
     def _cache_info(self, rank: LifecycleRank) -> None:
         kind, index = self.workload.cache[rank.cache_fed]
+        if rank.cache_fed == 0:
+            rank.policy, handed_over = policy_after_first_read(
+                rank.policy, self.workload.announced, self._registered(rank)
+            )
+            self._publish(rank, handed_over)
         rank.cache_fed += 1
         occupancy = self.occupancies[index]
         if kind == PREFILL_PART:
@@ -310,8 +315,8 @@ class LifecycleExplorer:
             waits.append(Wait(FINISH, read[0]))
             rank.finished.add(read[0])
             rank.cache_info.discard(read[0])
-            if self.mode != ORDERED or rank.task_dict.get(slot) == read:
-                rank.task_dict.pop(slot, None)  # BoundTaskDict leaves a newer occupant's entry in place
+            if not isinstance(rank.policy, OrderedRelease) or rank.task_dict.get(slot) == read:
+                rank.task_dict.pop(slot, None)  # a bound batch's del leaves a newer occupant's entry in place
         rank.waits = rank.waits + tuple(waits)
         rank.holding = None
 

@@ -12,6 +12,7 @@ from fastdeploy_pd_fix.verify.barriers import describe_barriers
 from fastdeploy_pd_fix.verify.checks import (
     FAILURE_CLASSES,
     KIND_ORDER,
+    NOTICES_OFF_LIMIT,
     WORSE_THAN_UPSTREAM,
     ConfigResult,
     Counterexample,
@@ -113,6 +114,8 @@ def _configs(workload, mode, exploration, rank_counts, slot_model) -> Dict[int, 
     divergences = cross_rank_divergences(exploration.outcomes)  # the same for any number of ranks
     results = {}
     reason = workload.limit_reason() if isinstance(workload, LifecycleWorkload) else None
+    if mode == ORDERED and not workload.announced:
+        reason = NOTICES_OFF_LIMIT
     for nranks in rank_counts:
         result = check_config(
             workload, mode, exploration.outcomes, exploration.merges, nranks, divergences, slot_model

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Released, ReleasePolicy, Task
+from fastdeploy_pd_fix.core.release import Batch, Released, ReleasePolicy, Task, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import CRASH, Outcome, drop_finding, end_findings, release_finding
 from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot
@@ -24,6 +24,7 @@ from fastdeploy_pd_fix.verify.workloads import (
     Workload,
     batch_bindings,
     deliver,
+    registered_needs,
     send_task,
     simpler_merge,
     switches,
@@ -94,6 +95,10 @@ def advance(run: RankRun, event: str, workload: Workload) -> Tuple[RankRun, Rele
             index = child.registrations_fed
             child.registrations_fed += 1
             child.fed = child.fed | {workload.registrations[index].request_id}
+            if index == 0:  # the rank learns whether the engine announced its notices (release rule 10)
+                registered = registered_needs(child.slot_registrations)
+                child.policy, handed_over = policy_after_first_read(child.policy, workload.announced, registered)
+                _record(child, handed_over, workload)
         released = deliver(child.policy, workload, event, index, child.slot_registrations, child.slot_model)
     except Exception as error:  # a crash on valid input is itself a finding
         child.findings = child.findings | {(CRASH, f"{type(error).__name__}: {error}")}

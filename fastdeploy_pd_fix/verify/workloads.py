@@ -80,6 +80,14 @@ class Workload:
         return any(not request.registers for request in self.requests)
 
     @property
+    def announced(self) -> bool:
+        """Whether the cache-info stream starts with the engine's announcement (release rule 10). A classic workload
+        models the default deployment, notices on, where the engine announces a request computed without
+        registering; a ghost here is one it did not announce, so a workload with a ghost is the notices-off case
+        (the lifecycle families explore announced orphans)."""
+        return not self.has_ghost
+
+    @property
     def registering_ids(self) -> frozenset:
         return frozenset(request.request_id for request in self.requests if request.registers)
 

@@ -1,10 +1,11 @@
 """The slot lifecycle: aborts, repeated and late D-parts, requests that never register, the send thread as an actor.
 
-The exhaustive families: ordered mode has no violation, its limits are exactly the workloads the two streams cannot
-decide, upstream's send-time failures are found (they need the send thread as a third actor), invariant 7 holds
-outside the limits, and mutants of the ordered release (no send-time binding; a timing-dependent release) are caught.
-Then a hypothesis property over random lifecycle histories, driven through random interleavings of the three actors,
-without the engine's notices and with them (tests/property/test_lifecycle_notices.py has the notice families).
+The exhaustive families: ordered mode has no violation; without the engine's notices it releases by upstream's rule
+(release rule 10), so its limits there are upstream's findings and invariant 7 holds everywhere; upstream's
+send-time failures are found (they need the send thread as a third actor), and mutants of the ordered release (no
+send-time binding; a timing-dependent release) are caught with notices. Then a hypothesis property over random
+lifecycle histories, driven through random interleavings of the three actors, without the engine's notices (as
+upstream) and with them (tests/property/test_lifecycle_notices.py has the notice families).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from fastdeploy_pd_fix.core.release import OrderedRelease
 from fastdeploy_pd_fix.verify import command, lifecycle_search
 from fastdeploy_pd_fix.verify.checks import (
     DEADLOCK,
-    DROPPED_LIVE,
-    HANG,
-    LIVENESS,
+    NOTICES_OFF_LIMIT,
     SEND_BINDING,
     SEND_EARLY,
     SEND_MISSING,
@@ -36,7 +35,6 @@ from fastdeploy_pd_fix.verify.lifecycle import (
     NEVER,
     NONE,
     NORMAL,
-    ORPHAN_ALONE,
     LifecycleWorkload,
     Occupancy,
     build,
@@ -45,8 +43,6 @@ from fastdeploy_pd_fix.verify.lifecycle import (
 )
 from fastdeploy_pd_fix.verify.lifecycle_search import LifecycleExplorer, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.report import explore
-
-DECIDABLE_FAMILIES = {"normal-reuse", "normal-2slot", "abort-after-final-signal", "repeat-dpart"}
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +55,17 @@ def _families(*names):
 
 
 def test_ordered_has_no_lifecycle_violation_and_upstream_has_many(lifecycle_report):
-    assert lifecycle_report.violations == 0
+    assert lifecycle_report.violations == 0 and lifecycle_report.notice_violations == 0
     assert {row.nranks for row in lifecycle_report.rows} == {2, 3}
     rows = {(row.family, row.nranks): row for row in lifecycle_report.rows}
-    for family in DECIDABLE_FAMILIES:
-        assert rows[(family, 2)].limitations == 0, family  # nothing undecidable there: no limit either
     # Upstream's counts are printed beside; it fails in every lifecycle family that aborts.
     for family in ("abort-between-chunks", "abort-after-final-signal", "issue-ABCD", "abort-reuse+other-slot"):
         assert rows[(family, 2)].compared_violations > 0, family
+        # Without notices ordered finds exactly what upstream finds (rule 10), as limits.
+        row = rows[(family, 2)]
+        assert row.limitations == row.compared_violations + row.compared_limitations, family
     for counterexample in lifecycle_report.counterexamples:
-        assert counterexample.limitation and counterexample.workload.features, counterexample.workload.describe()
+        assert counterexample.limit_reason == NOTICES_OFF_LIMIT and not counterexample.workload.notices
 
 
 def test_limits_name_their_reason_and_strict_counts_them():
@@ -77,9 +74,10 @@ def test_limits_name_their_reason_and_strict_counts_them():
     assert report.violations > 0 and report.limitations == 0
     lenient = explore("ordered", families=families, progress=False)
     assert lenient.violations == 0 and lenient.limitations == report.violations
-    reasons = {c.limit_reason for c in lenient.counterexamples}
-    assert any("aborted before its first chunk" in reason for reason in reasons)
-    assert any("not reused" in reason for reason in reasons)
+    assert {c.limit_reason for c in lenient.counterexamples} == {NOTICES_OFF_LIMIT}
+    # Upstream's own limits on the same families still name what the two streams cannot decide.
+    reasons = {c.limit_reason for c in explore("upstream", families=families, progress=False).counterexamples}
+    assert any("aborted before its first chunk" in (reason or "") for reason in reasons)
 
 
 def test_upstream_sends_an_aborted_requests_batch_with_the_next_requests_registration():
@@ -89,7 +87,8 @@ def test_upstream_sends_an_aborted_requests_batch_with_the_next_requests_registr
     upstream = explore("upstream", families=[family], rank_counts=(2,), progress=False)
     kinds = {c.kind for c in upstream.counterexamples}
     assert {SEND_BINDING, SEND_MISSING} <= kinds or {SEND_EARLY, SEND_MISSING} <= kinds, kinds
-    assert explore("ordered", families=[family], rank_counts=(2,), progress=False).counterexamples == []
+    ordered = explore("ordered", families=[family], rank_counts=(2,), progress=False, notices="on")
+    assert ordered.counterexamples == []
 
 
 def test_the_issues_abort_then_reuse_case_finishes_every_later_request():
@@ -100,7 +99,7 @@ def test_the_issues_abort_then_reuse_case_finishes_every_later_request():
         Occupancy("C", 3, 0, (2, 4)),
         Occupancy("D", 3, 0, (1,)),
     ]
-    exploration = explore_lifecycle_rank(build("issue", occupancies), "ordered")
+    exploration = explore_lifecycle_rank(with_notices(build("issue", occupancies)), "ordered")
     assert len({(o.batches, o.drops, o.waits) for o in exploration.outcomes}) == 1
     (outcome,) = {(o.batches, o.waits, o.findings) for o in exploration.outcomes}
     batches, waits, findings = outcome
@@ -109,11 +108,11 @@ def test_the_issues_abort_then_reuse_case_finishes_every_later_request():
     assert batches == (((3, 2),), ((3, 1),), ((3, 2),), ((3, 4),), ((3, 1),))
 
 
-def test_never_worse_than_upstream_outside_the_limits(lifecycle_report):
-    worse = [c for c in lifecycle_report.counterexamples if c.kind == WORSE_THAN_UPSTREAM]
-    assert worse, "the orphan alone holds the log where upstream's pending buffer does not: a known limit"
-    for counterexample in worse:
-        assert counterexample.limitation and ORPHAN_ALONE in counterexample.workload.features
+def test_never_worse_than_upstream(lifecycle_report):
+    """Invariant 7 without limits: an orphan alone no longer holds the log without notices (rule 10)."""
+    assert [c for c in lifecycle_report.counterexamples if c.kind == WORSE_THAN_UPSTREAM] == []
+    orphan_alone = next(row for row in lifecycle_report.rows if row.family == "orphan-alone+other-slot")
+    assert orphan_alone.limitations == orphan_alone.compared_limitations
 
 
 def test_a_release_without_send_time_binding_is_caught(monkeypatch):
@@ -126,7 +125,8 @@ def test_a_release_without_send_time_binding_is_caught(monkeypatch):
             return released
 
     monkeypatch.setattr(lifecycle_search, "make_policy", lambda mode: DictRead())
-    report = explore("ordered", families=_families("abort-after-final-signal"), rank_counts=(2,), progress=False)
+    families = _families("abort-after-final-signal")
+    report = explore("ordered", families=families, rank_counts=(2,), progress=False, notices="on")
     assert report.violations > 0
     assert {SEND_BINDING, SEND_EARLY, SEND_MISSING} & {c.kind for c in report.counterexamples}
 
@@ -140,7 +140,7 @@ def test_a_timing_dependent_release_diverges_in_the_lifecycle_families(monkeypat
             return released
 
     monkeypatch.setattr(lifecycle_search, "make_policy", lambda mode: NewestFirst())
-    report = explore("ordered", families=_families("normal-2slot"), rank_counts=(2,), progress=False)
+    report = explore("ordered", families=_families("normal-2slot"), rank_counts=(2,), progress=False, notices="on")
     assert DEADLOCK in {c.kind for c in report.counterexamples}
 
 
@@ -220,10 +220,10 @@ def lifecycle_workloads(draw) -> LifecycleWorkload:
     return build("random", slot0 + other, signal_slots, cache_slots)
 
 
-def run_schedule(workload: LifecycleWorkload, seed: int):
+def run_schedule(workload: LifecycleWorkload, seed: int, mode: str = "ordered"):
     """Drive one rank through a seeded random interleaving: at each step, one of the enabled actors."""
     chooser = random.Random(seed)
-    explorer = LifecycleExplorer(workload, "ordered")
+    explorer = LifecycleExplorer(workload, mode)
     rank = explorer.start()
     while True:
         actors = explorer.enabled(rank)
@@ -234,19 +234,22 @@ def run_schedule(workload: LifecycleWorkload, seed: int):
 
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(workload=lifecycle_workloads(), seeds=st.lists(st.integers(0, 2**32), min_size=6, max_size=6))
-def test_random_lifecycle_histories_ordered(workload, seeds):
-    results = [run_schedule(workload, seed) for seed in seeds + [0, 1]]
-    first_rank, _ = results[0]
-    for rank, findings in results:
-        # Identical outputs for any two interleavings (so for any two ranks), decidable or not.
-        assert (rank.batches, rank.drops, rank.waits) == (first_rank.batches, first_rank.drops, first_rank.waits)
-        kinds = {kind for kind, _ in findings}
-        if not workload.features:
-            # Ground truth: every task sent with its own request's registration, every transferring request
-            # finished, nothing held, nothing lost.
-            assert not kinds, (workload.describe(), sorted(findings))
+def test_random_lifecycle_histories_without_notices_run_as_upstream(workload, seeds):
+    """Without the engine's notices, ordered hands over to upstream's rule at the first cache-info event (rule 10):
+    on every interleaving it does exactly what upstream does. Before that event both release nothing; a history
+    with no cache info at all (orphans only) leaves ordered holding the orphans' signals (nothing transfers)."""
+    for seed in seeds + [0, 1]:
+        ordered_rank, ordered_findings = run_schedule(workload, seed)
+        upstream_rank, upstream_findings = run_schedule(workload, seed, mode="upstream")
+        assert (ordered_rank.batches, ordered_rank.drops, ordered_rank.waits) == (
+            upstream_rank.batches,
+            upstream_rank.drops,
+            upstream_rank.waits,
+        )
+        if workload.cache:
+            assert ordered_findings == upstream_findings, workload.describe()
         else:
-            assert not kinds - {SEND_BINDING, SEND_EARLY, SEND_MISSING, LIVENESS, STUCK, HANG, DROPPED_LIVE}, kinds
+            assert {kind for kind, _ in ordered_findings - upstream_findings} <= {STUCK}
 
 
 @settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -2,7 +2,8 @@
 
 With the engine-side patch on, the cache-info stream carries ``ABORT`` and ``ORPHAN`` notices and the engine fences
 every abort. The shipped ordered release then has no violation and no limit in any lifecycle family; each of the
-design doc's smallest undecidable workloads (section 4) is a limit without notices and decided with them; and the
+design doc's smallest undecidable workloads (section 4) is decided with them (without them ordered releases by
+upstream's rule, rule 10, and finds what upstream finds); and the
 fence is necessary: without its gate, notices leave exactly the divergences of the design doc's "b+c+d unfenced"
 column, all in workloads with an abort before the first signal or a next request starting at the aborted end.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastdeploy_pd_fix.verify.checks import check_config, cross_rank_divergences
+from fastdeploy_pd_fix.verify.checks import NOTICES_OFF_LIMIT, check_config, cross_rank_divergences
 from fastdeploy_pd_fix.verify.lifecycle import (
     ABORT_BEFORE_SIGNAL_REUSE,
     ABORTED_NEVER_REGISTERED,
@@ -77,9 +78,11 @@ def test_with_notices_ordered_has_no_violation_and_no_limit_in_any_family(notice
 def test_each_smallest_limit_is_decided_with_notices(feature):
     workload = build(feature, SMALLEST_LIMITS[feature])
     assert workload.features == {feature}
-    without = explore("ordered", families=[(feature, [workload])], notices="off", progress=False)
-    assert without.violations == 0 and without.limitations > 0
-    assert all(feature in c.limit_reason for c in without.counterexamples)
+    # Without notices ordered releases by upstream's rule (rule 10): upstream's findings, as limits, never more.
+    without = explore("ordered", families=[(feature, [workload])], notices="off", compare="upstream", progress=False)
+    assert without.violations == 0
+    assert all(c.limit_reason == NOTICES_OFF_LIMIT for c in without.counterexamples)
+    assert all(row.limitations == row.compared_violations + row.compared_limitations for row in without.rows)
     noticed = with_notices(workload)
     assert noticed.limit_reason() is None  # with notices, a finding would be a violation
     report = explore("ordered", families=[(feature, [workload])], notices="on", progress=False)

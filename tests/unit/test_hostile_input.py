@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from fastdeploy_pd_fix.core import notice
 from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
 from fastdeploy_pd_fix.core.release import OrderedRelease, Registration
 from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
@@ -223,8 +224,17 @@ def get_output_kv_signal(buffer, *args):
 
 
 class FakeEngineWorkerQueue:
+    """The mailbox of an engine whose engine side is on: its first batch starts with the announcement (rule 10)."""
+
+    def __init__(self):
+        self.announced = False
+
     def get_cache_info(self):
-        return TURNS.take("reg")
+        items = TURNS.take("reg")
+        if isinstance(items, list) and items and not self.announced:
+            self.announced = True
+            items = [notice.encode(notice.engine_notice("hostile-input fixture"))] + items
+        return items
 
 
 class HostileMessager:

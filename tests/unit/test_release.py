@@ -16,7 +16,7 @@ from support.messager import StepMessager
 
 from fastdeploy_pd_fix.core import release
 from fastdeploy_pd_fix.core.messager_step import BoundTaskDict, make_step
-from fastdeploy_pd_fix.core.notice import abort_notice, encode, fence_notice, orphan_notice
+from fastdeploy_pd_fix.core.notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
 from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, UpstreamRelease, make_release
 
 A0 = Registration(0, "A", 8)  # slot 0, two chunks of 4
@@ -675,6 +675,54 @@ def test_attached_step_takes_notices_out_of_cache_info_reads(caplog):
     step.handle_buffer(signal(0, 0, 4))
     assert messager.cache_prefilled_engine_ids_queue.get_nowait() == [(0, 4)]
     assert step.policy.open_registrations() == {}  # A was closed by its abort, B by its chunk
+
+
+def test_the_first_read_keeps_the_policy_when_announced_or_not_ordered():
+    ordered, upstream = OrderedRelease(), UpstreamRelease()
+    ordered.add_signal([(3, 0, 4)])
+    assert release.policy_after_first_read(ordered, True, {}) == (ordered, release.Released())
+    assert release.policy_after_first_read(upstream, False, {}) == (upstream, release.Released())
+
+
+def test_the_first_read_without_announcement_hands_ordered_over_to_upstream():
+    """Rule 10: the signals that came first go to upstream's pending buffer in their order (latest per slot)."""
+    ordered = OrderedRelease()
+    for tasks in ([(3, 0, 4)], [(1, 0, 2)], [(1, 2, 4)]):
+        ordered.add_signal(tasks)
+    successor, released = release.policy_after_first_read(ordered, False, {})
+    assert isinstance(successor, UpstreamRelease) and released == release.Released()
+    assert successor.waiting_signals() == [((3, 0, 4),), ((1, 2, 4),)]
+    assert successor.add_registration(B1, {1: 4}).batches == [((1, 4),)]  # slot 3's orphan-like signal holds nothing
+
+
+def test_the_first_read_comes_before_any_registration():
+    ordered = OrderedRelease()
+    ordered.add_registration(A0)
+    with pytest.raises(ValueError, match="call it at the first read"):
+        release.policy_after_first_read(ordered, False, {})
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_attached_step_learns_at_the_first_read_whether_notices_are_on(caplog, announced):
+    """An unregistered signal on slot 3 (an orphan's, or an early one: the streams cannot tell) then A on slot 1.
+    Announced: ordered keeps A behind slot 3's signal (the notices will say). Not announced: upstream's rule sends
+    A."""
+    messager = StepMessager()
+    part = {"request_id": "A", "current_id": 1}
+    first = [encode(engine_notice("unit test")), part] if announced else [part]
+    messager.engine_worker_queue = CacheInfoReads([first])
+    step = attached_step(messager)
+    step.handle_buffer(signal(3, 0, 4))
+    with caplog.at_level(logging.INFO):
+        assert messager.engine_worker_queue.get_cache_info() == [part]
+    messager.idx_cache_task_dict[1] = task(1, "A", 4)
+    step.handle_buffer(signal(1, 0, 4))
+    if announced:
+        assert step.policy.mode == "ordered" and messager.cache_prefilled_engine_ids_queue.empty()
+        assert "engine notices: on (engine notices announced by unit test" in caplog.text
+    else:
+        assert step.policy.mode == "upstream" and messager.cache_prefilled_engine_ids_queue.get_nowait() == [(1, 4)]
+        assert "engine notices: OFF" in caplog.text and "release goes on by upstream's rule (#8034)" in caplog.text
 
 
 def test_layer0_task_before_its_registration_is_logged_as_early(caplog):

@@ -224,22 +224,28 @@ def test_invalid_registration_and_mode_are_rejected():
 class FakeMessager:
     """The attributes of CacheMessagerV1 that the per-signal step reads and writes."""
 
-    def __init__(self, cache_info_reads=()):
+    def __init__(self, cache_info_reads=(), announced=True):
         self.engine_cache_task_thread_lock = threading.Lock()
         self.engine_cache_tasks = [dict() for _ in range(kv_signal.MAX_TASKS)]
         self.idx_cache_task_dict = {}
         self.cache_prefilled_engine_ids_queue = queue.Queue()
-        self.engine_worker_queue = FakeEngineWorkerQueue(cache_info_reads)
+        self.engine_worker_queue = FakeEngineWorkerQueue(cache_info_reads, announced)
 
 
 class FakeEngineWorkerQueue:
-    """get_cache_info returns the scripted reads in turn, then nothing."""
+    """get_cache_info returns the scripted reads in turn, then nothing; with ``announced``, the first non-empty one
+    starts with the engine's announcement, as the fixed engine's first put does (engine_notices.AnnouncedPut)."""
 
-    def __init__(self, reads):
+    def __init__(self, reads, announced):
         self.reads = list(reads)
+        self.announce = announced
 
     def get_cache_info(self):
-        return self.reads.pop(0) if self.reads else []
+        items = self.reads.pop(0) if self.reads else []
+        if items and self.announce:
+            self.announce = False
+            items = [notice.encode(notice.engine_notice("layer0_release tests"))] + items
+        return items
 
 
 class RecordingLogger:
@@ -360,6 +366,21 @@ def test_orphan_notice_drops_the_chunks_of_a_request_computed_without_transfer()
     send_queued_batches(messager, sent)
     assert sent == [("B", 4)]
     assert any("belongs to orphan O" in line for line in logger.lines)
+
+
+def test_without_the_engine_announcement_the_release_goes_on_by_upstream_rule():
+    # The engine side is absent: the first read carries no announcement. An unregistered signal on slot 3 (an orphan's
+    # or an early one: the two streams cannot tell) must not hold A on slot 1; upstream's rule sends A (rule 10).
+    for announced in (True, False):
+        messager, logger, sent = FakeMessager([[{"request_id": "A-part"}]], announced), RecordingLogger(), []
+        step = attached_step(messager, logger)
+        step.handle_buffer(kv_signal_buffer([[3, 0, 4]]))
+        assert messager.engine_worker_queue.get_cache_info() == [{"request_id": "A-part"}]
+        store(messager, 1, cache_task("A", 4))
+        step.handle_buffer(kv_signal_buffer([[1, 0, 4]]))
+        send_queued_batches(messager, sent)
+        assert sent == ([] if announced else [("A", 4)]), announced
+        assert step.policy.mode == (release.ORDERED if announced else release.UPSTREAM)
 
 
 class FakeResourceManager:

@@ -15,8 +15,9 @@ which each rank sees them:
   finish), and ``owners``: the request each signal task belongs to (:mod:`.ground_truth`);
 * registration-read entries that are engine notices (:data:`.contract.NOTICE_ENTRY`): put as the plugin's
   engine-side patch puts them (an abort followed by its fence) when ``fastdeploy_pd_fix.config.engine_notices()``
-  is on in this rank's environment, else left out (a read of nothing). The scenario's schedules keep the fence:
-  a slot's next request's signals come after the abort's read.
+  is on in this rank's environment or the release carries ``make-patch``'s package, else left out (a read of
+  nothing); the first non-empty read then starts with the engine's announcement. The scenario's schedules keep the
+  fence: a slot's next request's signals come after the abort's read.
 
 Event k of a rank's schedule is delivered only after event k-1 was acknowledged: a signal by the next
 ``get_output_kv_signal`` call (the consume loop has finished with it), a registration read by the next
@@ -39,6 +40,7 @@ loop took its N-th batch, before that batch's ``begin_send_cache_barrier``: a ra
 """
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -47,6 +49,7 @@ import threading
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.core import notice
+from fastdeploy_pd_fix.target import UPSTREAMED_PACKAGE
 
 from .contract import (
     BOTH_PARTS,
@@ -113,6 +116,12 @@ def notice_items(entry):
         notice.encode(notice.abort_notice(entry["slot"], entry["request_id"], entry["emitted_end"])),
         notice.encode(notice.fence_notice(f"after-abort-of-{entry['request_id']}")),
     ]
+
+
+def release_carries_the_fix() -> bool:
+    """Whether this stand-in release carries ``make-patch``'s package: its engine then announces and puts notices
+    itself, with the plugin off too (as the make-patched engine files do)."""
+    return importlib.util.find_spec(f"{__package__.rsplit('.', 1)[0]}.cache_manager.{UPSTREAMED_PACKAGE}") is not None
 
 
 def read_items(read, block_size, ground_truth, notices_on):
@@ -334,7 +343,7 @@ def activate(rank, block_size, send_queue=None):
     must_finish = [
         request_id for request_id in registered_requests(scenario["registrations"]) if request_id not in aborted
     ]
-    notices_on, _ = config.engine_notices()
+    notices_on = config.engine_notices()[0] or release_carries_the_fix()
     reads = [read_items(read, block_size, ground_truth, notices_on) for read in scenario["registrations"]]
     first = next((items for items in reads if items), None)
     if notices_on and first is not None:  # as the engine side's AnnouncedPut heads its first batch
