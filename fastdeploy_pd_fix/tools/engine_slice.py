@@ -15,7 +15,11 @@ of several, the one the release's ``cache_messager.py`` imports), the module the
 ``Request`` from, and ``envs``.
 
 :func:`check_engine` plays :data:`WAVES` (routed requests and orphans, an orphan's slot reused by a routed request)
-and judges what every rank read: the ``engine:`` line of ``preflight``.
+and judges what every rank read: the ``engine:`` line of ``preflight``. :func:`run_with_messagers` runs the release's
+own ``cache_messager.py`` (unmodified, as a script, one process per rank, with preflight's stubs and tap) on that
+engine's real mailbox instead, kv signals coming from the slice's worker, with interleavings forced by handshakes
+(:data:`SEED_RACE`); :func:`judge_messagers` judges it: every routed request finished, identical batches on every rank,
+no ground-truth violation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,16 +60,37 @@ REQUEST_CLASS = "Request"
 NRANKS = 2
 #: How long the slice process may take (start-up imports paddle; each wait inside has its own deadline).
 TIMEOUT_S = 120.0
-#: The scenario: each wave is one scheduler batch, taken by whichever prepare thread asks first. Wave 1 admits a
-#: routed request and an orphan together; the orphan finishes (it is not transferred), and wave 2's routed request
-#: takes its slot (the lowest free one).
+#: With real messager ranks: how long the scenario may take once every rank reported its cache ready (a hang).
+MESSAGER_DEADLINE_S = 4.0
+#: The scenario: each wave is one scheduler batch, taken by whichever prepare thread asks first. Wave 1 admits an
+#: orphan and a routed request together (slots 0 and 1); the orphan finishes (it is not transferred), and wave 2's
+#: routed request takes its slot, the lowest free one whether or not routed-1's transfer has finished by then.
 WAVES = [
     [
-        {"id": "routed-1", "prompt": 100, "routed": True},
         {"id": "orphan-1", "prompt": 70, "routed": False, "finish": True},
+        {"id": "routed-1", "prompt": 100, "routed": True},
     ],
     [{"id": "routed-2", "prompt": 30, "routed": True}],
 ]
+#: Scenarios of real messager ranks (:func:`run_with_messagers`): ``waves`` as above; optional ``compute_after`` (per
+#: wave: the engine computes what it admitted before the next wave, default True) and ``interleaving`` (per rank, the
+#: order in which its threads see events, forced by handshakes: ``"reg:<request id>"`` storing that request's
+#: registration, ``"sig:<n>"`` consuming the n-th layer-0 signal).
+MESSAGER_WAVES = {"waves": WAVES}
+#: The seed race (#7872's deadlock) on the real engine: routed-a and routed-b are registered in two mailbox reads
+#: and computed in one step (one layer-0 signal for both); rank 0 stores both registrations before it consumes the
+#: signal, rank 1 consumes it between them.
+SEED_RACE = {
+    "waves": [
+        [{"id": "routed-a", "prompt": 60, "routed": True}],
+        [{"id": "routed-b", "prompt": 60, "routed": True}],
+    ],
+    "compute_after": [False, True],
+    "interleaving": [
+        ["reg:routed-a", "reg:routed-b", "sig:0"],
+        ["reg:routed-a", "sig:0", "reg:routed-b"],
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +101,8 @@ class EngineFiles:
     roles: Dict[str, str]
     files: Dict[str, Path]
     fixed: bool = False
+    #: The release's ``cache_messager.py`` beside the package (among ``files``), for :func:`run_with_messagers`.
+    messager: Optional[Path] = None
 
 
 def _module_name(package_dir: Path, path: Path) -> str:
@@ -173,43 +201,99 @@ def find_engine_files(package_dir: Path) -> Tuple[Optional[EngineFiles], str]:
     upstreamed = package_dir.parent / UPSTREAMED_PATH
     for path in sorted(upstreamed.glob("*.py")) if upstreamed.is_dir() else []:
         files[_module_name(package_dir, path)] = path  # its __init__ too: the tree path follows the name
-    return EngineFiles(roles, files, fixed=upstreamed.is_dir()), ""
+    messager = package_dir.parent / SCRIPT_PATH
+    if messager.is_file():
+        files[_module_name(package_dir, messager)] = messager
+    return EngineFiles(roles, files, fixed=upstreamed.is_dir(), messager=messager if messager.is_file() else None), ""
 
 
-def run_slice(files: EngineFiles, work: Path, plugin_on: bool = True, waves=WAVES, nranks: int = NRANKS) -> dict:
-    """Lay out the slice tree under ``work`` and run the slice process once; its JSON result, or ``{"error"}``."""
+def _run_slice_process(files: EngineFiles, work: Path, name: str, spec: dict, environment: Dict[str, str]) -> dict:
+    """Lay out the slice tree under ``work`` (once) and run the slice process with ``spec`` and ``environment`` (over
+    this process's, without its ``FD_PD_FIX*`` variables); its JSON result, or ``{"error"}``. On a timeout the whole
+    process group (the slice process, its mailbox server, its messager ranks) is killed."""
     root = work / "tree"
     if not root.exists():
         preflight_tree.build_engine_tree(files.files, root)
     ignored = plugin_variables()  # each run sets its own, as preflight's do
-    environment = {key: value for key, value in os.environ.items() if key not in ignored}
-    environment.update(
-        {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-            config.ENV_SWITCH: "1" if plugin_on else "0",
-        }
-    )
-    spec = json.dumps({"modules": files.roles, "nranks": nranks, "waves": waves})
-    name = f"slice-{'on' if plugin_on else 'off'}"
+    run_environment = {key: value for key, value in os.environ.items() if key not in ignored}
+    run_environment.update(environment)
+    run_environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     log, result_path = work / f"{name}.log", work / f"{name}.json"
     command = [sys.executable, "-c", "from fastdeploy._preflight import slice_engine; slice_engine.main()"]
-    try:
-        with open(log, "w", encoding="utf-8") as output:
-            done = subprocess.run(
-                command + [spec, str(result_path)],
-                cwd=root,
-                env=environment,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                timeout=TIMEOUT_S,
-            )
-    except subprocess.TimeoutExpired:
-        return {"error": f"the slice process did not finish within {TIMEOUT_S:.0f} s (log: {log})"}
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen(
+            command + [json.dumps(spec), str(result_path)],
+            cwd=root,
+            env=run_environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = process.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return {"error": f"the slice process did not finish within {TIMEOUT_S:.0f} s (log: {log})"}
     try:
         return json.loads(result_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        return {"error": f"the slice process exited {done.returncode} without a result: {' | '.join(tail)}"}
+        return {"error": f"the slice process exited {returncode} without a result: {' | '.join(tail)}"}
+
+
+def run_slice(files: EngineFiles, work: Path, plugin_on: bool = True, waves=WAVES, nranks: int = NRANKS) -> dict:
+    """Run the slice with :class:`MailboxReader` ranks once: what every rank read from the mailbox (:func:`judge`)."""
+    spec = {"modules": files.roles, "nranks": nranks, "waves": waves}
+    environment = {config.ENV_SWITCH: "1" if plugin_on else "0"}
+    return _run_slice_process(files, work, f"slice-{'on' if plugin_on else 'off'}", spec, environment)
+
+
+def run_with_messagers(
+    files: EngineFiles,
+    work: Path,
+    plugin_on: bool = True,
+    scenario=MESSAGER_WAVES,
+    nranks: int = NRANKS,
+    deadline_s: float = MESSAGER_DEADLINE_S,
+    name: str = "messagers",
+) -> dict:
+    """Run the slice once with the release's own ``cache_messager.py`` (``files.messager``, copied unmodified into
+    the slice tree, run there as a script)
+    in ``nranks`` rank processes on the engine's real mailbox, the plugin on (``ordered``, engine notices on) or off
+    (``FD_PD_FIX=0``); judged by :func:`judge_messagers`. The rank logs are in ``work/NAME-on|off/``."""
+    name = f"{name}-{'on' if plugin_on else 'off'}"
+    messager = {"script": str(work / "tree" / SCRIPT_PATH), "log_dir": str(work / name), "deadline_s": deadline_s}
+    spec = {"modules": files.roles, "nranks": nranks, "scenario": scenario, "messager": messager}
+    # The messagers reach the mailbox at (pod_ip, port) over TCP (with shared memory: a socket in /dev/shm).
+    environment = {
+        **config.environment_for(config.ORDERED if plugin_on else config.OFF),
+        "FD_ENGINE_TASK_QUEUE_WITH_SHM": "0",
+    }
+    return _run_slice_process(files, work, name, spec, environment)
+
+
+def judge_messagers(result: dict, scenario=MESSAGER_WAVES) -> List[str]:
+    """What is wrong with one run of real messagers (empty: nothing): it must have finished (every routed request's
+    transfer reported finished through ``get_finished_req`` and its slot freed), every rank took the same batches, and
+    no send broke the ground truth (the task read is the request whose chunk the batch carries, computed)."""
+    if result.get("error") and result.get("outcome") is None:
+        return [result["error"]]
+    problems = [] if result["outcome"] == "finished" else [f"{result['outcome']}: {result['error']}"]
+    ranks = result["ranks"]
+    batches = [reports["batch"] for reports in ranks.values()]
+    if any(sequence != batches[0] for sequence in batches):
+        problems.append(f"the ranks took different batches: {dict(zip(ranks, batches))}")
+    for rank, reports in ranks.items():
+        problems += [f"rank {rank}: {violation}" for _, _, violations in reports["send"] for violation in violations]
+    routed = [spec["id"] for wave in scenario["waves"] for spec in wave if spec["routed"]]
+    statuses = {request_id: status for request_id, status in result["reported"]}
+    problems += [
+        f"{request_id}: transfer reported {statuses[request_id]!r}"
+        for request_id in routed
+        if statuses.get(request_id, "finished") != "finished"
+    ]
+    return problems
 
 
 def _notices(items: List[dict]) -> List[dict]:

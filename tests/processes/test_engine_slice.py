@@ -7,6 +7,7 @@ import copy
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_a_lone_cache_messager_file_has_no_engine_files(tmp_path):
     "break_it, complaint",
     [
         (lambda result: result["ranks"][1].pop(0), "the ranks read different streams"),
-        (lambda result: result["slots"].update({"routed-1": 5}), "routed-1: registered as [(0, 100)], expected once"),
+        (lambda result: result["slots"].update({"routed-1": 5}), "routed-1: registered as [(1, 100)], expected once"),
         (lambda result: result["rank_errors"].__setitem__(1, "BrokenBarrierError()"), "rank 1: BrokenBarrierError()"),
         (lambda result: [stream.pop(0) for stream in result["ranks"]], "engine announcements [], expected one, first"),
     ],
@@ -147,3 +148,72 @@ def test_preflight_on_a_whole_release_2_6_tree_passes_with_the_engine_patches_ex
     assert report["engine"]["methods"]["ResourceManagerV1.add_request_in_p"] == "exercised"
     assert report["engine"]["methods"]["SplitwiseConnector.__init__"] == "exercised"
     assert "running the engine slice on" in completed.stderr
+
+
+# Real messager ranks: the release/2.6 cache_messager.py, unmodified, as a script in two rank processes on the slice
+# engine's own mailbox, with kv signals from the slice's worker.
+
+
+@pytest.fixture(scope="module")
+def messager_runs(release_2_6, tmp_path_factory):
+    runs = [(name, plugin_on) for name in ("MESSAGER_WAVES", "SEED_RACE") for plugin_on in (True, False)]
+    works = {run: tmp_path_factory.mktemp(f"{run[0]}-{'on' if run[1] else 'off'}") for run in runs}  # a tree each
+
+    def run(name, plugin_on):
+        scenario = getattr(engine_slice, name)
+        return engine_slice.run_with_messagers(release_2_6, works[name, plugin_on], plugin_on, scenario, name=name)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the hang's deadline overlaps another run's start-up
+        results = list(pool.map(lambda run_key: run(*run_key), runs))
+    return dict(zip(runs, results))
+
+
+def batches(result):
+    return {rank: reports["batch"] for rank, reports in result["ranks"].items()}
+
+
+def test_with_the_plugin_real_messagers_finish_the_waves_on_the_orphans_slot(release_2_6, messager_runs):
+    assert release_2_6.messager is not None and release_2_6.messager.name == "cache_messager.py"
+    result = messager_runs["MESSAGER_WAVES", True]
+    assert engine_slice.judge_messagers(result) == [], result
+    assert result["slots"] == {"orphan-1": 0, "routed-1": 1, "routed-2": 0}
+    assert result["reported"] == [["routed-1", "finished"], ["routed-2", "finished"]]
+    for reports in result["ranks"].values():
+        [(_, decisions)] = reports["ready"]
+        assert any("patched __main__.CacheMessagerV1 (mode=ordered" in line for line in decisions)
+        assert reports["batch"] == [[[1, 100]], [[0, 30]]]
+        assert [read for _, read, _ in reports["send"]] == [["routed-1"], ["routed-2"]]
+        assert reports["finished"] == ["routed-1", "routed-2"]
+
+
+def test_without_the_plugin_the_release_finishes_the_waves_too(messager_runs):
+    """Observed: the orphan's early layer-0 signal waits in pending_layer0_signals and is dropped when routed-2
+    registers on its slot (70 tokens > routed-2's 30), so release/2.6 sends the same batches here."""
+    result = messager_runs["MESSAGER_WAVES", False]
+    assert engine_slice.judge_messagers(result) == [], result
+    assert result["decisions"] == [] and all(reports["ready"][0][1] == [] for reports in result["ranks"].values())
+    assert batches(result) == {"0": [[[1, 100]], [[0, 30]]], "1": [[[1, 100]], [[0, 30]]]}
+
+
+def test_the_seed_race_forced_by_handshakes_hangs_the_release_and_not_the_plugin(messager_runs):
+    off, on = messager_runs["SEED_RACE", False], messager_runs["SEED_RACE", True]
+    assert off["outcome"] == "hang" and "reported finished by get_finished_req" in off["error"]
+    assert batches(off) == {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60]], [[1, 60]]]}
+    assert off["reported"] == [["routed-a", "finished"]]  # routed-b's finish_send_cache_barrier never meets
+    assert engine_slice.judge_messagers(on, engine_slice.SEED_RACE) == [], on
+    assert batches(on) == {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60], [1, 60]]]}
+
+
+@pytest.mark.parametrize(
+    "break_it, complaint",
+    [
+        (lambda result: result["ranks"]["1"]["batch"].pop(), "the ranks took different batches"),
+        (lambda result: result["ranks"]["0"]["send"][0][2].append("batch #1 ..."), "rank 0: batch #1 ..."),
+        (lambda result: result["reported"].__setitem__(0, ["routed-1", "write cache error"]), "routed-1: transfer"),
+        (lambda result: result.update(outcome="hang", error="slice stuck: x"), "hang: slice stuck: x"),
+    ],
+)
+def test_judge_messagers_reports_what_a_broken_run_would_show(messager_runs, break_it, complaint):
+    broken = copy.deepcopy(messager_runs["MESSAGER_WAVES", True])
+    break_it(broken)
+    assert any(problem.startswith(complaint) for problem in engine_slice.judge_messagers(broken))

@@ -10,10 +10,12 @@
   enters its send loop) is the moment the engine starts sending requests: :func:`on_cache_ready` starts the tap.
 * The tap observes without touching the file: it wraps ``get`` of the messager's
   ``cache_prefilled_engine_ids_queue`` on the instance (as the plugin's own observer does) to record each batch the
-  send loop takes and to apply the scenario's ``stall``/``drain`` controls, and it wraps the queue's
-  ``begin_send_cache_barrier`` to apply ``hold`` and to check, after the barrier, the task each slot of the batch
-  holds against the scenario's ground truth (the send loop reads it right then). A rank leaves with code 0 when its
-  send loop comes back for a batch after every request finished, as the stand-in's does.
+  send loop takes, and the queue's ``begin_send_cache_barrier`` to check, after the barrier, the task each slot of
+  the batch holds against the ground truth (the send loop reads it right then). What it does at those points is its
+  player's: :class:`ScriptedPlay` (preflight: the stand-in's scenario script applies its ``stall``/``hold``/``drain``
+  controls, a rank leaves with code 0 when its send loop comes back for a batch after every request finished, as the
+  stand-in's does) or, in a rank of an engine slice, :mod:`.slice_rank` (reports to the slice engine). In a slice
+  rank :data:`EngineWorkerQueue` is the release's own mailbox client under the same tap (:class:`TappedQueue`).
 * :class:`TransferManager`: the IPC and RDMA managers; every connect and write succeeds.
 """
 
@@ -23,6 +25,7 @@ import threading
 import time
 
 import numpy as np
+from fastdeploy._preflight import slice_rank
 from fastdeploy._preflight.names import Permissive
 from fastdeploy._preflight.standin_queue import EngineWorkerQueue as StandinQueue
 from fastdeploy._standin import script
@@ -42,8 +45,32 @@ _tap = {"active": False, "messager": None, "held": None, "lock": threading.Lock(
 _idle = threading.Event()
 
 
+class ScriptedPlay:
+    """The tap's player in preflight: the stand-in's scenario script (:mod:`fastdeploy._standin.script`)."""
+
+    activate = staticmethod(script.activate)
+    took = staticmethod(script.record_batch)
+    finished = staticmethod(script.record_finished)
+
+    @staticmethod
+    def before_take():
+        script.batch_sent()  # back at the queue: done with the previous batch
+        if script.all_requests_finished():
+            script.exit_process()
+        script.wait_to_take()
+
+    @staticmethod
+    def at_send(batch, tasks):
+        script.wait_to_send()
+        script.check_sent_tasks(batch, tasks)
+
+
+#: What the tap does at each point it observes (see the module docstring).
+player = slice_rank if slice_rank.SLICE else ScriptedPlay
+
+
 class _BeginBarrier:
-    """``begin_send_cache_barrier`` as the send loop sees it: the real barrier, then the tap's hold and check."""
+    """``begin_send_cache_barrier`` as the send loop sees it: the real barrier, then the player's send check."""
 
     def __init__(self, barrier):
         self._barrier = barrier
@@ -51,21 +78,44 @@ class _BeginBarrier:
     def wait(self, *args, **kwargs):
         result = self._barrier.wait(*args, **kwargs)
         if _tap["active"]:
-            script.wait_to_send()
-            _check_held_batch()
+            _play_held_batch()
         return result
 
     def __getattr__(self, name):
         return getattr(self._barrier, name)
 
 
-class EngineWorkerQueue(StandinQueue):
-    """The messager's queue to the engine (a client of the harness's engine process)."""
+class TappedQueue:
+    """The tap on a messager's queue to the engine, over whichever client class follows it in the MRO: it knows its
+    messager (whose ``__init__`` creates it), wraps ``begin_send_cache_barrier`` and reports finished requests."""
+
+    def __init__(self, *args, **kwargs):
+        caller = sys._getframe(1)
+        while caller.f_locals.get("self") is self:  # a subclass's __init__: its caller is the messager
+            caller = caller.f_back
+        super().__init__(*args, **kwargs)
+        self.owner = caller.f_locals.get("self")
+        self.begin_send_cache_barrier = _BeginBarrier(self.begin_send_cache_barrier)
+        _queues.append(self)
+
+    def put_finished_req(self, finished_reqs):
+        super().put_finished_req(finished_reqs)
+        if _tap["active"]:
+            for request_id, *_ in finished_reqs:
+                player.finished(request_id)
+
+    def get_connect_rdma_task(self):
+        """No decode instance asks to connect."""
+        _idle.wait(IDLE_POLL_S)
+        return None, None
+
+
+class StandinEngineWorkerQueue(TappedQueue, StandinQueue):
+    """Preflight's queue to the engine (a client of the harness's engine process)."""
 
     def __init__(
         self, address=("127.0.0.1", 0), is_server=False, num_client=1, client_id=-1, local_data_parallel_id=0, **_
     ):
-        caller = sys._getframe(1).f_locals.get("self")  # the messager whose __init__ creates its queue
         super().__init__(
             address=tuple(address),
             is_server=False,
@@ -73,9 +123,6 @@ class EngineWorkerQueue(StandinQueue):
             client_id=client_id,
             local_data_parallel_id=local_data_parallel_id,
         )
-        self.owner = caller
-        self.begin_send_cache_barrier = _BeginBarrier(self.begin_send_cache_barrier)
-        _queues.append(self)
 
     def get_cache_info(self):
         parts = super().get_cache_info()
@@ -86,17 +133,6 @@ class EngineWorkerQueue(StandinQueue):
                 part.setdefault("rdma_ports", [str(7000 + rank) for rank in range(self.num_client)])
                 part.setdefault("device_ids", list(range(self.num_client)))
         return parts
-
-    def put_finished_req(self, finished_reqs):
-        super().put_finished_req(finished_reqs)
-        if _tap["active"]:
-            for request_id, *_ in finished_reqs:
-                script.record_finished(request_id)
-
-    def get_connect_rdma_task(self):
-        """No decode instance asks to connect."""
-        _idle.wait(IDLE_POLL_S)
-        return None, None
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -168,13 +204,13 @@ def _wait_for_plugin(messager):
         time.sleep(0.002)  # detection only: nothing is delivered before the tap starts
 
 
-def _check_held_batch():
-    """The task each slot of the held batch holds, read as the send loop reads it, against the ground truth."""
+def _play_held_batch():
+    """The player's send point, with the task each slot of the held batch holds, read as the send loop reads it."""
     messager, batch = _tap["messager"], _tap["held"]
     if messager is None or batch is None:
         return
     tasks = getattr(messager, "idx_cache_task_dict", {})
-    script.check_sent_tasks(batch, [tasks[slot] if slot in tasks else None for slot, _ in batch])
+    player.at_send(batch, [tasks[slot] if slot in tasks else None for slot, _ in batch])
 
 
 def on_cache_ready():
@@ -192,15 +228,21 @@ def on_cache_ready():
         original_get = batch_queue.get
 
         def get(*args, **kwargs):
-            script.batch_sent()  # back at the queue: done with the previous batch
-            if script.all_requests_finished():
-                script.exit_process()
-            script.wait_to_take()
+            player.before_take()
             batch = original_get(*args, **kwargs)
             _tap["held"] = [[int(slot), int(token_num)] for slot, token_num in batch]
-            script.record_batch(batch)
+            player.took(batch)
             return batch
 
         batch_queue.get = get
         _tap.update(active=True, messager=messager)
-    script.activate(rank=queue.client_id, block_size=int(getattr(messager, "block_size", 64)), send_queue=batch_queue)
+    player.activate(rank=queue.client_id, block_size=int(getattr(messager, "block_size", 64)), send_queue=batch_queue)
+
+
+#: The messager's ``EngineWorkerQueue``: in an engine slice the release's own, else the stand-in's; tapped either way.
+#: Last in this module: the release's mailbox module imports names of it (``IPCSignal``).
+EngineWorkerQueue = (
+    type("EngineWorkerQueue", (TappedQueue, slice_rank.GatedMailbox, slice_rank.release_queue_class()), {})
+    if slice_rank.SLICE
+    else StandinEngineWorkerQueue
+)

@@ -5,7 +5,8 @@ found by what it is called, not by where a release imports it from: releases mov
 ``fastdeploy.cache_manager.ops`` in one release and in ``fastdeploy.model_executor.ops.gpu`` in another).
 
 * :data:`REGISTRY`: the names whose behaviour matters (the kv-signal op, the engine worker queue, IPC signals, the
-  transfer managers, the logger, ``envs``, the speculative config);
+  transfer managers, the logger, ``envs``, the speculative config), and :data:`SLICE_RANK_REGISTRY` what differs in a
+  messager rank of an engine slice;
 * a submodule the file imports (generated as a package of the tree) when the name is one;
 * otherwise a permissive placeholder (:func:`placeholder`): a class that can be called, subclassed, read from and
   printed, false in a condition and zero in arithmetic. Each one is listed once in the rank's stderr, so that a run
@@ -29,6 +30,9 @@ REGISTRY = {
     "SpeculativeConfig": ("names", "SpeculativeConfig"),
     "ResourceManager": ("slice_engine", "ResourceManager"),
 }
+#: In a messager rank of an engine slice (:mod:`.slice_rank`), the names that differ: its kv signals come from the
+#: slice engine's scheduler.
+SLICE_RANK_REGISTRY = {"get_output_kv_signal": ("slice_rank", "get_output_kv_signal")}
 
 _placeholders = {}
 _lock = threading.Lock()
@@ -142,6 +146,8 @@ def module_getattr(module_name, name):
         return _release_envs() or ENVS
     if name in REGISTRY:
         module, attribute = REGISTRY[name]
+        if name in SLICE_RANK_REGISTRY and importlib.import_module("fastdeploy._preflight.slice_rank").SLICE:
+            module, attribute = SLICE_RANK_REGISTRY[name]
         return getattr(importlib.import_module(f"fastdeploy._preflight.{module}"), attribute)
     try:
         return importlib.import_module(f"{module_name}.{name}")  # a package of the tree the file also imports
