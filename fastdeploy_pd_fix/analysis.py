@@ -44,6 +44,12 @@ ANALYSED_METHODS = PATCHED_METHODS + ("__init__",)
 #: The store the registration hook follows, as written in ``_add_cache_task_thread``.
 TASK_DICT = "self.idx_cache_task_dict"
 ALREADY_FIXED = f"FastDeploy already carries the rank-invariant release (it uses {UPSTREAMED_PACKAGE})"
+#: Why a recognised messager that reports every registration is left alone (see :attr:`TargetAnalysis.cannot_race`).
+CANNOT_RACE = (
+    "this release cannot race: its messagers report every registration (finish_add_cache_task_barrier, before "
+    "#7724) and its engine computes a request only after every rank's report, so no layer-0 signal beats its "
+    "registration; nothing to fix"
+)
 #: The send loop, and the registration wait #7724 made it call (some releases: only on the storage transfer path).
 SEND_LOOP = "prefill_layerwise_send_cache_thread"
 REGISTRATION_WAIT = "_maybe_wait_for_cache_task"
@@ -122,6 +128,13 @@ class TargetAnalysis:
     local_imports: Tuple[ast.stmt, ...] = field(default=(), compare=False, repr=False)
     #: Names bound at module level (imports, assignments, definitions, also inside if/try blocks).
     module_names: FrozenSet[str] = frozenset()
+
+    @property
+    def cannot_race(self) -> bool:
+        """The engine of this release waits for the messagers' registration report before it computes (release
+        lines 2.4, 2.5, develop before #7724): the race this fix is about cannot occur, so the plugin stands aside
+        (``docs/design/release-lines.md``, "Release 2.5": patching would only add a risk)."""
+        return self.recognised and self.reports_finished_add
 
     def op_call(self, buffer: str = "buf", function: str = KV_SIGNAL_OP) -> str:
         """The op call with the branch's arguments after ``buffer`` (``function``: e.g. :attr:`op_function`)."""

@@ -19,6 +19,7 @@ ENV_MODE = "FD_PD_FIX_MODE"
 ENV_WATCHDOG = "FD_PD_FIX_WATCHDOG_S"
 ENV_INJECT = "FD_PD_FIX_INJECT"
 ENV_ENGINE_NOTICES = "FD_PD_FIX_ENGINE_NOTICES"
+ENV_PATCH_NON_RACING = "FD_PD_FIX_PATCH_NON_RACING"
 
 # Plugin modes: the two release policies of core/release.py, and observe (FastDeploy's own release, watched).
 ORDERED = "ordered"
@@ -93,6 +94,19 @@ def engine_notices(environ=os.environ):
     if switched_off(environ) or selected_mode(environ)[0] != ORDERED:
         return False, None
     return _on_off(environ, ENV_ENGINE_NOTICES, "notices stay on")
+
+
+def patch_non_racing(environ=os.environ):
+    """``(on, warning)`` from ``FD_PD_FIX_PATCH_NON_RACING``, off unless set to 1/true/on/yes: whether to patch a
+    ``CacheMessagerV1`` that cannot race (its engine waits for every rank's registration report) anyway. Only tools
+    that force races such a release's engine cannot produce set it (the stand-in, ``preflight --patch-non-racing``);
+    anything else is off, an unknown value with a warning (the safe side: stand aside)."""
+    value = (environ.get(ENV_PATCH_NON_RACING) or "").strip().lower()
+    if value in SWITCH_ON_VALUES and value:
+        return True, None
+    if value in SWITCH_OFF_VALUES or not value:
+        return False, None
+    return False, f"{ENV_PATCH_NON_RACING}={environ[ENV_PATCH_NON_RACING]!r} is not 1/true/on/yes: stays off"
 
 
 def watchdog_setting(environ=os.environ):

@@ -51,12 +51,15 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from fastdeploy_pd_fix import __version__, config
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.core.engine_notices import (
     FENCE_SERIALS,
     PREFILL_ROLE,
@@ -79,6 +82,7 @@ from fastdeploy_pd_fix.target import (
     RESOURCE_MANAGER_CLASS,
     RESOURCE_MANAGER_METHODS,
     RESOURCE_MANAGER_MODULE,
+    SCRIPT_PATH,
     UPSTREAMED_PACKAGE,
 )
 
@@ -318,6 +322,23 @@ def check_target(cls, target: EngineTarget) -> Optional[str]:
     return None
 
 
+def messager_cannot_race(cls) -> bool:
+    """Whether the release's own ``cache_messager.py``, beside the engine module of ``cls`` in the same FastDeploy
+    package (read, not imported), reports every registration, so that its engine waits and nothing races: its
+    messagers stand aside (:attr:`fastdeploy_pd_fix.analysis.TargetAnalysis.cannot_race`), and so does the engine
+    side, whose notices nobody would read. False when the file cannot be found or read (not knowing is not a
+    reason to stand aside)."""
+    module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    depth = len(cls.__module__.split("."))
+    if not module_file or depth < 2:
+        return False
+    package = Path(module_file).resolve().parents[depth - 2]
+    try:
+        return analyse_source((package.parent / SCRIPT_PATH).read_text(encoding="utf-8")).cannot_race
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def patch_engine_class(cls, target: EngineTarget) -> PatchRecord:
     """Wrap ``target``'s methods of ``cls`` when notices are on and ``cls`` is recognised; otherwise leave it
     untouched. Idempotent; never raises; logs one decision line."""
@@ -331,6 +352,8 @@ def patch_engine_class(cls, target: EngineTarget) -> PatchRecord:
         off = notices_off_reason()
         try:
             unrecognised = None if off else check_target(cls, target)
+            if not (off or unrecognised or config.patch_non_racing()[0]) and messager_cannot_race(cls):
+                off = f"its cache messagers stand aside: {CANNOT_RACE}"
         except Exception as error:  # an unexpected shape must not break FastDeploy: stand aside
             unrecognised = f"check failed: {error!r}"
         reason = off or unrecognised or "engine notices patched in (" + ", ".join(target.methods) + ")"

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import Callable, List, Mapping, Optional
 
 from fastdeploy_pd_fix import __version__, config
-from fastdeploy_pd_fix.analysis import TargetAnalysis, analyse_class, unrecognised
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, TargetAnalysis, analyse_class, unrecognised
 from fastdeploy_pd_fix.plugin import runtime
 from fastdeploy_pd_fix.target import CONNECTOR_CLASS, PATCHED_METHODS, RESOURCE_MANAGER_CLASS, TARGET_CLASS
 
@@ -77,7 +77,9 @@ MANIFEST = (
             "a loop that calls get_output_kv_signal with exactly the argument expressions of the running "
             "release's own call (found in its syntax tree) and hands each buffer to core.messager_step: parsed "
             "once through numpy, validated, engine_cache_tasks updated under engine_cache_task_thread_lock as "
-            "upstream does, layer-0 tasks given to the release policy of core.release."
+            "upstream does, layer-0 tasks given to the release policy of core.release. Not on a release that "
+            "cannot race (2.4, 2.5, develop before #7724: the engine waits for every rank's registration report), "
+            "where it stands aside unless FD_PD_FIX_PATCH_NON_RACING=1."
         ),
         upstream="#7872, #7896, #8034, #8035 (partial fixes)",
         remove_when=REMOVE_WHEN,
@@ -229,8 +231,12 @@ def patch_class(cls, mode: Optional[str] = None) -> PatchRecord:
         except Exception as error:  # an unexpected shape must not break FastDeploy: stand aside
             analysis = unrecognised(f"check failed: {error!r}")
         version = fastdeploy_version()
-        if not analysis.recognised:
-            reason = analysis.reason + (f" ({config_warning})" if config_warning else "")
+        patch_anyway, patch_anyway_warning = config.patch_non_racing()
+        config_warning = "; ".join(filter(None, [config_warning, patch_anyway_warning]))
+        if not analysis.recognised or (analysis.cannot_race and not patch_anyway):
+            reason = (analysis.reason if not analysis.recognised else CANNOT_RACE) + (
+                f" ({config_warning})" if config_warning else ""
+            )
             record = PatchRecord(target, "stood aside", reason, mode, version, analysis.features())
         else:
             reason = "observing only, upstream release kept" if mode == config.OBSERVE else "layer-0 release replaced"

@@ -4,7 +4,7 @@ FastDeploy, target, manifest)."""
 from __future__ import annotations
 
 from fastdeploy_pd_fix import __version__, _bootstrap, config
-from fastdeploy_pd_fix.analysis import analyse_class
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
 from fastdeploy_pd_fix.plugin.engine import notices_off_reason
 from fastdeploy_pd_fix.plugin.patching import MANIFEST, RECORDS, fastdeploy_version
 from fastdeploy_pd_fix.target import CONNECTOR_CLASS, RESOURCE_MANAGER_CLASS, TARGET_CLASS
@@ -75,6 +75,8 @@ def print_status() -> int:
         else:
             analysis = analyse_class(cls)
             verdict = "recognised" if analysis.recognised else f"not recognised, stands aside: {analysis.reason}"
+            if analysis.cannot_race and not config.patch_non_racing()[0]:
+                verdict = f"recognised, stands aside: {CANNOT_RACE}"
             print(f"target:      {TARGET_CLASS} {verdict}; {analysis.features()}")
         for record in RECORDS:
             print(f"this process: {record.describe()}")

@@ -342,6 +342,7 @@ def run_scenario(
     standin_root=None,
     watch_survivors: bool = False,
     rank_arguments=None,
+    patch_non_racing: bool = True,
 ) -> ScenarioResult:
     """Run ``scenario`` (a name from :data:`SCENARIOS` or a scenario dict) on ``nranks`` rank processes of the
     stand-in release variant. ``mode`` (one of :data:`config.RUN_MODES`, e.g. :data:`config.OFF`) sets every
@@ -354,7 +355,10 @@ def run_scenario(
     the others running until they exit or ``deadline_s`` passes (the outcome is "error" either way), to see what the
     survivors of a dead rank do. ``rank_arguments``: ``(rank, nranks, port, num_layers) -> list`` of the command-line
     arguments after the script path (default :func:`standin_arguments`), for a ``cache_messager.py`` whose
-    ``parse_args`` differs from the stand-in's (``fastdeploy-pd-fix preflight``)."""
+    ``parse_args`` differs from the stand-in's (``fastdeploy-pd-fix preflight``). ``patch_non_racing``: the runs force
+    races that a release whose engine waits for the registration report (the stand-in's variants without #7724) cannot
+    have; the plugin, which stands aside on such a release, is told to patch it anyway
+    (``FD_PD_FIX_PATCH_NON_RACING=1``, before ``env``); preflight passes False unless asked."""
     scenario = resolve_scenario(scenario)
     if release not in RELEASES:
         raise ValueError(f"release {release!r}: expected one of {', '.join(RELEASES)}")
@@ -386,6 +390,7 @@ def run_scenario(
     standin_root = STANDIN_ROOT if standin_root is None else Path(standin_root).resolve()
     cache_messager_script = standin_root / SCRIPT_PATH
     plugin_env = {} if mode is None else config.environment_for(mode)
+    plugin_env[config.ENV_PATCH_NON_RACING] = "1" if patch_non_racing else "0"
     run_env = _rank_environment(
         {**plugin_env, **(env or {})},
         variant_env,

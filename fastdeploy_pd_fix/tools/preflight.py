@@ -13,8 +13,8 @@ Exit codes: :data:`EXIT_PASS` (0) every scenario finished with identical batches
 :data:`EXIT_FAIL` (1) one did not; :data:`EXIT_USAGE` (2) the command could not check, refused in one line on stderr
 before any work (no such file, not a FastDeploy ``cache_messager.py``, FastDeploy not installed, a kept folder in
 use, no race scenario selected); :data:`EXIT_STANDS_ASIDE` (3) the plugin stands aside on this release (no
-``CacheMessagerV1``, a shape it does not recognise, or a release that already carries the fix): it would leave
-FastDeploy as it is.
+``CacheMessagerV1``, a shape it does not recognise, a release that cannot race, or a release that already carries
+the fix): it would leave FastDeploy as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.analysis import ALREADY_FIXED, analyse_source
+from fastdeploy_pd_fix.analysis import ALREADY_FIXED, CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.cli import OneLineParser, output_folder
 from fastdeploy_pd_fix.standin.harness import (
     NOT_RUN,
@@ -196,13 +196,22 @@ def run_good(record: dict) -> bool:
 
 
 def play(
-    tree, scenarios, deadline_s: float, parallel: int, runs_dir: Path, progress, modes=MODES, keep_runs: bool = False
+    tree,
+    scenarios,
+    deadline_s: float,
+    parallel: int,
+    runs_dir: Path,
+    progress,
+    modes=MODES,
+    keep_runs: bool = False,
+    patch_non_racing: bool = False,
 ) -> Dict[str, dict]:
-    """Run every scenario in each of ``modes`` (:data:`config.RUN_MODES`; default plugin off and on) on the tree;
-    ``progress(line)`` once per scenario as it completes. Each run has its folder ``runs_dir/MODE/SCENARIO-*``;
-    ``keep_runs``: leave it there (its ``log/`` holds the messagers' logs, for ``fastdeploy-pd-fix diagnose``) and
-    name it in the record's ``run_dir``; otherwise it is removed once read. The runs go through
-    :func:`~fastdeploy_pd_fix.standin.harness.run_many`, so SIGINT, SIGTERM and SIGHUP kill every run's processes
+    """Run every scenario in each of ``modes`` (:data:`config.RUN_MODES`; default plugin off and on) on the tree
+    (``patch_non_racing``: on a release that cannot race too); ``progress(line)`` once per scenario as it completes.
+    Each run has its folder ``runs_dir/MODE/SCENARIO-*``; ``keep_runs``: leave it there (its ``log/`` holds the
+    messagers' logs, for ``fastdeploy-pd-fix diagnose``) and name it in the record's ``run_dir``; otherwise it is
+    removed once read. The runs go through :func:`~fastdeploy_pd_fix.standin.harness.run_many`, so SIGINT, SIGTERM
+    and SIGHUP kill every run's processes
     (the runs they stopped or cancelled are reported "not run")."""
 
     def rank_arguments(rank, nranks, port, num_layers):
@@ -239,6 +248,7 @@ def play(
             workdir=runs_dir / mode,
             standin_root=tree.root,
             rank_arguments=rank_arguments,
+            patch_non_racing=patch_non_racing,
         )
         for name, mode in runs
     ]
@@ -270,10 +280,12 @@ def preflight(
     keep: Optional[str] = None,
     progress=print,
     observe: bool = False,
+    patch_non_racing: bool = False,
 ) -> dict:
     """The whole check as one JSON-ready report; ``report["exit_code"]`` is the command's exit code. ``observe``: the
     release's own runs use ``FD_PD_FIX_MODE=observe`` instead of ``FD_PD_FIX=0`` (its own release, journalled: their
-    kept logs are for ``diagnose``)."""
+    kept logs are for ``diagnose``). ``patch_non_racing``: on a release that cannot race, where the plugin stands
+    aside, force the races anyway with the plugin told to patch (``FD_PD_FIX_PATCH_NON_RACING=1``)."""
     started = time.monotonic()
     report: dict = {
         "source": source,
@@ -311,6 +323,15 @@ def preflight(
         report["exit_code"] = EXIT_STANDS_ASIDE
         report["elapsed_s"] = round(time.monotonic() - started, 1)
         return report
+    if analysis.cannot_race and not patch_non_racing:
+        report["decision"] = f"stands aside: {CANNOT_RACE}"
+        report["verdict"] = (
+            f"PLUGIN STANDS ASIDE: {CANNOT_RACE}. FastDeploy would run as released; nothing to roll out for this "
+            f"release (--patch-non-racing forces the races anyway) (exit {EXIT_STANDS_ASIDE})"
+        )
+        report["exit_code"] = EXIT_STANDS_ASIDE
+        report["elapsed_s"] = round(time.monotonic() - started, 1)
+        return report
 
     engine_dir = package_dir_of(path)
     if analysis.already_fixed and (engine_dir is None or not (engine_dir.parent / UPSTREAMED_PATH).is_dir()):
@@ -333,7 +354,9 @@ def preflight(
         modes = (report["baseline"], ON)
         progress(f"running {len(scenarios)} scenarios x plugin {'/'.join(modes)} on 2 rank processes each ...")
         workers = parallel or max(2, min(8, 2 * (os.cpu_count() or 1)))
-        records = play(tree, list(scenarios), deadline_s, workers, work / "runs", progress, modes, bool(keep))
+        records = play(
+            tree, list(scenarios), deadline_s, workers, work / "runs", progress, modes, bool(keep), patch_non_racing
+        )
         if engine_dir is not None:
             progress(f"running the engine slice on {engine_dir} (plugin on/off) ...")
         report["engine"] = engine_slice.check_engine(engine_dir, work / "engine")
@@ -482,6 +505,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "are for diagnose) instead of FD_PD_FIX=0",
     )
     parser.add_argument(
+        "--patch-non-racing",
+        action="store_true",
+        help="on a release that cannot race (pre-#7724: its engine waits for the registration report), where the "
+        "plugin stands aside, force the races anyway with the plugin patching (FD_PD_FIX_PATCH_NON_RACING=1)",
+    )
+    parser.add_argument(
         "--keep",
         metavar="DIR",
         type=output_folder,
@@ -523,6 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.keep,
             progress=lambda line: print(line, file=stream, flush=True),
             observe=args.observe,
+            patch_non_racing=args.patch_non_racing,
         )
         if args.json:
             print(json.dumps(report, indent=1))

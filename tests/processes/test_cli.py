@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.analysis import CANNOT_RACE
 from fastdeploy_pd_fix.cli import main
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 
@@ -25,7 +26,7 @@ def run_cli(*args, **env):
 
 
 def test_status_with_fastdeploy_importable_reports_the_import_hook_patch():
-    completed = run_cli("status", PYTHONPATH=str(STANDIN_ROOT))
+    completed = run_cli("status", PYTHONPATH=str(STANDIN_ROOT), FD_STANDIN_7724="1")  # a release that can race
     assert completed.returncode == 0, completed.stderr
     out = completed.stdout
     assert "bootstrap:   active (import hook on" in out
@@ -36,6 +37,9 @@ def test_status_with_fastdeploy_importable_reports_the_import_hook_patch():
         "(mode=ordered, fastdeploy=2.6.0.standin)" in out
     )
     assert "CacheMessagerV1.consume_signals: replaced" in out
+    before_7724 = run_cli("status", PYTHONPATH=str(STANDIN_ROOT)).stdout  # the stand-in's default variant
+    assert f"target:      CacheMessagerV1 recognised, stands aside: {CANNOT_RACE}" in before_7724
+    assert "this process: fastdeploy_pd_fix 0.1.0: stood aside fastdeploy.cache_manager" in before_7724
 
 
 def test_status_switched_off_and_without_fastdeploy():

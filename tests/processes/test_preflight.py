@@ -24,6 +24,7 @@ from support.upstream_files import (
     release_tree,
 )
 
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
 from fastdeploy_pd_fix.tools import preflight
@@ -39,10 +40,13 @@ LIFECYCLE = ("l2", "l3", "l9")  # hold, stall, drain
 WIPES_NEXT_REQUEST = "l3"
 
 
-def run_preflight(source: Path, scenarios):
+def run_preflight(source: Path, scenarios, patch_non_racing=True):
+    """``preflight --source``; by default with ``--patch-non-racing``, so that the forced races run on the releases
+    that cannot race too (their messager shapes are what these tests prove the patch on)."""
     completed = subprocess.run(
         [sys.executable, "-m", "fastdeploy_pd_fix.tools.preflight", "--source", str(source), "--json"]
-        + ["--scenarios", ",".join(scenarios)],
+        + ["--scenarios", ",".join(scenarios)]
+        + ["--patch-non-racing"] * patch_non_racing,
         capture_output=True,
         text=True,
         timeout=540,
@@ -95,6 +99,19 @@ def test_the_2_0_file_without_cache_messager_v1_stands_aside():
     code, report, _ = run_preflight(UPSTREAM / "cache_messager@Xreki_d0a82f18.py", RACE)
     assert code == preflight.EXIT_STANDS_ASIDE
     assert report["decision"] == f"stands aside: expected one class {TARGET_CLASS}, found 0"
+
+
+@needs_upstream
+@pytest.mark.parametrize(
+    "name", [path.name for path in TARGET_FILES if analyse_source(path.read_text(encoding="utf-8")).cannot_race]
+)
+def test_by_default_the_plugin_stands_aside_on_a_release_that_cannot_race(name):
+    """Pre-#7724 files report every registration and their engine waits for the report: nothing is run."""
+    code, report, progress = run_preflight(UPSTREAM / name, RACE, patch_non_racing=False)
+    assert code == preflight.EXIT_STANDS_ASIDE, describe(report)
+    assert report["decision"] == f"stands aside: {CANNOT_RACE}"
+    assert "--patch-non-racing forces the races anyway" in report["verdict"]
+    assert not report["scenarios"] and not progress.strip()
 
 
 @needs_upstream

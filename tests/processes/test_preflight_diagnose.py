@@ -62,7 +62,15 @@ def play_kept(source: Path, work: Path) -> dict:
     """Both modes of :data:`DIVERGING` on ``source``'s preflight tree, the runs' folders kept: mode -> record."""
     tree = preflight_tree.build_tree(source, work / "tree")
     records = preflight.play(
-        tree, [DIVERGING], preflight.DEFAULT_DEADLINE_S, len(MODES), work / "runs", lambda line: None, MODES, True
+        tree,
+        [DIVERGING],
+        preflight.DEFAULT_DEADLINE_S,
+        len(MODES),
+        work / "runs",
+        lambda line: None,
+        MODES,
+        True,
+        True,  # pre-#7724 files too: the plugin would stand aside there
     )
     return records[DIVERGING]
 

@@ -46,7 +46,8 @@ PROGRESS_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\] (.*)$")
 #: Each tool with a command line whose progress goes to stderr.
 TOOLS = {
     "demo": [sys.executable, "-m", "fastdeploy_pd_fix", "demo"],
-    "preflight": [sys.executable, "-m", "fastdeploy_pd_fix", "preflight", "--json", "--source", str(UPSTREAM_TARGET)],
+    "preflight": [sys.executable, "-m", "fastdeploy_pd_fix", "preflight", "--json", "--patch-non-racing"]
+    + ["--source", str(UPSTREAM_TARGET)],
 }
 #: The same, on a file that is always there (the stand-in's release file), for the repeated tests.
 ALWAYS = {**TOOLS, "preflight": TOOLS["preflight"][:-1] + [str(STANDIN_ROOT / SCRIPT_PATH)]}

@@ -2,13 +2,17 @@
 each wrapper, the target checks and standing aside, idempotence, the switches, errors that never reach the engine,
 and the fence property with two reader threads."""
 
+import importlib.util
 import logging
+import sys
 import threading
 import types
 
 import pytest
 from support.engine_model import EngineRequest, OneBatchMailbox, ResourceManagerV1, SplitwiseConnector, admit
+from support.upstream_files import TARGET_FILES, needs_upstream
 
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.core.messager_step import strip_notices
 from fastdeploy_pd_fix.core.notice import (
     ABORT,
@@ -25,13 +29,14 @@ from fastdeploy_pd_fix.core.notice import (
 from fastdeploy_pd_fix.plugin import engine
 from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, patch_engine_class, unpatch_engine_class
 from fastdeploy_pd_fix.plugin.patching import MANIFEST
+from fastdeploy_pd_fix.target import RESOURCE_MANAGER_MODULE, SCRIPT_PATH
 
 DEADLINE = 5.0  # seconds; every wait below ends on a handshake long before it
 
 
 @pytest.fixture(autouse=True)
 def plugin_switches(monkeypatch):
-    for name in ("FD_PD_FIX", "FD_PD_FIX_MODE", "FD_PD_FIX_ENGINE_NOTICES"):
+    for name in ("FD_PD_FIX", "FD_PD_FIX_MODE", "FD_PD_FIX_ENGINE_NOTICES", "FD_PD_FIX_PATCH_NON_RACING"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(engine, "_warned", {})  # every test sees its own first warnings
     yield monkeypatch
@@ -388,6 +393,34 @@ def test_switched_off_notices_patch_nothing_and_emit_nothing(plugin_switches, sw
     resource_manager.trigger_abort("O")
     resource_manager.recycle_abort_task("O")
     assert mailbox.batches == []
+
+
+@needs_upstream
+@pytest.mark.parametrize("messager", TARGET_FILES, ids=lambda path: path.name)
+def test_the_engine_side_stands_aside_where_the_releases_messagers_cannot_race(plugin_switches, tmp_path, messager):
+    """The resource manager of a FastDeploy package whose own cache_messager.py reports every registration (before
+    #7724): its messagers stand aside, so nobody would read a notice; FD_PD_FIX_PATCH_NON_RACING=1 patches anyway."""
+    module_file = (tmp_path / RESOURCE_MANAGER_MODULE.replace(".", "/")).with_suffix(".py")
+    module_file.parent.mkdir(parents=True)
+    module_file.write_text(
+        "from support.engine_model import ResourceManagerV1 as Model\n\n\nclass ResourceManagerV1(Model):\n    pass\n"
+    )
+    (tmp_path / SCRIPT_PATH).parent.mkdir(parents=True)
+    (tmp_path / SCRIPT_PATH).write_bytes(messager.read_bytes())
+    spec = importlib.util.spec_from_file_location(RESOURCE_MANAGER_MODULE, module_file)
+    module = importlib.util.module_from_spec(spec)
+    plugin_switches.setitem(sys.modules, RESOURCE_MANAGER_MODULE, module)
+    spec.loader.exec_module(module)
+    release_class = module.ResourceManagerV1
+    cannot_race = analyse_source(messager.read_text(encoding="utf-8")).cannot_race
+    assert engine.messager_cannot_race(release_class) == cannot_race
+    record = patch_engine_class(release_class, RESOURCE_MANAGER)
+    assert record.decision == ("stood aside" if cannot_race else "patched"), record.reason
+    assert (CANNOT_RACE in record.reason) == cannot_race
+    unpatch_engine_class(release_class)
+    plugin_switches.setenv("FD_PD_FIX_PATCH_NON_RACING", "1")
+    assert patch_engine_class(release_class, RESOURCE_MANAGER).decision == "patched"
+    unpatch_engine_class(release_class)
 
 
 def test_an_unknown_notice_switch_keeps_notices_on_and_warns_on_the_decision_line(plugin_switches, caplog):

@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from fastdeploy_pd_fix.analysis import analyse_class
+from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
 from fastdeploy_pd_fix.core.messager_step import BoundTaskDict
 from fastdeploy_pd_fix.core.notice import abort_notice, encode
 from fastdeploy_pd_fix.plugin import runtime
@@ -83,7 +84,9 @@ class FourArgs(Registering):
 
 
 @pytest.fixture(autouse=True)
-def clean_script():
+def clean_script(monkeypatch):
+    # ThreeArgs is pre-#7724 (it reports registrations): patched only when asked to, as the stand-in asks.
+    monkeypatch.setenv(config.ENV_PATCH_NON_RACING, "1")
     SCRIPT.clear()
     CALLS.clear()
     yield
@@ -109,6 +112,24 @@ def test_analysis_reads_both_op_signatures_and_release_features():
     assert four.recognised and tuple(arg.source for arg in four.op_arguments) == ("self.rank_id", "self.gpu_id", "1")
     assert four.has_pending_buffer and not four.reports_finished_add
     assert "(#7872+)" in four.features() and "(#7724+)" in four.features()
+
+
+@pytest.mark.parametrize("value, patched", [(None, False), ("0", False), ("maybe", False), ("1", True)])
+def test_a_release_that_cannot_race_is_left_alone_unless_asked(monkeypatch, caplog, value, patched):
+    """ThreeArgs reports every registration (pre-#7724): its engine waits for the report, the ranks cannot race."""
+    if value is None:
+        monkeypatch.delenv(config.ENV_PATCH_NON_RACING)
+    else:
+        monkeypatch.setenv(config.ENV_PATCH_NON_RACING, value)
+    original = ThreeArgs.consume_signals
+    with caplog.at_level(logging.INFO):
+        record = patch_class(ThreeArgs, "ordered")
+    assert record.decision == ("patched" if patched else "stood aside")
+    assert (ThreeArgs.consume_signals is original) != patched
+    assert (CANNOT_RACE in record.reason) != patched
+    assert ("is not 1/true/on/yes: stays off" in caplog.text) == (value == "maybe")
+    monkeypatch.delenv(config.ENV_PATCH_NON_RACING, raising=False)
+    assert patch_class(FourArgs, "ordered").decision == "patched"  # #7724+: it can race
 
 
 def _unrecognised_shapes():
