@@ -314,24 +314,9 @@ def preflight(
         },
     )
     if not defines_target_class(text):
-        why = analysis.reason
-        report["decision"] = f"stands aside: {why}"
-        report["verdict"] = (
-            f"PLUGIN STANDS ASIDE: {why}. FastDeploy would run as released; nothing to roll out for this file "
-            f"(exit {EXIT_STANDS_ASIDE})"
-        )
-        report["exit_code"] = EXIT_STANDS_ASIDE
-        report["elapsed_s"] = round(time.monotonic() - started, 1)
-        return report
+        return _stands_aside(report, analysis.reason, "", started)
     if analysis.cannot_race and not patch_non_racing:
-        report["decision"] = f"stands aside: {CANNOT_RACE}"
-        report["verdict"] = (
-            f"PLUGIN STANDS ASIDE: {CANNOT_RACE}. FastDeploy would run as released; nothing to roll out for this "
-            f"release (--patch-non-racing forces the races anyway) (exit {EXIT_STANDS_ASIDE})"
-        )
-        report["exit_code"] = EXIT_STANDS_ASIDE
-        report["elapsed_s"] = round(time.monotonic() - started, 1)
-        return report
+        return _stands_aside(report, CANNOT_RACE, " (--patch-non-racing forces the races anyway)", started)
 
     engine_dir = package_dir_of(path)
     if analysis.already_fixed and (engine_dir is None or not (engine_dir.parent / UPSTREAMED_PATH).is_dir()):
@@ -367,6 +352,18 @@ def preflight(
     if keep:
         report["kept"] = str(work)
     _conclude(report, records)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _stands_aside(report: dict, why: str, hint: str, started: float) -> dict:
+    """Conclude ``report`` before any run: the plugin stands aside on this release, for ``why``."""
+    report["decision"] = f"stands aside: {why}"
+    report["verdict"] = (
+        f"PLUGIN STANDS ASIDE: {why}. FastDeploy would run as released; nothing to roll out for this release{hint} "
+        f"(exit {EXIT_STANDS_ASIDE})"
+    )
+    report["exit_code"] = EXIT_STANDS_ASIDE
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     return report
 
