@@ -88,8 +88,12 @@ class MessagerRuntime:
         )
 
     def note_release(self, released) -> None:
-        """After every release step: tell the watchdog whether the oldest signal moved and whether one waits."""
-        self.watchdog.note_release_step(bool(released.batches or released.drops), self.step.policy.has_waiting())
+        """After every release step: tell the watchdog whether the oldest signal moved and whether one waits at the
+        head of the log. Only ordered release keeps one: upstream's pending buffer holds signals that block nothing
+        (an orphan's, after a hand-over without notices, for ever)."""
+        policy = self.step.policy
+        waiting = policy.mode == config.ORDERED and policy.has_waiting()
+        self.watchdog.note_release_step(bool(released.batches or released.drops), waiting)
 
     def describe_state(self) -> str:
         policy = self.step.policy if self.step else None

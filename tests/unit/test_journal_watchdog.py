@@ -1,17 +1,21 @@
 """Batch journal, queue observation, watchdog and fault-injection parsing, in process."""
 
+import logging
 import queue
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from support.messager import StepMessager
 
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
 from fastdeploy_pd_fix.core.messager_step import BatchJournal, CountSummary, make_step, next_sequence_hash
+from fastdeploy_pd_fix.core.release import Released, policy_after_first_read
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.inject import injected_delay
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
+from fastdeploy_pd_fix.plugin.runtime import MessagerRuntime
 
 
 def observed_queue(log=lambda line: None, batch_queue=None):
@@ -65,6 +69,20 @@ def test_watchdog_thread_reports_head_of_line_wait_once():
     watchdog.stop.set()
     watchdog.thread.join(10)
     assert len(reports) == 1 and "oldest layer-0 signal has waited" in reports[0]
+
+
+def test_a_signal_upstream_parks_after_a_hand_over_is_no_head_of_line_wait():
+    """Ordered keeps the oldest signal at the head of the log; upstream's pending buffer blocks nothing (rule 10: an
+    orphan's signal stays there for ever without notices), so the watchdog must not count it as a stall."""
+    step = make_step(StepMessager(), "ordered", logging.getLogger("test"), "")
+    step.policy.add_signal([(3, 0, 4)])
+    holder = SimpleNamespace(step=step, watchdog=Watchdog(0.5, observed_queue(), lambda: "", lambda text: None))
+    MessagerRuntime.note_release(holder, Released())
+    assert holder.watchdog.head_waiting_since is not None
+    step.policy, _ = policy_after_first_read(step.policy, False, {})
+    assert step.policy.has_waiting()
+    MessagerRuntime.note_release(holder, Released())
+    assert holder.watchdog.head_waiting_since is None
 
 
 def test_watchdog_head_clock_restarts_when_the_head_moves(monkeypatch):
