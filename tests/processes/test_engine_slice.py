@@ -1,7 +1,9 @@
 """The engine slice on the real release/2.6 engine files (``../shared/upstream``, run unmodified from a temporary
 checkout): the plugin's engine patch, applied by its start-up hook, makes the release's own ``add_request_in_p`` put
 an orphan notice that every rank reads before the orphan's slot is registered again; without the plugin nothing is
-announced and the release's own registrations are unchanged."""
+announced and the release's own registrations are unchanged. With the release's own ``cache_messager.py`` ranks on
+that engine, every scenario of ``engine_slice.SCENARIOS`` with the plugin off, in upstream mode and ordered: ordered
+finishes all of them alike on every rank; what the other two show is asserted as observed."""
 
 import copy
 import json
@@ -150,70 +152,256 @@ def test_preflight_on_a_whole_release_2_6_tree_passes_with_the_engine_patches_ex
     assert "running the engine slice on" in completed.stderr
 
 
-# Real messager ranks: the release/2.6 cache_messager.py, unmodified, as a script in two rank processes on the slice
-# engine's own mailbox, with kv signals from the slice's worker.
+# Real messager ranks: the release/2.6 cache_messager.py, unmodified, as a script in two (or three) rank processes on
+# the slice engine's own mailbox, with kv signals from the slice's worker, playing engine_slice.SCENARIOS with the
+# plugin off (the release as is), in upstream mode (#8034's rule) and ordered. A run costs some 4-6 s on an idle
+# machine (the engine process and the ranks start); an episode ~0.1 s (late-repeat 1.1 s: the release's own decode
+# timeout); a hang MESSAGER_DEADLINE_S (4 s) after the last thing that happened. 14 runs, two at a time, one tree.
+
+MODES = ("ordered", "off", "upstream")
+#: What each mode showed per scenario, as observed: outcome and batches per rank (one list: the same on every rank).
+SEEN = {
+    "waves": {
+        "slots": {"orphan-1": 0, "routed-1": 1, "routed-2": 0},
+        "ordered": ("finished", [[[1, 100]], [[0, 30]]]),
+        "off": ("finished", [[[1, 100]], [[0, 30]]]),
+        "upstream": ("finished", [[[1, 100]], [[0, 30]]]),
+    },
+    "seed": {
+        "slots": {"routed-a": 0, "routed-b": 1},
+        "ordered": ("finished", [[[0, 60], [1, 60]]]),
+        "off": ("hang", {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60]], [[1, 60]]]}),
+        "upstream": ("finished", [[[0, 60]], [[1, 60]]]),
+    },
+    "seed-3": {
+        "slots": {"routed-a3": 0, "routed-b3": 1},
+        "ordered": ("finished", [[[0, 60], [1, 60]]]),
+        "off": ("hang", {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60]], [[1, 60]]], "2": [[[0, 60], [1, 60]]]}),
+        "upstream": ("finished", [[[0, 60]], [[1, 60]]]),
+    },
+    "chunked-early": {  # after fails-after-p-part in its run: slot 0 is leaked
+        "slots": {"routed-c": 1},
+        "ordered": ("finished", [[[1, 512]], [[1, 1024]], [[1, 1100]]]),
+        "off": ("hang", {"0": [[[1, 512]], [[1, 1024]], [[1, 1100]]], "1": [[[1, 1024]], [[1, 1100]]]}),
+        "upstream": ("hang", {"0": [[[1, 512]], [[1, 1024]], [[1, 1100]]], "1": [[[1, 1024]], [[1, 1100]]]}),
+    },
+    "cross-order": {
+        "slots": {"routed-x": 0, "routed-y": 1},
+        "ordered": ("finished", [[[0, 512], [1, 60]], [[0, 600]]]),
+        "off": ("hang", {"0": [[[0, 512], [1, 60]], [[0, 600]]], "1": [[[1, 60]], [[0, 512]], [[0, 600]]]}),
+        "upstream": ("hang", {"0": [[[0, 512]], [[1, 60]]], "1": [[[1, 60]]]}),
+    },
+    "orphan-mixed": {
+        "slots": {"orphan-p": 0, "routed-g": 1, "routed-h": 2, "routed-i": 0},
+        "ordered": ("finished", [[[1, 60], [2, 512]], [[2, 700]], [[0, 30]]]),
+        "off": ("finished", [[[1, 60], [2, 512]], [[2, 700]], [[0, 30]]]),
+        "upstream": ("finished", [[[1, 60]], [[2, 512]], [[2, 700]], [[0, 30]]]),
+    },
+    "orphan-long": {
+        "slots": {"orphan-q": 0, "routed-k": 1, "routed-j": 0},
+        "ordered": ("finished", [[[1, 60]], [[0, 512]], [[0, 1024]], [[0, 1536]], [[0, 1700]]]),
+        "off": ("finished", [[[1, 60]], [[0, 1600]], [[0, 512]], [[0, 1024]], [[0, 1536]], [[0, 1700]]]),
+        "upstream": ("finished", [[[1, 60]], [[0, 1600]], [[0, 512]], [[0, 1024]], [[0, 1536]], [[0, 1700]]]),
+    },
+    "orphan-alone": {
+        "slots": {"orphan-o": 0, "routed-e": 1, "routed-f": 2, "routed-z": 0},
+        "ordered": ("finished", [[[1, 60], [2, 60]], [[0, 30]]]),
+        "off": ("finished", [[[1, 60], [2, 60]], [[0, 30]]]),
+        "upstream": ("finished", [[[1, 60]], [[2, 60]], [[0, 30]]]),
+    },
+    "d-part-first": {
+        "slots": {"routed-r": 0},
+        "ordered": ("finished", [[[0, 100]]]),
+        "off": ("finished", [[[0, 100]]]),
+        "upstream": ("finished", [[[0, 100]]]),
+    },
+    "p-part-first": {
+        "slots": {"routed-s": 0},
+        "ordered": ("finished", [[[0, 100]]]),
+        "off": ("finished", [[[0, 100]]]),
+        "upstream": ("finished", [[[0, 100]]]),
+    },
+    "late-repeat": {
+        "slots": {"routed-t": 0, "routed-u": 0},
+        "ordered": ("finished", [[[0, 100]], [[0, 100]]]),
+        "off": ("finished", [[[0, 100]], [[0, 100]]]),
+        "upstream": ("finished", [[[0, 100]], [[0, 100]]]),
+    },
+    "fails-after-p-part": {
+        "slots": {"routed-v": 0, "routed-w": 1, "routed-w2": 2},
+        "ordered": ("finished", [[[1, 100], [2, 60]]]),
+        "off": ("finished", [[[1, 100], [2, 60]]]),
+        "upstream": ("finished", [[[1, 100]], [[2, 60]]]),
+    },
+}
+#: The one ground-truth violation the release's rule shows deterministically (others depend on how far routed-j's
+#: own signals reached the rank when it sent): the orphan's parked signal sent as routed-j's first batch.
+ORPHAN_SENT_AS_J = "task (0, 1600): the chunk is orphan-q's, the send thread read routed-j's task"
 
 
 @pytest.fixture(scope="module")
-def messager_runs(release_2_6, tmp_path_factory):
-    runs = [(name, plugin_on) for name in ("MESSAGER_WAVES", "SEED_RACE") for plugin_on in (True, False)]
-    works = {run: tmp_path_factory.mktemp(f"{run[0]}-{'on' if run[1] else 'off'}") for run in runs}  # a tree each
+def slice_work(release_2_6, tmp_path_factory):
+    """One slice tree for every run."""
+    work = tmp_path_factory.mktemp("messagers")
+    engine_slice.slice_tree(release_2_6, work)
+    return work
 
-    def run(name, plugin_on):
-        scenario = getattr(engine_slice, name)
-        return engine_slice.run_with_messagers(release_2_6, works[name, plugin_on], plugin_on, scenario, name=name)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the hang's deadline overlaps another run's start-up
+def play(files, work, runs) -> dict:
+    """Play ``runs`` (mode, scenario names), two at a time (a hang's wait overlaps another run's start-up):
+    ``{(mode, scenario): episode}``; per run ``("ready" | "decisions", mode, names)``: its ranks' ready reports, the
+    engine's patch decisions."""
+
+    def run(mode, group):
+        return engine_slice.run_with_messagers(files, work, mode, group, name=f"{group[0]}-{len(group)}")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda run_key: run(*run_key), runs))
-    return dict(zip(runs, results))
+    played = {}
+    for (mode, group), result in zip(runs, results):
+        assert result["error"] is None, (mode, group, result["error"])
+        played.update({(mode, name): episode for name, episode in result["episodes"].items()})
+        for fact in ("ready", "decisions"):
+            played[fact, mode, tuple(group)] = result[fact]
+    return played
 
 
-def batches(result):
-    return {rank: reports["batch"] for rank, reports in result["ranks"].items()}
+@pytest.fixture(scope="module")
+def ordered_runs(release_2_6, slice_work):
+    return play(release_2_6, slice_work, [("ordered", group) for group in engine_slice.ordered_groups()])
 
 
-def test_with_the_plugin_real_messagers_finish_the_waves_on_the_orphans_slot(release_2_6, messager_runs):
-    assert release_2_6.messager is not None and release_2_6.messager.name == "cache_messager.py"
-    result = messager_runs["MESSAGER_WAVES", True]
-    assert engine_slice.judge_messagers(result) == [], result
-    assert result["slots"] == {"orphan-1": 0, "routed-1": 1, "routed-2": 0}
-    assert result["reported"] == [["routed-1", "finished"], ["routed-2", "finished"]]
-    for reports in result["ranks"].values():
-        [(_, decisions)] = reports["ready"]
-        assert any("patched __main__.CacheMessagerV1 (mode=ordered" in line for line in decisions)
-        assert reports["batch"] == [[[1, 100]], [[0, 30]]]
-        assert [read for _, read, _ in reports["send"]] == [["routed-1"], ["routed-2"]]
-        assert reports["finished"] == ["routed-1", "routed-2"]
+@pytest.fixture(scope="module")
+def release_runs(release_2_6, slice_work):
+    return play(release_2_6, slice_work, [(mode, group) for group in engine_slice.RUN_GROUPS for mode in MODES[1:]])
 
 
-def test_without_the_plugin_the_release_finishes_the_waves_too(messager_runs):
-    """Observed: the orphan's early layer-0 signal waits in pending_layer0_signals and is dropped when routed-2
-    registers on its slot (70 tokens > routed-2's 30), so release/2.6 sends the same batches here."""
-    result = messager_runs["MESSAGER_WAVES", False]
-    assert engine_slice.judge_messagers(result) == [], result
-    assert result["decisions"] == [] and all(reports["ready"][0][1] == [] for reports in result["ranks"].values())
-    assert batches(result) == {"0": [[[1, 100]], [[0, 30]]], "1": [[[1, 100]], [[0, 30]]]}
+@pytest.fixture
+def messager_runs(request):
+    """``messager_runs[key]`` (keys as :func:`play`'s): from :func:`ordered_runs` or :func:`release_runs`, each set
+    up by the first test that needs it (so that each fits its own test's timeout)."""
+
+    class Runs:
+        def __getitem__(self, key):
+            mode = key[0] if key[0] in MODES else key[1]
+            return request.getfixturevalue("ordered_runs" if mode == "ordered" else "release_runs")[key]
+
+    return Runs()
 
 
-def test_the_seed_race_forced_by_handshakes_hangs_the_release_and_not_the_plugin(messager_runs):
-    off, on = messager_runs["SEED_RACE", False], messager_runs["SEED_RACE", True]
-    assert off["outcome"] == "hang" and "reported finished by get_finished_req" in off["error"]
-    assert batches(off) == {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60]], [[1, 60]]]}
-    assert off["reported"] == [["routed-a", "finished"]]  # routed-b's finish_send_cache_barrier never meets
-    assert engine_slice.judge_messagers(on, engine_slice.SEED_RACE) == [], on
-    assert batches(on) == {"0": [[[0, 60], [1, 60]]], "1": [[[0, 60], [1, 60]]]}
+def batches(episode):
+    return {rank: reports["batch"] for rank, reports in episode["ranks"].items()}
+
+
+def parts_read(episode, rank="0"):
+    """The cache-info parts (request id, P or D) a rank read, in order, notices left out."""
+    return [(request_id, part) for read in episode["ranks"][rank]["read"] for request_id, part in read if part in "PD"]
+
+
+def test_every_scenario_is_played_in_every_mode():
+    grouped = [name for group in engine_slice.RUN_GROUPS for name in group]
+    assert sorted(grouped) == sorted(engine_slice.SCENARIOS) == sorted(SEEN)
+    assert [name for group in engine_slice.ordered_groups() for name in group] == grouped
+
+
+@pytest.mark.parametrize("name", sorted(SEEN))
+@pytest.mark.parametrize("mode", MODES)
+def test_each_scenario_shows_what_was_observed(messager_runs, mode, name):
+    episode = messager_runs[mode, name]
+    outcome, expected = SEEN[name][mode]
+    assert episode["outcome"] == outcome, episode["error"]
+    assert episode["slots"] == SEEN[name]["slots"]
+    nranks = engine_slice.SCENARIOS[name].get("nranks", engine_slice.NRANKS)
+    expected = expected if isinstance(expected, dict) else {str(rank): expected for rank in range(nranks)}
+    assert batches(episode) == expected
+    if outcome == "hang":
+        assert "reported finished by get_finished_req" in episode["error"]
+        assert len({json.dumps(sequence) for sequence in expected.values()}) > 1  # the ranks' batches differ
+
+
+@pytest.mark.parametrize("name", sorted(SEEN))
+def test_ordered_finishes_every_scenario_with_identical_batches_and_no_violation(messager_runs, name):
+    assert engine_slice.judge_messagers(messager_runs["ordered", name], name) == []
+
+
+@pytest.mark.parametrize("mode", ("off", "upstream"))
+def test_the_release_rule_sends_an_orphans_parked_signal_as_the_next_request_on_its_slot(messager_runs, mode):
+    episode = messager_runs[mode, "orphan-long"]
+    for rank, reports in episode["ranks"].items():
+        violations = [violation for _, _, found in reports["send"] for violation in found]
+        assert any(violation.endswith(ORPHAN_SENT_AS_J) for violation in violations), (rank, violations)
+        assert all("task (0, 1600)" in violation for violation in violations), (rank, violations)
+    assert episode["reported"] == [["routed-k", "finished"], ["routed-j", "finished"]]
+
+
+@pytest.mark.parametrize("mode", ("off", "upstream"))
+def test_the_release_finishes_without_violation_where_it_finishes_and_no_orphan_signal_is_sent(messager_runs, mode):
+    for name, seen in SEEN.items():
+        if seen[mode][0] == "finished" and name != "orphan-long":
+            assert engine_slice.judge_messagers(messager_runs[mode, name], name) == [], (mode, name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_release_puts_the_d_part_first_and_with_cache_tasks_the_p_part_first(messager_runs, mode):
+    for name, request_id, order in (("d-part-first", "routed-r", "DP"), ("p-part-first", "routed-s", "PD")):
+        episode = messager_runs[mode, name]
+        for rank in episode["ranks"]:
+            assert parts_read(episode, rank) == [(request_id, part) for part in order]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_late_repeated_d_part_is_read_after_the_transfer_and_the_next_request_on_the_slot_finishes(
+    messager_runs, mode
+):
+    episode = messager_runs[mode, "late-repeat"]
+    for rank in episode["ranks"]:
+        assert parts_read(episode, rank) == [
+            ("routed-t", "D"),
+            ("routed-t", "P"),
+            ("routed-t", "D"),  # the decode answer to the first ask, after routed-t's transfer ended
+            ("routed-u", "D"),
+            ("routed-u", "P"),
+        ]
+    assert episode["reported"] == [["routed-t", "finished"], ["routed-u", "finished"]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_prepare_thread_failing_after_the_p_part_leaks_slot_and_registration_and_later_requests_finish(
+    messager_runs, mode
+):
+    episode = messager_runs[mode, "fails-after-p-part"]
+    assert ("routed-v", "P") in parts_read(episode)  # registered on every rank, never computed nor reported
+    assert [request_id for request_id, _ in episode["reported"]] == ["routed-w", "routed-w2"]
+    assert messager_runs[mode, "chunked-early"]["slots"] == {"routed-c": 1}  # slot 0 still held by routed-v
+
+
+def test_off_the_seed_race_hangs_with_routed_b_never_reported(messager_runs):
+    assert messager_runs["off", "seed"]["reported"] == [["routed-a", "finished"]]
+    assert messager_runs["off", "seed-3"]["reported"] == [["routed-a3", "finished"]]
+
+
+def test_the_plugin_patches_the_messager_in_ordered_and_upstream_and_nothing_off(messager_runs):
+    for group in engine_slice.RUN_GROUPS:
+        off_ready = messager_runs["ready", "off", tuple(group)]
+        assert messager_runs["decisions", "off", tuple(group)] == []
+        assert all(reports[0][1] == [] for reports in off_ready.values())
+        for reports in messager_runs["ready", "upstream", tuple(group)].values():
+            assert any("patched __main__.CacheMessagerV1 (mode=upstream" in line for line in reports[0][1])
+    for group in engine_slice.ordered_groups():
+        for reports in messager_runs["ready", "ordered", tuple(group)].values():
+            assert any("patched __main__.CacheMessagerV1 (mode=ordered" in line for line in reports[0][1])
 
 
 @pytest.mark.parametrize(
     "break_it, complaint",
     [
-        (lambda result: result["ranks"]["1"]["batch"].pop(), "the ranks took different batches"),
-        (lambda result: result["ranks"]["0"]["send"][0][2].append("batch #1 ..."), "rank 0: batch #1 ..."),
-        (lambda result: result["reported"].__setitem__(0, ["routed-1", "write cache error"]), "routed-1: transfer"),
-        (lambda result: result.update(outcome="hang", error="slice stuck: x"), "hang: slice stuck: x"),
+        (lambda episode: episode["ranks"]["1"]["batch"].pop(), "the ranks took different batches"),
+        (lambda episode: episode["ranks"]["0"]["send"][0][2].append("batch #1 ..."), "rank 0: batch #1 ..."),
+        (lambda episode: episode["reported"].__setitem__(0, ["routed-1", "write cache error"]), "routed-1: transfer"),
+        (lambda episode: episode.update(outcome="hang", error="slice stuck: x"), "hang: slice stuck: x"),
     ],
 )
 def test_judge_messagers_reports_what_a_broken_run_would_show(messager_runs, break_it, complaint):
-    broken = copy.deepcopy(messager_runs["MESSAGER_WAVES", True])
+    broken = copy.deepcopy(messager_runs["ordered", "waves"])
     break_it(broken)
-    assert any(problem.startswith(complaint) for problem in engine_slice.judge_messagers(broken))
+    assert any(problem.startswith(complaint) for problem in engine_slice.judge_messagers(broken, "waves"))

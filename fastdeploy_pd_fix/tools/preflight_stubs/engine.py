@@ -8,14 +8,15 @@
   ``device_ids``). ``put_finished_req`` is the engine reading finished requests.
 * :class:`IPCSignal`: process-local arrays. Setting ``cache_ready_signal`` (every release does, right before it
   enters its send loop) is the moment the engine starts sending requests: :func:`on_cache_ready` starts the tap.
-* The tap observes without touching the file: it wraps ``get`` of the messager's
-  ``cache_prefilled_engine_ids_queue`` on the instance (as the plugin's own observer does) to record each batch the
-  send loop takes, and the queue's ``begin_send_cache_barrier`` to check, after the barrier, the task each slot of
-  the batch holds against the ground truth (the send loop reads it right then). What it does at those points is its
-  player's: :class:`ScriptedPlay` (preflight: the stand-in's scenario script applies its ``stall``/``hold``/``drain``
-  controls, a rank leaves with code 0 when its send loop comes back for a batch after every request finished, as the
-  stand-in's does) or, in a rank of an engine slice, :mod:`.slice_rank` (reports to the slice engine). In a slice
-  rank :data:`EngineWorkerQueue` is the release's own mailbox client under the same tap (:class:`TappedQueue`).
+* The tap observes without touching the file: it wraps ``put`` and ``get`` of the messager's
+  ``cache_prefilled_engine_ids_queue`` on the instance (as the plugin's own observer does) to see each batch queued
+  and record each batch the send loop takes, and the queue's ``begin_send_cache_barrier`` to check, after the
+  barrier, the task each slot of the batch holds against the ground truth (the send loop reads it right then). What
+  it does at those points is its player's: :class:`ScriptedPlay` (preflight: the stand-in's scenario script applies
+  its ``stall``/``hold``/``drain`` controls, a rank leaves with code 0 when its send loop comes back for a batch after
+  every request finished, as the stand-in's does) or, in a rank of an engine slice, :mod:`.slice_rank` (reports to
+  the slice engine). In a slice rank :data:`EngineWorkerQueue` is the release's own mailbox client under the same
+  tap (:class:`TappedQueue`).
 * :class:`TransferManager`: the IPC and RDMA managers; every connect and write succeeds.
 """
 
@@ -50,6 +51,11 @@ class ScriptedPlay:
 
     activate = staticmethod(script.activate)
     took = staticmethod(script.record_batch)
+
+    @staticmethod
+    def queued(batch):
+        """Preflight's scenarios judge the batches taken, not when they were queued."""
+
     finished = staticmethod(script.record_finished)
 
     @staticmethod
@@ -225,7 +231,11 @@ def on_cache_ready():
         messager = queue.owner
         _wait_for_plugin(messager)
         batch_queue = getattr(messager, BATCH_QUEUE)
-        original_get = batch_queue.get
+        original_get, original_put = batch_queue.get, batch_queue.put
+
+        def put(batch, *args, **kwargs):
+            player.queued(batch)
+            return original_put(batch, *args, **kwargs)
 
         def get(*args, **kwargs):
             player.before_take()
@@ -234,7 +244,7 @@ def on_cache_ready():
             player.took(batch)
             return batch
 
-        batch_queue.get = get
+        batch_queue.get, batch_queue.put = get, put
         _tap.update(active=True, messager=messager)
     player.activate(rank=queue.client_id, block_size=int(getattr(messager, "block_size", 64)), send_queue=batch_queue)
 

@@ -8,34 +8,43 @@ same import path as in a deployment. What stands in, our own code:
 * :class:`ResourceManager`: the base class of ``ResourceManagerV1`` (slots, a GPU block pool, ``available_batch``);
 * :func:`engine_config`: the engine config, only the fields these files read (a missing one raises);
 * :class:`Scheduler`: hands each scripted wave of requests to whichever prepare thread asks first;
-* :class:`DecodePeer`: the decode instance, answering each request the connector sent it with a ``cache_sync``
-  message through the connector's own ``_process_message`` on its ``io_executor`` (the zmq receiver's path);
+* zmq (:func:`zmq_standin`): the connector's asks reach the :class:`DecodePeer`, the decode instance, which answers
+  each with a ``cache_sync`` message through the connector's own ``_process_message`` on its ``io_executor`` (the
+  zmq receiver's path): at once, after another request's admission, or late and twice (a repeated D-part);
+* a request's metrics, where a scenario makes the prepare thread fail right after the P-part
+  (:func:`fail_after_p_part`);
 * the messager ranks, either :class:`MailboxReader` threads (what a cache messager's registration loop does with the
   mailbox: ``get_cache_info``, then ``cache_info_barrier`` after every non-empty read, recording every item in
   order; :func:`run`), or the release's own ``cache_messager.py`` run unmodified as a script in one process per rank
-  (:class:`MessagerRanks`, :func:`run_with_messagers`): real clients of the mailbox, kv signals from the
-  :class:`Worker` through a channel per rank (:mod:`.slice_rank`), the preflight tap reporting their batches, sends
-  and ground truth back;
+  (:class:`MessagerRanks`, :func:`run_with_messagers`): real clients of the mailbox (served where the release's
+  messager looks for it, a Unix socket in ``/dev/shm``), kv signals from the :class:`Worker` through a channel per
+  rank (:mod:`.slice_rank`), the preflight tap reporting their reads, batches, sends and ground truth back; several
+  scenarios play one after another in one run (:func:`play_episode`), each rank told on its channel where an
+  episode starts;
 * :class:`Worker`: the model runner, stepping admitted requests and emitting one kv signal per layer per step;
 * the token processor: with :class:`MailboxReader` ranks a request is finished (``finish_requests``) when the scenario
   says it has run; with real ranks an orphan once computed, a routed request once ``get_finished_req`` reported its
   transfer (:class:`TokenProcessor`).
 
-It writes one JSON object: the plugin's decisions, each request's slot, and each rank's stream (readers) or reports
-(real ranks). The host side (:mod:`fastdeploy_pd_fix.tools.engine_slice`) judges it.
+It writes one JSON object: the plugin's decisions, each request's slot, and each rank's stream (readers) or, per
+episode, reports (real ranks). The host side (:mod:`fastdeploy_pd_fix.tools.engine_slice`) judges it.
 """
 
 import ast
+import copy
 import importlib
 import json
 import logging
 import os
 import pickle
+import queue
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 from multiprocessing.connection import Listener
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,6 +55,11 @@ from fastdeploy._preflight.slice_rank import CHANNEL_AUTHKEY, ENV_SLICE
 MAX_NUM_SEQS = 8
 BLOCK_SIZE = 64
 NUM_GPU_BLOCKS = 256
+#: What :func:`admit` waits for after handing a wave to the scheduler.
+ADMITTED, ALLOCATED = "admitted", "allocated"
+#: The metric the release's prefill prepare thread sets right after the P-part (``send_cache_info_to_messager``) and
+#: before ``add_request_in_p`` (release/2.6 ``common_engine_prepare_mixin`` 246-254): :func:`fail_after_p_part`.
+AFTER_P_PART_METRIC = "add_req_to_resource_manager_time"
 #: How long any wait of the slice may take before the run is declared stuck.
 STEP_TIMEOUT_S = 20.0
 #: The item that ends every rank's read loop (put last, after the scenario's own puts).
@@ -56,7 +70,13 @@ NUM_LAYERS = 2
 CHUNK_TOKENS = 512
 STARTUP_TIMEOUT_S = 90.0
 #: What a rank reports on its channel (:mod:`.slice_rank`).
-REPORT_KINDS = ("ready", "batch", "send", "finished")
+REPORT_KINDS = ("ready", "read", "queued", "batch", "send", "finished")
+#: Where the release's messager looks for the mailbox when ``FD_ENGINE_TASK_QUEUE_WITH_SHM`` is on (the default):
+#: its ``engine_worker_queue_port`` names the socket. Over TCP every manager proxy the ranks create costs ~40 ms
+#: (delayed acknowledgements), some 4 s per rank at start-up; over this Unix socket, a few ms.
+SHM_MAILBOX = "/dev/shm/fd_task_queue_{port}.sock"
+#: :func:`play_episode`: compute until every admitted request is computed.
+CHUNKS_UNBOUNDED = 1 << 30
 #: The decode instance: its blocks are numbered from here (per request), its RDMA ports from here (per rank).
 DECODE_BLOCK_BASE = 10000
 DECODE_RDMA_PORT = 7000
@@ -164,29 +184,131 @@ class Scheduler:
             self.results.extend(results)
 
 
+#: A request spec's ``"decode"`` that makes the decode instance answer the request's first ask only once the request
+#: was freed, after the prefill timed out on it, asked again and got the answer to its second ask at once: the late
+#: answer is a repeated D-part the release's own connector puts (release/2.6 ``PREFILL_CONTINUOUS_REQUEST_DECODE_
+#: RESOURCES``, on by default: the prepare thread asks again after ``FD_PREFILL_WAIT_DECODE_RESOURCE_SECONDS``).
+LATE_REPEAT = "late-repeat"
+#: Asks the connector sent a decode instance (request ids), in order, from :class:`ZmqSocket` to :class:`DecodePeer`.
+_asks = queue.Queue()
+
+
+class ZmqSocket:
+    """A zmq socket of the connector: a ``prefill`` message it sends (the connector asking a decode instance for a
+    request's cache) reaches the :class:`DecodePeer`; nothing else goes anywhere."""
+
+    closed = False
+
+    def setsockopt(self, *args):
+        pass
+
+    def connect(self, address):
+        pass
+
+    def bind(self, address):
+        pass
+
+    def close(self, *args):
+        self.closed = True
+
+    def send_multipart(self, frames):
+        message = pickle.loads(frames[0], buffers=frames[1:])
+        if message["type"] == "prefill":
+            for task in message["payload"]:
+                _asks.put(task["request_id"])
+
+
+class ZmqContext:
+    def socket(self, kind):
+        return ZmqSocket()
+
+
+class ZmqPoller:
+    """The connector's receiver is not started in the slice (the decode peer calls ``_process_message`` itself)."""
+
+    def register(self, *args):
+        pass
+
+    def poll(self, timeout=None):
+        return []
+
+
+def _zmq_option(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return 0  # a socket kind or option: the stand-in socket ignores them
+
+
+def zmq_standin() -> types.ModuleType:
+    """The ``zmq`` the release's connector imports in the slice (real zmq or not): :class:`ZmqSocket` and friends."""
+    module = types.ModuleType("zmq", "the engine slice's zmq: asks reach the decode peer")
+    module.Context, module.Socket, module.Poller = ZmqContext, ZmqSocket, ZmqPoller
+    module.Again = type("Again", (Exception,), {})
+    module.__getattr__ = _zmq_option
+    return module
+
+
 class DecodePeer(threading.Thread):
-    """The decode instance: answers every request the connector is waiting on (status ``init``) with the
-    ``cache_sync`` message the decode side sends (as many block ids as the request has on the prefill side),
-    delivered the way the connector's receiver delivers frames."""
+    """The decode instance: answers every ask the connector sent it (:class:`ZmqSocket`) with the ``cache_sync``
+    message the decode side sends (as many block ids as the request has on the prefill side), delivered the way the
+    connector's receiver delivers frames (its own ``_process_message`` on its ``io_executor``). At once, unless the
+    request's spec says otherwise (:meth:`plan`): ``"answer_after": <request id>``, only once that request was admitted
+    (``add_request_in_p``); ``"decode": LATE_REPEAT``, see :data:`LATE_REPEAT`."""
 
     def __init__(self, connector, resource_manager, stop: threading.Event):
         super().__init__(name="slice-decode-peer", daemon=True)
         self.connector = connector
         self.resource_manager = resource_manager
         self.stop = stop
-        self.answered = set()
+        self.lock = threading.Lock()
+        self.plans = {}  # request id -> its spec
+        self.asks = {}  # request id -> how many times the connector asked
+        self.held = []  # [request id, block count, (condition, request id)]: answers not sent yet
+        self.admitted = set()  # requests seen in the resource manager's running list
+        self.answers = []  # the io_executor futures of the answers sent
+
+    def plan(self, spec: dict) -> None:
+        with self.lock:
+            self.plans[spec["id"]] = spec
+
+    def idle(self) -> bool:
+        """Every ask answered and every answer processed by the connector (its D-part put)."""
+        with self.lock:
+            return not self.held and all(answer.done() for answer in self.answers)
 
     def run(self):
         while not self.stop.is_set():
-            for request_id, status in list(self.connector.current_request_ids.items()):
-                if status == "init" and request_id not in self.answered:
-                    self.answered.add(request_id)
-                    count = len(self.resource_manager.requests[request_id].block_tables)
-                    first = DECODE_BLOCK_BASE * len(self.answered)
-                    payload = [{"request_id": request_id, "dest_block_ids": list(range(first, first + count))}]
-                    frames = [b"decode", pickle.dumps({"type": "cache_sync", "payload": payload}, protocol=5)]
-                    self.connector.io_executor.submit(self.connector._process_message, frames)
+            with self.lock:
+                self.admitted.update(request.request_id for request in list(self.resource_manager.running))
+                while not _asks.empty():
+                    self._asked(_asks.get())
+                due = [held for held in self.held if self._met(held[2])]
+                self.held = [held for held in self.held if held not in due]
+                for request_id, count, _ in due:
+                    self._answer(request_id, count)
             time.sleep(0.001)
+
+    def _asked(self, request_id):
+        asks = self.asks[request_id] = self.asks.get(request_id, 0) + 1
+        spec = self.plans.get(request_id, {})
+        count = len(self.resource_manager.requests[request_id].block_tables)
+        if spec.get("decode") == LATE_REPEAT and asks == 1:
+            self.held.append([request_id, count, ("freed", request_id)])
+        elif spec.get("answer_after"):
+            self.held.append([request_id, count, ("admitted", spec["answer_after"])])
+        else:
+            self._answer(request_id, count)
+
+    def _met(self, condition) -> bool:
+        kind, request_id = condition
+        freed = request_id not in self.resource_manager.requests
+        return request_id in self.admitted and (kind == "admitted" or freed)
+
+    def _answer(self, request_id, count):
+        first = DECODE_BLOCK_BASE * (len(self.answers) + 1)
+        payload = [{"request_id": request_id, "dest_block_ids": list(range(first, first + count))}]
+        frames = [b"decode", pickle.dumps({"type": "cache_sync", "payload": payload}, protocol=5)]
+        self.answers.append(self.connector.io_executor.submit(self.connector._process_message, frames))
 
 
 class MailboxReader(threading.Thread):
@@ -217,16 +339,22 @@ class Stuck(TimeoutError):
     """A wait of the slice did not end within its deadline: the run hangs."""
 
 
-def _wait_for(condition, what: str, timeout_s: float = STEP_TIMEOUT_S, failure=lambda: "") -> None:
-    """Wait until ``condition()``; :class:`Stuck` after ``timeout_s``, RuntimeError as soon as ``failure()`` says why
-    the wait cannot end (a rank process died). Polls: detection only, nothing is ordered by it."""
-    deadline = time.monotonic() + timeout_s
+def _wait_for(
+    condition, what: str, timeout_s: float = STEP_TIMEOUT_S, failure=lambda: "", progress=lambda: None
+) -> None:
+    """Wait until ``condition()``; :class:`Stuck` once ``timeout_s`` passed since the wait began or ``progress()``
+    last changed (a slow machine is not a hang), RuntimeError as soon as ``failure()`` says why the wait cannot end
+    (a rank process died). Polls: detection only, nothing is ordered by it."""
+    seen, deadline = progress(), time.monotonic() + timeout_s
     while not condition():
         why = failure()
         if why:
             raise RuntimeError(f"{why} while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise Stuck(f"slice stuck: {what} within {timeout_s:.1f} s")
+        now = progress()
+        if now != seen:
+            seen, deadline = now, time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            raise Stuck(f"slice stuck: {what}, nothing happened for {timeout_s:.1f} s")
         time.sleep(0.002)
 
 
@@ -252,6 +380,7 @@ def _disaggregate_info(nranks: int) -> dict:
 def start_engine(modules: dict, nranks: int, address) -> SimpleNamespace:
     """The release's engine on the mailbox served at ``address``: resource manager, connector (with the decode peer
     answering it) and prepare threads, fed by a :class:`Scheduler`."""
+    sys.modules["zmq"] = zmq_standin()  # before the connector's module imports it
     queue_class = importlib.import_module(modules["queue"]).EngineWorkerQueue
     server = queue_class(address=address, is_server=True, num_client=nranks)
     # As the engine does: the server holds the mailbox, the engine puts through a client of its own.
@@ -264,7 +393,8 @@ def start_engine(modules: dict, nranks: int, address) -> SimpleNamespace:
         config, engine_queue, resource_manager
     )
     stop = threading.Event()
-    DecodePeer(connector, resource_manager, stop).start()
+    peer = DecodePeer(connector, resource_manager, stop)
+    peer.start()
     prepare_class = _class_defining(importlib.import_module(modules["prepare"]), "_fetch_request_prefill")
     engine = type("SliceEngine", (prepare_class,), {})()
     engine.cfg, engine.resource_manager, engine.split_connector = config, resource_manager, connector
@@ -277,6 +407,7 @@ def start_engine(modules: dict, nranks: int, address) -> SimpleNamespace:
         resource_manager=resource_manager,
         engine=engine,
         request_class=importlib.import_module(modules["request"]).Request,
+        peer=peer,
         stop=stop,
         nranks=nranks,
     )
@@ -287,30 +418,64 @@ def start_prepare_threads(engine) -> None:
 
 
 def stop_engine(engine) -> None:
+    """Stop the slice's threads and the prepare threads, and shut the mailbox's manager down (the release's own
+    ``cleanup``: at exit its finalizer takes a second or more)."""
     engine.stop.set()
     engine.engine.running = False
+    engine.server.cleanup()
 
 
-def admit(engine, wave: list, timeout_s: float = STEP_TIMEOUT_S, failure=lambda: "") -> list:
-    """Hand one wave of requests ``{"id", "prompt", "routed"}`` to the scheduler; the release's requests once
-    ``add_request_in_p`` admitted all of them."""
-    requests = [
-        engine.request_class(
+def fail_after_p_part(request, raised: threading.Event) -> None:
+    """Make the release's prepare path raise right after ``request``'s P-part: its metrics become a stand-in, of a
+    subclass of the release's metrics class, that raises when :data:`AFTER_P_PART_METRIC` is set (``raised`` is set
+    then)."""
+    request_id = request.request_id
+
+    def __setattr__(metrics, name, value):
+        if name == AFTER_P_PART_METRIC:
+            raised.set()
+            raise RuntimeError(f"slice: the prepare thread fails right after the P-part of {request_id}")
+        object.__setattr__(metrics, name, value)
+
+    failing = copy.copy(request.metrics)
+    stand_in = {"__setattr__": __setattr__, "__slots__": ()}  # the same layout, slots or not
+    failing.__class__ = type("FailingAfterPPart", (type(request.metrics),), stand_in)
+    request.metrics = failing
+
+
+def admit(
+    engine, wave: list, timeout_s: float = STEP_TIMEOUT_S, failure=lambda: "", until: str = ADMITTED, progress=None
+) -> list:
+    """Hand one wave of requests ``{"id", "prompt", "routed"}`` to the scheduler (each spec's decode answers
+    planned with the :class:`DecodePeer`); the release's requests once all of them are ``until``: ``ADMITTED`` by
+    ``add_request_in_p`` (a request with ``"fails_after_p_part"``: once its prepare thread raised), or ``ALLOCATED``
+    a slot by ``preallocate_resource_in_p``."""
+    requests, raised = [], {}
+    for spec in wave:
+        request = engine.request_class(
             request_id=spec["id"],
             prompt_token_ids=list(range(spec["prompt"])),
             disaggregate_info=_disaggregate_info(engine.nranks) if spec["routed"] else None,
         )
-        for spec in wave
-    ]
+        if spec.get("fails_after_p_part"):
+            raised[spec["id"]] = threading.Event()
+            fail_after_p_part(request, raised[spec["id"]])
+        engine.peer.plan(spec)
+        requests.append(request)
     engine.engine.scheduler.submit(requests)
-    admitted = {spec["id"] for spec in wave}
-    _wait_for(
-        lambda: admitted <= {request.request_id for request in engine.resource_manager.running},
-        f"requests {sorted(admitted)} admitted by add_request_in_p",
-        timeout_s,
-        failure,
-    )
+    expected = {spec["id"] for spec in wave} - set(raised)
+
+    def reached():
+        done = engine.resource_manager.requests if until == ALLOCATED else _ids(engine.resource_manager.running)
+        return expected <= set(done) and all(event.is_set() for event in raised.values())
+
+    what = f"requests {sorted(expected)} {until}, {sorted(raised)} failed after the P-part"
+    _wait_for(reached, what, timeout_s, failure, progress or (lambda: None))
     return requests
+
+
+def _ids(requests) -> set:
+    return {request.request_id for request in list(requests)}
 
 
 def run(modules: dict, nranks: int, waves: list, socket_dir: str) -> dict:
@@ -361,14 +526,16 @@ def _decisions() -> list:
 class MessagerRanks:
     """The release's ``cache_messager.py``, one process per rank launched as the engine launches it, each with its
     channel (:mod:`.slice_rank`): the kv signals of the :class:`Worker` go to it, its reports come back (readiness,
-    the batches its send loop took, its sends with their ground-truth violations, the requests it finished)."""
+    the batches it queued and those its send loop took, its sends with their ground-truth violations, the requests
+    it finished)."""
 
     def __init__(
         self, script: str, nranks: int, queue: tuple, socket_dir: str, log_dir: str, routed: dict, interleaving: list
     ):
-        """``queue``: the module of the mailbox class and the port it is served on; ``routed``: request id -> prompt
-        length of every routed request (the ranks' ground truth); ``interleaving``: per rank, its forced order of
-        events (:class:`.slice_rank.Interleaving`; ranks beyond the list repeat its last, none: free)."""
+        """``queue``: the module of the mailbox class and the port it is served at (its socket is
+        ``/dev/shm/fd_task_queue_<port>.sock``, as the release's messager derives it); ``routed``: request id ->
+        prompt length of every routed request (the ranks' ground truth); ``interleaving``: per rank, its forced order
+        of events (:class:`.slice_rank.Interleaving`; ranks beyond the list repeat its last, none: free)."""
         from fastdeploy_pd_fix.tools import preflight_tree
 
         self.nranks = nranks
@@ -443,6 +610,33 @@ class MessagerRanks:
         dead = {rank: process.poll() for rank, process in enumerate(self.processes) if process.poll() is not None}
         return f"messager ranks exited: {dead}" if dead else ""
 
+    def begin_episode(self, number: int) -> dict:
+        """Tell every rank, ahead of the episode's signals, that episode ``number`` starts; where each rank's reports
+        stand (for :meth:`since`)."""
+        for rank in range(self.nranks):
+            self.connections[rank].send(("episode", number))
+        with self.lock:
+            return {
+                rank: {kind: len(items) for kind, items in reports.items()} for rank, reports in self.reports.items()
+            }
+
+    def since(self, mark: dict) -> dict:
+        """Each rank's reports since ``mark`` (:meth:`begin_episode`)."""
+        with self.lock:
+            return {
+                str(rank): {kind: list(items[mark[rank][kind] :]) for kind, items in reports.items()}
+                for rank, reports in self.reports.items()
+            }
+
+    def report_count(self) -> int:
+        """How many reports came in so far (a rank that moves reports)."""
+        with self.lock:
+            return sum(len(items) for reports in self.reports.values() for items in reports.values())
+
+    def finished_everywhere(self, request_ids, mark: dict) -> bool:
+        """Every rank reported each of ``request_ids`` finished since ``mark`` (its reports of them are all in)."""
+        return all(set(request_ids) <= set(reports["finished"]) for reports in self.since(mark).values())
+
     def emit(self, layer: int, tasks: list, owners: list, blocks: dict) -> None:
         """One kv signal to every rank: ``tasks`` ``(slot, chunk offset, chunk length)``, with ground truth (the
         request each task was computed for, the blocks of the routed ones)."""
@@ -459,8 +653,8 @@ class MessagerRanks:
 
 class Worker:
     """The model runner: each :meth:`step` computes one chunk (up to :data:`CHUNK_TOKENS`) of every admitted request
-    still in prefill and emits one kv signal per layer listing them all, as the release's kv-signal writer lists
-    every batch index with ``seq_lens_encoder > 0`` (orphans included)."""
+    still in prefill and emits one kv signal per layer listing them all by slot, as the release's kv-signal writer
+    lists every batch index with ``seq_lens_encoder > 0`` (orphans included)."""
 
     def __init__(self, resource_manager, ranks: MessagerRanks):
         self.resource_manager = resource_manager
@@ -468,11 +662,14 @@ class Worker:
         self.computed = {}  # request id -> tokens computed
 
     def in_prefill(self) -> list:
-        return [
-            request
-            for request in list(self.resource_manager.running)
-            if self.computed.get(request.request_id, 0) < request.need_prefill_tokens
-        ]
+        return sorted(
+            (
+                request
+                for request in list(self.resource_manager.running)
+                if self.computed.get(request.request_id, 0) < request.need_prefill_tokens
+            ),
+            key=lambda request: request.idx,
+        )
 
     def step(self) -> list:
         """Compute one step; the requests whose prefill it completed."""
@@ -498,93 +695,177 @@ class TokenProcessor(threading.Thread):
     def __init__(self, engine):
         super().__init__(name="slice-token-processor", daemon=True)
         self.engine = engine
+        self.lock = threading.Lock()
         self.reported = []
 
     def run(self):
         while not self.engine.stop.is_set():
-            for request_id, status in self.engine.engine_queue.get_finished_req():
-                self.reported.append([request_id, status])
+            try:
+                finished = self.engine.engine_queue.get_finished_req()
+            except (EOFError, OSError):  # the mailbox was shut down: the run is over
+                return
+            for request_id, status in finished:
+                with self.lock:
+                    self.reported.append([request_id, status])
                 self.engine.resource_manager.finish_requests([request_id])
             time.sleep(0.001)
 
+    def since(self, mark: int) -> list:
+        with self.lock:
+            return [list(item) for item in self.reported[mark:]]
 
-def run_with_messagers(modules: dict, nranks: int, scenario: dict, socket_dir: str, messager: dict) -> dict:
-    """Play ``scenario["waves"]`` through the release's engine with real messager ranks (``messager``: ``{"script",
-    "log_dir", "deadline_s"}``). Each wave is admitted, then (unless ``scenario["compute_after"]`` says False for it)
-    the worker steps until every admitted request is computed; a request without ``disaggregate_info`` (an orphan)
-    finishes once computed, a routed one when the token processor has its transfer reported. ``scenario
-    ["interleaving"]``: per rank, the order its threads must see events in. The run ends "finished" when every routed
-    request was reported and freed, "hang" when that did not happen within ``deadline_s`` of every rank reporting its
-    cache ready, "error" when a rank died or a step failed."""
+
+def play_episode(engine, ranks: MessagerRanks, worker: Worker, token_processor: TokenProcessor, number, scenario):
+    """Play one scenario (:func:`run_with_messagers`) as episode ``number``: what it showed, its ``outcome``
+    "finished", "hang" (a wait saw nothing happen for ``scenario["deadline_s"]``) or "error"."""
     waves = scenario["waves"]
     compute_after = scenario.get("compute_after", [True] * len(waves))
-    envs = importlib.import_module("fastdeploy").envs
-    if envs.FD_ENGINE_TASK_QUEUE_WITH_SHM:
-        raise ValueError("real messager ranks reach the engine over TCP here: set FD_ENGINE_TASK_QUEUE_WITH_SHM=0")
-    engine = start_engine(modules, nranks, ("127.0.0.1", 0))
-    routed = {spec["id"]: spec["prompt"] for wave in waves for spec in wave if spec["routed"]}
-    queue = (modules["queue"], engine.server.address[1])
-    ranks = MessagerRanks(
-        messager["script"], nranks, queue, socket_dir, messager["log_dir"], routed, scenario.get("interleaving", [])
-    )
-    worker, token_processor = Worker(engine.resource_manager, ranks), TokenProcessor(engine)
-    slots, outcome, error, elapsed_s = {}, "error", None, None
+    wait_for = scenario.get("wait_for", [ADMITTED] * len(waves))
+    after_transfers = scenario.get("after_transfers", [False] * len(waves))
+    specs = [spec for wave in waves for spec in wave]
+    # A routed request finishes (its transfer reported); one failing after its P-part leaks its slot and registration.
+    finishing = [spec["id"] for spec in specs if spec["routed"] and not spec.get("fails_after_p_part")]
+    holding = {spec["id"] for spec in specs if not spec["routed"] and spec.get("holds")}
+    started, quiet_s = time.monotonic(), float(scenario["deadline_s"])
+    mark, reported_mark = ranks.begin_episode(number), len(token_processor.reported)
+    slots, outcome, error = {}, "error", None
+    awaiting = set()  # allocated a slot, not waited for their admission yet
+
+    def progress():
+        """Anything the ranks, the token processor or the decode instance did."""
+        return ranks.report_count(), len(token_processor.reported), len(engine.peer.answers)
+
+    def wait(condition, what):
+        _wait_for(condition, what, quiet_s, ranks.died, progress)
+
+    def transfers_done(request_ids):
+        wait(
+            lambda: set(request_ids) <= {request_id for request_id, _ in token_processor.since(reported_mark)},
+            f"routed requests {sorted(request_ids)} reported finished by get_finished_req",
+        )
+        wait(
+            lambda: not set(request_ids) & set(engine.resource_manager.requests),
+            f"routed requests {sorted(request_ids)} freed by finish_requests",
+        )
+        wait(lambda: ranks.finished_everywhere(request_ids, mark), f"every rank's report of {sorted(request_ids)}")
+        wait(engine.peer.idle, "the decode instance's answers put")
+        held = sorted(holding & set(slots) & set(engine.resource_manager.requests))
+        if held:  # the orphans that kept their slots until now end
+            engine.resource_manager.finish_requests(held)
+
     try:
-        ranks.wait_until_ready()
-        ready_at = time.monotonic()
-        deadline = ready_at + float(messager["deadline_s"])
-
-        def wait(condition, what):
-            _wait_for(condition, what, max(0.0, deadline - time.monotonic()), ranks.died)
-
-        token_processor.start()
-        start_prepare_threads(engine)
-        for wave, compute in zip(waves, compute_after):
-            requests = admit(engine, wave, max(0.0, deadline - time.monotonic()), ranks.died)
+        for wave, compute, until, settle in zip(waves, compute_after, wait_for, after_transfers):
+            if settle:  # the transfers of the earlier waves end first, and the orphans holding slots
+                transfers_done([request_id for request_id in finishing if request_id in slots])
+            requests = admit(engine, wave, quiet_s, ranks.died, until, progress)
             slots.update({request.request_id: request.idx for request in requests})
-            while compute and worker.in_prefill():
-                orphans = [request.request_id for request in worker.step() if not request.disaggregate_info]
+            if until == ALLOCATED:
+                awaiting.update(spec["id"] for spec in wave if not spec.get("fails_after_p_part"))
+            steps = CHUNKS_UNBOUNDED if compute is True else int(compute)
+            if steps and awaiting:  # they are computed from here on
+                wait(lambda: awaiting <= _ids(engine.resource_manager.running), f"{sorted(awaiting)} admitted")
+                awaiting.clear()
+            while steps and worker.in_prefill():
+                steps -= 1
+                done = [request.request_id for request in worker.step() if not request.disaggregate_info]
+                orphans = [request_id for request_id in done if request_id not in holding]
                 if orphans:  # computed, nothing to transfer: the token processor finishes them at once
                     engine.resource_manager.finish_requests(orphans)
-        wait(
-            lambda: set(routed) <= {request_id for request_id, _ in token_processor.reported},
-            f"routed requests {sorted(routed)} reported finished by get_finished_req",
-        )
-        wait(
-            lambda: not set(routed) & set(engine.resource_manager.requests),
-            f"routed requests {sorted(routed)} freed by finish_requests",
-        )
+        transfers_done(finishing)
         outcome = "finished"
-        elapsed_s = round(time.monotonic() - ready_at, 2)
     except Stuck as stuck:
         outcome, error = "hang", str(stuck)
     except Exception as failure:
         error = repr(failure)
-    finally:
-        stop_engine(engine)
-        ranks.stop()
     return {
         "outcome": outcome,
         "error": error,
-        "decisions": _decisions(),
         "slots": slots,
-        "elapsed_s": elapsed_s,
-        "reported": token_processor.reported,
-        "ranks": {str(rank): reports for rank, reports in ranks.reports.items()},
+        "elapsed_s": round(time.monotonic() - started, 2),
+        "reported": token_processor.since(reported_mark),
+        "ranks": ranks.since(mark),
     }
+
+
+def run_with_messagers(modules: dict, nranks: int, episodes: list, socket_dir: str, messager: dict) -> dict:
+    """Play ``episodes`` (scenarios) one after another through one release engine with real messager ranks
+    (``messager``: ``{"script", "log_dir", "interleaving"}``, the interleaving per rank over the whole run, signal
+    events named ``sig:<episode>:<n>``). In a scenario each wave of ``waves`` is handed to the scheduler (once the
+    transfers of the waves before ended where ``after_transfers`` says so) and waited for (``wait_for``, per wave:
+    ``"admitted"``, default, or ``"allocated"``), then the worker steps (``compute_after``, per wave: True until every
+    admitted request is computed, default; False none; a number, that many steps); an orphan (no
+    ``disaggregate_info``) finishes once computed (``"holds"``: once the transfers of the waves before it ended), a
+    routed request when the token processor has its transfer reported. The episode ends "finished" when every routed
+    request was reported, freed and reported finished by every rank, "hang" when a wait for it saw nothing happen
+    (no report of a rank, the token processor or the decode instance) for ``deadline_s``, "error" when a rank died
+    or a step failed; the episodes after one that did not finish are not played."""
+    envs = importlib.import_module("fastdeploy").envs
+    if not envs.FD_ENGINE_TASK_QUEUE_WITH_SHM:
+        raise ValueError("the slice serves real messager ranks where they look: set FD_ENGINE_TASK_QUEUE_WITH_SHM=1")
+    port = _free_mailbox_port()
+    engine = start_engine(modules, nranks, SHM_MAILBOX.format(port=port))
+    routed = {
+        spec["id"]: spec["prompt"]
+        for episode in episodes
+        for wave in episode["waves"]
+        for spec in wave
+        if spec["routed"]
+    }
+    ranks = MessagerRanks(
+        messager["script"],
+        nranks,
+        (modules["queue"], port),
+        socket_dir,
+        messager["log_dir"],
+        routed,
+        messager["interleaving"],
+    )
+    worker, token_processor = Worker(engine.resource_manager, ranks), TokenProcessor(engine)
+    played, error = [], None
+    try:
+        ranks.wait_until_ready()
+        token_processor.start()
+        start_prepare_threads(engine)
+        for number, scenario in enumerate(episodes):
+            played.append(play_episode(engine, ranks, worker, token_processor, number, scenario))
+            if played[-1]["outcome"] != "finished":
+                break
+    except Exception as failure:
+        error = repr(failure)
+    finally:
+        ranks.stop()
+        stop_engine(engine)
+        if os.path.exists(engine.server.address):
+            os.unlink(engine.server.address)
+    return {
+        "error": error,
+        "decisions": _decisions(),
+        "ready": {str(rank): reports["ready"] for rank, reports in ranks.reports.items()},
+        "episodes": played,
+    }
+
+
+def _free_mailbox_port() -> int:
+    """A number for the mailbox's socket name that no other mailbox on this host uses (a free TCP port's number)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if not os.path.exists(SHM_MAILBOX.format(port=port)):
+            return port
 
 
 def main() -> int:
     """``python -c 'from fastdeploy._preflight import slice_engine; slice_engine.main()' SPEC_JSON RESULT_PATH``: the
     spec is ``{"modules": {...}, "nranks": N, "waves": [...]}`` for :class:`MailboxReader` ranks, ``{"modules",
-    "nranks", "scenario": {...}, "messager": {...}}`` for real messager ranks (:func:`run_with_messagers`); the
+    "nranks", "episodes": [...], "messager": {...}}`` for real messager ranks (:func:`run_with_messagers`); the
     result is written to RESULT_PATH as JSON (stdout belongs to the release's loggers)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     spec, result_path = json.loads(sys.argv[1]), sys.argv[2]
     with tempfile.TemporaryDirectory(prefix="fd-pd-fix-slice-") as socket_dir:
         if spec.get("messager"):
             result = run_with_messagers(
-                spec["modules"], spec["nranks"], spec["scenario"], socket_dir, spec["messager"]
+                spec["modules"], spec["nranks"], spec["episodes"], socket_dir, spec["messager"]
             )
         else:
             result = run(spec["modules"], spec["nranks"], spec["waves"], socket_dir)

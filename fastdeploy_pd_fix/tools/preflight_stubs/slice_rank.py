@@ -14,8 +14,12 @@ one process per rank, with :data:`ENV_SLICE` set. In such a rank:
 * :class:`Interleaving` forces an order between the rank's two threads where the scenario asks for one, by
   handshakes (never sleeps): ``"reg:<request id>"``, the registration thread storing the mailbox read that completes
   that request's registration (held after the read's ``cache_info_barrier``, so that every rank reads it), and
-  ``"sig:<n>"``, the signal thread consuming its n-th layer-0 signal. Each scheduled event is let through once the
-  one before it was acknowledged (its thread came back for more); events not in the schedule pass freely.
+  ``"sig:<episode>:<n>"``, the signal thread consuming the n-th layer-0 signal of an episode (the engine starts each
+  episode of a run with an ``("episode", number)`` message on the channel, ahead of its signals). Each scheduled
+  event is let through once the one before it was acknowledged (its thread came back for more); events not in the
+  schedule pass freely;
+* for the latency benchmark it reports, with every batch put into ``cache_prefilled_engine_ids_queue``, how long
+  ago the layer-0 signal of each of its tasks was returned by the op.
 
 Ground truth of a send, as in preflight (``fastdeploy._standin.ground_truth``): each layer-0 signal message names,
 per task, the request the scheduler computed it for and that request's blocks; the send is checked against what
@@ -27,6 +31,7 @@ import json
 import os
 import sys
 import threading
+import time
 from multiprocessing.connection import Client
 
 import numpy as np
@@ -151,7 +156,9 @@ class _Rank:
         self.completing = []  # the registrations the last read completes
         self.entered_registration = None
         self.entered_signal = None
+        self.episode = 0
         self.layer0_signals = 0
+        self.signal_returned = {}  # (slot, prefilled_token_num) -> when the op returned its layer-0 signal
 
     def report(self, *message):
         with self.send_lock:
@@ -162,7 +169,10 @@ class _Rank:
         self.interleaving.acknowledge(self.entered_registration)
 
     def read(self, items):
-        """A mailbox read: which registrations it completes (both cache-info parts of the request read)."""
+        """A mailbox read: report what it holds (per item its request id and ``P``, ``D`` or a notice's kind), and
+        note which registrations it completes (both cache-info parts of the request read)."""
+        if items:
+            self.report("read", [[item.get("request_id"), _part(item)] for item in items])
         self.completing = []
         for item in items:
             parts = self.parts.setdefault(item.get("request_id"), set())
@@ -178,15 +188,29 @@ class _Rank:
             self.entered_registration = f"reg:{request_id}"
             self.interleaving.enter(self.entered_registration)
 
-    def signal_arrived(self, layer):
-        """A signal is about to be consumed: a layer-0 one waits until it is due."""
+    def begin_episode(self, number):
+        """The engine starts episode ``number``: its layer-0 signals are counted from 0."""
+        self.episode, self.layer0_signals = number, 0
+
+    def signal_arrived(self, layer, tasks):
+        """A signal is about to be consumed: a layer-0 one waits until it is due, then its return time is noted."""
         if layer == 0:
-            self.entered_signal = f"sig:{self.layer0_signals}"
+            self.entered_signal = f"sig:{self.episode}:{self.layer0_signals}"
             self.layer0_signals += 1
             self.interleaving.enter(self.entered_signal)
+            returned = time.perf_counter()
+            for slot, offset, length in tasks:
+                self.signal_returned[(slot, offset + length)] = returned
 
 
 _rank = _Rank()
+
+
+def _part(item) -> str:
+    """What a cache-info item is: the prefill side's part ``P``, the decode side's ``D``, or a notice's kind."""
+    if "src_block_ids" in item:
+        return "P"
+    return "D" if "dest_block_ids" in item else str(item.get("kind"))
 
 
 def _decisions():
@@ -210,11 +234,16 @@ def get_output_kv_signal(*args):
     buf, wait_flag = args[0], int(args[-1])
     _rank.ready.wait()
     _rank.interleaving.acknowledge(_rank.entered_signal)  # back for more: done with the previous signal
-    if not wait_flag and not _rank.connection.poll(NON_BLOCKING_WAIT_S):
-        buf[0:2] = -1
-        return
-    _, layer, tasks, owners, blocks = _rank.connection.recv()
-    _rank.signal_arrived(layer)
+    while True:
+        if not wait_flag and not _rank.connection.poll(NON_BLOCKING_WAIT_S):
+            buf[0:2] = -1
+            return
+        message = _rank.connection.recv()
+        if message[0] != "episode":
+            break
+        _rank.begin_episode(message[1])
+    _, layer, tasks, owners, blocks = message
+    _rank.signal_arrived(layer, tasks)
     if layer == 0:
         _rank.ground_truth.arrived(tasks, owners, blocks)
     values = np.full([KV_SIGNAL_LENGTH], -1, dtype=np.int32)
@@ -226,6 +255,16 @@ def get_output_kv_signal(*args):
 
 def before_take():
     """The send loop is back for a batch: nothing to wait for (the engine ends the rank when the run is over)."""
+
+
+def queued(batch):
+    """A batch goes into ``cache_prefilled_engine_ids_queue``: report it with, per task, the seconds since the op
+    returned its layer-0 signal (None for a task whose signal this rank has not seen)."""
+    now = time.perf_counter()
+    tasks = [(int(slot), int(token_num)) for slot, token_num in batch]
+    returned = [_rank.signal_returned.pop(task, None) for task in tasks]
+    waited = [None if at is None else now - at for at in returned]
+    _rank.report("queued", [list(task) for task in tasks], waited)
 
 
 def took(batch):
