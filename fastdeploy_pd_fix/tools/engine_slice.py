@@ -147,6 +147,30 @@ SCENARIOS = {
             ["reg:routed-y", "sig:0", "reg:routed-x", "sig:1"],
         ],
     },
+    # The chunked-early and cross-order races on three ranks, the third storing its registrations as rank 0 does.
+    "chunked-early-3": {
+        "nranks": 3,
+        "waves": [[{"id": "routed-c3", "prompt": 1100, "routed": True}]],
+        "interleaving": [
+            ["reg:routed-c3", "sig:0", "sig:1", "sig:2"],
+            ["sig:0", "sig:1", "reg:routed-c3", "sig:2"],
+            ["reg:routed-c3", "sig:0", "sig:1", "sig:2"],
+        ],
+    },
+    "cross-order-3": {
+        "nranks": 3,
+        "waves": [
+            [{"id": "routed-x3", "prompt": 600, "routed": True, "answer_after": "routed-y3"}],
+            [{"id": "routed-y3", "prompt": 60, "routed": True}],
+        ],
+        "wait_for": ["allocated", "admitted"],
+        "compute_after": [False, True],
+        "interleaving": [
+            ["reg:routed-y3", "reg:routed-x3", "sig:0", "sig:1"],
+            ["reg:routed-y3", "sig:0", "reg:routed-x3", "sig:1"],
+            ["reg:routed-y3", "reg:routed-x3", "sig:0", "sig:1"],
+        ],
+    },
     # An orphan mixed into a step with two registered requests (one chunked); its slot (the lowest free once it
     # was computed) then goes to a routed request whose prompt is shorter than the orphan's.
     "orphan-mixed": {
@@ -206,6 +230,19 @@ SCENARIOS = {
         "after_transfers": [False, False, True],
         "interleaving": [["sig:0", "reg:routed-e", "reg:routed-f", "sig:1", "reg:routed-z", "sig:2"]],
     },
+    # orphan-alone with the engine side switched off (FD_PD_FIX_ENGINE_NOTICES=0): no announcement heads the first
+    # cache-info read, so ordered hands over to upstream's rule there (release rule 10) and the orphan's signal, read
+    # before any registration, holds nothing.
+    "orphan-alone-unannounced": {
+        "environment": {"FD_PD_FIX_ENGINE_NOTICES": "0"},
+        "waves": [
+            [{"id": "orphan-o2", "prompt": 100, "routed": False, "holds": True}],
+            [{"id": "routed-e2", "prompt": 60, "routed": True}, {"id": "routed-f2", "prompt": 60, "routed": True}],
+            [{"id": "routed-z2", "prompt": 30, "routed": True}],
+        ],
+        "after_transfers": [False, False, True],
+        "interleaving": [["sig:0", "reg:routed-e2", "reg:routed-f2", "sig:1", "reg:routed-z2", "sig:2"]],
+    },
     # The prepare thread raises right after routed-v's P-part: its slot and registration leak; the requests after it
     # take other slots (both registered before their common signal). Leaves its slot taken: after it in a run, slots
     # are numbered from 1.
@@ -228,7 +265,10 @@ RUN_GROUPS = [
     ["cross-order"],
     ["late-repeat", "orphan-alone", "fails-after-p-part", "chunked-early"],
     ["seed-3"],
+    ["chunked-early-3"],
+    ["cross-order-3"],
     ["p-part-first"],
+    ["orphan-alone-unannounced"],
 ]
 
 

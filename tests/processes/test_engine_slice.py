@@ -191,6 +191,45 @@ SEEN = {
         "off": ("hang", {"0": [[[0, 512], [1, 60]], [[0, 600]]], "1": [[[1, 60]], [[0, 512]], [[0, 600]]]}),
         "upstream": ("hang", {"0": [[[0, 512]], [[1, 60]]], "1": [[[1, 60]]]}),
     },
+    "chunked-early-3": {
+        "slots": {"routed-c3": 0},
+        "ordered": ("finished", [[[0, 512]], [[0, 1024]], [[0, 1100]]]),
+        "off": (
+            "hang",
+            {
+                "0": [[[0, 512]], [[0, 1024]], [[0, 1100]]],
+                "1": [[[0, 1024]], [[0, 1100]]],
+                "2": [[[0, 512]], [[0, 1024]], [[0, 1100]]],
+            },
+        ),
+        "upstream": (
+            "hang",
+            {
+                "0": [[[0, 512]], [[0, 1024]], [[0, 1100]]],
+                "1": [[[0, 1024]], [[0, 1100]]],
+                "2": [[[0, 512]], [[0, 1024]], [[0, 1100]]],
+            },
+        ),
+    },
+    "cross-order-3": {
+        "slots": {"routed-x3": 0, "routed-y3": 1},
+        "ordered": ("finished", [[[0, 512], [1, 60]], [[0, 600]]]),
+        "off": (
+            "hang",
+            {
+                "0": [[[0, 512], [1, 60]], [[0, 600]]],
+                "1": [[[1, 60]], [[0, 512]], [[0, 600]]],
+                "2": [[[0, 512], [1, 60]], [[0, 600]]],
+            },
+        ),
+        "upstream": ("hang", {"0": [[[0, 512]], [[1, 60]]], "1": [[[1, 60]]], "2": [[[0, 512]], [[1, 60]]]}),
+    },
+    "orphan-alone-unannounced": {  # engine notices off: ordered releases by upstream's rule (rule 10)
+        "slots": {"orphan-o2": 0, "routed-e2": 1, "routed-f2": 2, "routed-z2": 0},
+        "ordered": ("finished", [[[1, 60]], [[2, 60]], [[0, 30]]]),
+        "off": ("finished", [[[1, 60], [2, 60]], [[0, 30]]]),
+        "upstream": ("finished", [[[1, 60]], [[2, 60]], [[0, 30]]]),
+    },
     "orphan-mixed": {
         "slots": {"orphan-p": 0, "routed-g": 1, "routed-h": 2, "routed-i": 0},
         "ordered": ("finished", [[[1, 60], [2, 512]], [[2, 700]], [[0, 30]]]),
@@ -390,6 +429,19 @@ def test_the_plugin_patches_the_messager_in_ordered_and_upstream_and_nothing_off
     for group in engine_slice.ordered_groups():
         for reports in messager_runs["ready", "ordered", tuple(group)].values():
             assert any("patched __main__.CacheMessagerV1 (mode=ordered" in line for line in reports[0][1])
+
+
+def test_without_engine_notices_the_real_messagers_hand_over_to_upstreams_rule(messager_runs, slice_work):
+    """Rule 10 on release/2.6's own code: the engine side off, every rank's first cache-info read carries no
+    announcement, each messager says so and releases by upstream's rule; the orphan's signal holds nobody."""
+    episode = messager_runs["ordered", "orphan-alone-unannounced"]
+    assert engine_slice.judge_messagers(episode, "orphan-alone-unannounced") == []
+    logs = [
+        path.read_text(errors="replace") for path in (slice_work / "orphan-alone-unannounced-1-ordered").rglob("*.log")
+    ]
+    warned = [log for log in logs if "engine notices: OFF" in log]
+    assert len(warned) == engine_slice.NRANKS, logs
+    assert all("release goes on by upstream's rule (#8034) instead of ordered" in log for log in warned)
 
 
 @pytest.mark.parametrize(
