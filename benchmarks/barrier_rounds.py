@@ -8,10 +8,10 @@ same workload are compared:
     The engine's per-step batching with every task registered in time (the best case for the original code): one
     batch per layer-0 signal holding all of its tasks.
 ``upstream``
-    :class:`~fastdeploy_pd_fix.core.release.UpstreamRelease` (PR #8034) driven by the workload's two streams: one batch
-    per request and signal, fewer when a late registration collapses a chunked request's pending signals.
+    :class:`~fastdeploy_pd_fix.policy.release.UpstreamRelease` (PR #8034) driven by the workload's two streams: one
+    batch per request and signal, fewer when a late registration collapses a chunked request's pending signals.
 ``ordered``
-    :class:`~fastdeploy_pd_fix.core.release.OrderedRelease` driven by the same streams: one batch per signal.
+    :class:`~fastdeploy_pd_fix.policy.release.OrderedRelease` driven by the same streams: one batch per signal.
 
 Every rank replays the same sequence (the interleaving is the same on every rank here, so ``upstream`` cannot hang;
 this measures cost, not safety). The barriers are ``threading.Barrier(nranks)`` objects held by a
@@ -30,7 +30,7 @@ from multiprocessing.managers import BarrierProxy, BaseManager
 from typing import Dict, List, Sequence
 
 from benchmarks.workload import SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
-from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM, Batch
+from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM, Batch
 
 ORIGINAL = "original"
 MODES = (ORIGINAL, UPSTREAM, ORDERED)

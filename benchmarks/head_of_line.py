@@ -1,8 +1,8 @@
 """Head-of-line cost of ordering, in virtual time: how much later ``ordered`` releases a task than ``upstream``.
 
 A discrete event simulation, no sleeps: the workload's timestamped signals and registrations (seeded lognormal
-registration delays) drive :class:`~fastdeploy_pd_fix.core.release.OrderedRelease` and
-:class:`~fastdeploy_pd_fix.core.release.UpstreamRelease` event by event, and every released batch is stamped with the
+registration delays) drive :class:`~fastdeploy_pd_fix.policy.release.OrderedRelease` and
+:class:`~fastdeploy_pd_fix.policy.release.UpstreamRelease` event by event, and every released batch is stamped with the
 time of the event that released it.
 
 - Wait of a batch: its release time minus its signal's arrival (upstream: the signal of its task).
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Sequence, Tuple
 
 from benchmarks.workload import SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
-from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
+from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.workloads import REGISTRATION_EVENT
 
 

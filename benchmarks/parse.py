@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ BUDGET_MS = 10.0
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_ROOT = REPO / "fastdeploy_pd_fix" / "standin"
 PROBE = (
-    "import importlib.util, json; from fastdeploy_pd_fix import _bootstrap; "
-    "print(json.dumps({'fastdeploy': importlib.util.find_spec('fastdeploy') is not None, 'state': _bootstrap.state}))"
+    "import importlib.util, json; from fastdeploy_pd_fix import bootstrap; "
+    "print(json.dumps({'fastdeploy': importlib.util.find_spec('fastdeploy') is not None, 'state': bootstrap.state}))"
 )
 
 

@@ -9,7 +9,7 @@ keeps a slot until its transfer is done, and the transfer needs the registration
 therefore arrive in scheduling order, as they do in FastDeploy.
 
 :func:`drive_release` feeds the merged, time-ordered streams to the real release policies of
-:mod:`fastdeploy_pd_fix.core.release` through the one-rank driver the explorer uses
+:mod:`fastdeploy_pd_fix.policy.release` through the one-rank driver the explorer uses
 (:func:`fastdeploy_pd_fix.verify.workloads.drive`, ``idx_cache_task_dict`` as FastDeploy's plain dict), exactly as
 one rank's two threads would, and records what each event released.
 """
@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Registration, SignalTask, Task, make_release
+from fastdeploy_pd_fix.policy.release import Batch, Registration, SignalTask, Task, make_release
 from fastdeploy_pd_fix.verify import workloads as verify_workloads
 from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, RequestSpec, drive
 

@@ -16,13 +16,15 @@ not under an ``if`` on the storage transfer switch (:data:`STORAGE_SWITCH`), whi
 
 What a live class needs besides (its methods are the ones the interpreter runs) and what a file needs besides (one
 unconditional definition of each method, the attributes the rewritten methods use) is checked where it applies.
-Nothing here imports FastDeploy or runs its code, and no function raises: a surprise is an unrecognised target.
+Nothing here imports FastDeploy or runs its code (but :meth:`TargetAnalysis.kv_signal_op`, which the running messager
+calls at activation), and no function raises: a surprise is an unrecognised target.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import inspect
 import linecache
 import sys
@@ -139,6 +141,16 @@ class TargetAnalysis:
     def op_call(self, buffer: str = "buf", function: str = KV_SIGNAL_OP) -> str:
         """The op call with the branch's arguments after ``buffer`` (``function``: e.g. :attr:`op_function`)."""
         return f"{function}({', '.join([buffer] + [argument.source for argument in self.op_arguments])})"
+
+    def kv_signal_op(self, consume_signals) -> Tuple[Callable[[], Callable], Callable[[Callable], None]]:
+        """Where the running release's ``consume_signals`` (the original function) looks the kv-signal op up, as
+        ``(get, set)``: the module of its local import (imported now, in the running messager), or its own module's
+        globals. The plugin's ``consume_signals`` calls ``get()``; fault injection wraps the op with ``set``."""
+        if self.op_import_module:
+            module = importlib.import_module(self.op_import_module)
+            return (lambda: getattr(module, KV_SIGNAL_OP)), (lambda op: setattr(module, KV_SIGNAL_OP, op))
+        namespace = consume_signals.__globals__
+        return (lambda: namespace[KV_SIGNAL_OP]), (lambda op: namespace.__setitem__(KV_SIGNAL_OP, op))
 
     def features(self) -> str:
         """One line: the op call and the release features found (status, the patch decision, commit messages)."""

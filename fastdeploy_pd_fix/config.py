@@ -21,7 +21,7 @@ ENV_INJECT = "FD_PD_FIX_INJECT"
 ENV_ENGINE_NOTICES = "FD_PD_FIX_ENGINE_NOTICES"
 ENV_PATCH_NON_RACING = "FD_PD_FIX_PATCH_NON_RACING"
 
-# Plugin modes: the two release policies of core/release.py, and observe (FastDeploy's own release, watched).
+# Plugin modes: the two release policies of policy/release.py, and observe (FastDeploy's own release, watched).
 ORDERED = "ordered"
 UPSTREAM = "upstream"
 OBSERVE = "observe"

@@ -20,8 +20,8 @@ USED_ATTRIBUTES = (
 )
 #: The custom op ``consume_signals`` reads kv signals with.
 KV_SIGNAL_OP = "get_output_kv_signal"
-#: The package ``make-patch`` adds to FastDeploy (a copy of :mod:`fastdeploy_pd_fix.core`); a release that uses it
-#: already carries the fix.
+#: The package ``make-patch`` adds to FastDeploy (copies of :mod:`fastdeploy_pd_fix.policy` and
+#: :mod:`fastdeploy_pd_fix.adapters`); a release that uses it already carries the fix.
 UPSTREAMED_PACKAGE = "layer0_release"
 #: ``fastdeploy/cache_manager/`` path of that package.
 UPSTREAMED_PATH = f"fastdeploy/cache_manager/{UPSTREAMED_PACKAGE}"

@@ -3,7 +3,7 @@ what it does there.
 
 * :mod:`.patching`: the patch manifest (what, why, how, upstream, when to remove), analyse -> patch / unpatch.
 * :mod:`.runtime`: activation per messager instance and the two patched methods (thin adapters around
-  :mod:`fastdeploy_pd_fix.core.messager_step`).
+  :mod:`fastdeploy_pd_fix.adapters.messager_step`).
 * :mod:`.observe`: the held batch and, in observe mode, the journal of FastDeploy's own batches; the watchdog.
 * :mod:`.engine`: the engine-side patch in FastDeploy's engine process (``ResourceManagerV1``,
   ``SplitwiseConnector``): slot-lifecycle notices into the cache-info stream (``FD_PD_FIX_ENGINE_NOTICES``).

@@ -2,14 +2,14 @@
 
 The messagers see two streams (layer-0 kv signals, completed registrations) that cannot tell some engine histories
 apart; the engine can. In FastDeploy's engine process, on the prefill role only, this patch puts the notices of
-:mod:`fastdeploy_pd_fix.core.notice` into the same ``put_cache_info`` mailbox as the P- and D-parts, so every messager
-rank reads them at the same position of the stream. What is patched, why, and when to remove it is in
+:mod:`fastdeploy_pd_fix.policy.notice` into the same ``put_cache_info`` mailbox as the P- and D-parts, so every
+messager rank reads them at the same position of the stream. What is patched, why, and when to remove it is in
 :data:`fastdeploy_pd_fix.plugin.patching.MANIFEST` (``fastdeploy-pd-fix status`` prints it):
 
 * ``ResourceManagerV1.recycle_abort_task(request_id)`` frees an aborted request's slot. Before the original runs, the
   wrapper puts ``ABORT(slot, request_id, emitted_end)``, then ``FENCE(serial)``, as two batches
-  (:func:`fastdeploy_pd_fix.core.engine_notices.abort_batches`). A put returns once every rank has read the previous
-  batch, so the slot's next admission put (a P-part, or an ``ORPHAN``) returns
+  (:func:`fastdeploy_pd_fix.adapters.engine_notices.abort_batches`). A put returns once every rank has read the
+  previous batch, so the slot's next admission put (a P-part, or an ``ORPHAN``) returns
   only after every rank has read the fence, that is after every rank has handled the abort (R9).
 * ``ResourceManagerV1.add_request_in_p(requests)`` hands admitted requests to the scheduler. Those without
   ``disaggregate_info`` had no P-part and are computed without transfer; before the original runs, the wrapper puts
@@ -17,8 +17,8 @@ rank reads them at the same position of the stream. What is patched, why, and wh
 * ``SplitwiseConnector.__init__`` stores the engine's mailbox and resource manager; the wrapper records the pair
   (:class:`Mailboxes`), because the resource manager has no reference to the mailbox, and, on the prefill role, makes
   the mailbox's first batch start with the engine's announcement
-  (:class:`fastdeploy_pd_fix.core.engine_notices.AnnouncedPut`): every messager then logs, at its first read, whether
-  the engine puts notices.
+  (:class:`fastdeploy_pd_fix.adapters.engine_notices.AnnouncedPut`): every messager then logs, at its first read,
+  whether the engine puts notices.
 
 Each class is patched only when :func:`fastdeploy_pd_fix.config.engine_notices` is on (plugin on, ordered mode,
 ``FD_PD_FIX_ENGINE_NOTICES`` not off) and :func:`check_target` recognises it; otherwise it is left untouched, with
@@ -29,7 +29,7 @@ release rule 10).
 FastDeploy facts this relies on (read in public FastDeploy code; store ids of the ``search`` tool):
 
 * ``resource_manager_v1.py`` (store id 56534741536) and ``Request`` (store id 55071290549): what
-  :mod:`fastdeploy_pd_fix.core.engine_notices` reads (the notices' rules live there, shared with ``make-patch``);
+  :mod:`fastdeploy_pd_fix.adapters.engine_notices` reads (the notices' rules live there, shared with ``make-patch``);
   ``recycle_abort_task`` frees the slot under ``self.lock``; ``add_request_in_p`` appends to ``running``.
 * ``splitwise_connector.py`` (store id 55108248927): ``__init__`` sets ``self.engine_worker_queue`` and
   ``self.resource_manager``; ``send_cache_info_to_messager`` skips tasks without ``disaggregate_info`` and puts the
@@ -59,8 +59,7 @@ from types import MappingProxyType
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from fastdeploy_pd_fix import __version__, config
-from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
-from fastdeploy_pd_fix.core.engine_notices import (
+from fastdeploy_pd_fix.adapters.engine_notices import (
     FENCE_SERIALS,
     PREFILL_ROLE,
     AnnouncedPut,
@@ -68,10 +67,11 @@ from fastdeploy_pd_fix.core.engine_notices import (
     orphan_batch,
     splitwise_role,
 )
-from fastdeploy_pd_fix.core.messager_step import CountSummary
-from fastdeploy_pd_fix.core.notice import ABORT, FENCE, NOTICE_KEY, decode
+from fastdeploy_pd_fix.adapters.messager_step import CountSummary
+from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
+from fastdeploy_pd_fix.policy.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.target import (
     CONNECTOR_CLASS,
     CONNECTOR_MAILBOX,

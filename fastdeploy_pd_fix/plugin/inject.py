@@ -21,14 +21,12 @@ The stages (``<stage>:rank=R:delay_ms=D``), each a sleep of ``D`` ms per event o
 
 from __future__ import annotations
 
-import importlib
 import time
 from typing import Callable, Optional
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.kv_signal import parse_kv_signal
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.target import KV_SIGNAL_OP
+from fastdeploy_pd_fix.policy.kv_signal import parse_kv_signal
 
 #: The injected op wrapper's table: the op arguments of each delayed messager (its rank id ...) -> its delay.
 INJECTED_DELAYS_ATTRIBUTE = "__fd_pd_fix_injected_delays__"
@@ -77,31 +75,11 @@ def delay_registrations_after_barrier(messager, delay_s: float) -> None:
     queue_client.cache_info_barrier = BarrierDelayedAfterWait(queue_client.cache_info_barrier, delay_s)
 
 
-def patched_state(messager):
-    """The :class:`~fastdeploy_pd_fix.plugin.patching.PatchState` of the messager's class (or of the base that was
-    patched)."""
-    from fastdeploy_pd_fix.plugin.patching import patch_state  # patching imports this module through runtime
-
-    return next(filter(None, map(patch_state, type(messager).__mro__)))
-
-
-def kv_signal_op_namespace(state):
-    """Where the running release's ``consume_signals`` looks the kv-signal op up: the module of its local import, or
-    its own module. Returned as ``(get, set)``; the plugin's own ``consume_signals`` calls ``get()``."""
-    if state.analysis.op_import_module:
-        module = importlib.import_module(state.analysis.op_import_module)
-        return (lambda: getattr(module, KV_SIGNAL_OP)), (lambda op: setattr(module, KV_SIGNAL_OP, op))
-    namespace = state.originals["consume_signals"].__globals__
-    return (lambda: namespace[KV_SIGNAL_OP]), (lambda op: namespace.__setitem__(KV_SIGNAL_OP, op))
-
-
-def delay_layer0_signals_in_op(messager, delay_s: float) -> None:
+def delay_layer0_signals_in_op(op_slot, own_arguments: tuple, delay_s: float) -> None:
     """Observe mode: wrap the kv-signal op the original ``consume_signals`` calls so that it sleeps after reading a
     layer-0 signal with tasks, for this messager's calls only (those with its op arguments: its rank id, ...; the
     op is one per process, FastDeploy runs one messager per rank process, tests may run several)."""
-    state = patched_state(messager)
-    own_arguments = tuple(argument.evaluate(messager) for argument in state.analysis.op_arguments)
-    get_op, set_op = kv_signal_op_namespace(state)
+    get_op, set_op = op_slot
     op = get_op()
     delays = getattr(op, INJECTED_DELAYS_ATTRIBUTE, None)
     if delays is not None:  # already wrapped for another messager of this process
@@ -122,9 +100,11 @@ def delay_layer0_signals_in_op(messager, delay_s: float) -> None:
     set_op(delayed_op)
 
 
-def apply_injections(messager, mode: str, rank, logger) -> Optional[Callable[[], None]]:
+def apply_injections(messager, mode: str, rank, logger, op_slot, op_arguments: tuple) -> Optional[Callable[[], None]]:
     """Apply the configured injections to ``messager`` (rank ``rank``); returns the layer-0 signal delay hook for
-    the step of the release modes, if any (in observe mode the op is wrapped instead, and None returned).
+    the step of the release modes, if any (in observe mode the op, reached by ``op_slot``, the ``(get, set)`` of
+    :meth:`fastdeploy_pd_fix.analysis.TargetAnalysis.kv_signal_op`, is wrapped for the calls with this messager's
+    ``op_arguments`` instead, and None returned).
 
     The registration delays wrap the instance's queue client (``get_cache_info``, ``cache_info_barrier``) in every
     mode."""
@@ -149,7 +129,7 @@ def apply_injections(messager, mode: str, rank, logger) -> Optional[Callable[[],
         return None
     if mode == config.OBSERVE:
         try:
-            delay_layer0_signals_in_op(messager, signal_delay_s)
+            delay_layer0_signals_in_op(op_slot, op_arguments, signal_delay_s)
         except Exception as error:  # a test-only delay never costs the messager its plugin
             logger.warning(f"{LOG_PREFIX}{config.ENV_INJECT}: signal delay not applied on rank {rank}: {error!r}")
             return None

@@ -3,8 +3,8 @@
 * :class:`QueueObserver` wraps ``get`` of one messager's ``cache_prefilled_engine_ids_queue`` on the instance (so
   a send thread already blocked in ``get`` keeps working) to know which batch the send thread holds and since
   when. In observe mode it also wraps ``put``, so that the running release's own batches are journaled through
-  :class:`~fastdeploy_pd_fix.core.messager_step.BatchJournal`; in the other modes the
-  :class:`~fastdeploy_pd_fix.core.messager_step.MessagerStep` journals each batch it queues, and ``put`` stays as
+  :class:`~fastdeploy_pd_fix.adapters.messager_step.BatchJournal`; in the other modes the
+  :class:`~fastdeploy_pd_fix.adapters.messager_step.MessagerStep` journals each batch it queues, and ``put`` stays as
   it is: every batch is journaled exactly once. There the step's ``attach`` wraps ``get`` once more (to show the
   send thread its batch's own tasks); the two wrappers return the same batch object, in either order.
 * :class:`Watchdog` (``FD_PD_FIX_WATCHDOG_S``, off unless set) logs once, loudly, when the send thread has held a
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
-from fastdeploy_pd_fix.core.messager_step import BatchJournal
+from fastdeploy_pd_fix.adapters.messager_step import BatchJournal
 
 
 class QueueObserver:

@@ -1,14 +1,14 @@
 """The patched methods of ``CacheMessagerV1`` and the per-messager state they share.
 
-Thin adapters: every rule that touches FastDeploy's objects is in :mod:`fastdeploy_pd_fix.core.messager_step`
+Thin adapters: every rule that touches FastDeploy's objects is in :mod:`fastdeploy_pd_fix.adapters.messager_step`
 (the same code a FastDeploy with the upstreamed fix runs). This module only
 
 * activates the plugin once per messager instance (:func:`activate`), or stands aside for that instance, with a
   warning, when it lacks what the step needs;
-* connects the instance to a :class:`~fastdeploy_pd_fix.core.messager_step.MessagerStep`: the kv-signal op call of
+* connects the instance to a :class:`~fastdeploy_pd_fix.adapters.messager_step.MessagerStep`: the kv-signal op call of
   the running release (its arguments from :class:`fastdeploy_pd_fix.analysis.OpArgument`, no ``eval``), and
-  :meth:`~fastdeploy_pd_fix.core.messager_step.MessagerStep.attach`, which makes ``idx_cache_task_dict`` a
-  :class:`~fastdeploy_pd_fix.core.messager_step.BoundTaskDict` (every store reported, the send thread shown its
+  :meth:`~fastdeploy_pd_fix.adapters.messager_step.MessagerStep.attach`, which makes ``idx_cache_task_dict`` a
+  :class:`~fastdeploy_pd_fix.adapters.messager_step.BoundTaskDict` (every store reported, the send thread shown its
   batch's own tasks);
 * adds queue observation, the watchdog and fault injection (:mod:`.observe`, :mod:`.inject`), also in observe
   mode, where the running release's own methods run; engine notices are taken out of the cache-info stream in
@@ -24,12 +24,12 @@ import threading
 import time
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, consume_signals_forever, make_step, strip_notices
-from fastdeploy_pd_fix.core.release import RELEASE_MODES
+from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, consume_signals_forever, make_step, strip_notices
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.inject import apply_injections, kv_signal_op_namespace
+from fastdeploy_pd_fix.plugin.inject import apply_injections
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
+from fastdeploy_pd_fix.policy.release import RELEASE_MODES
 from fastdeploy_pd_fix.target import USED_ATTRIBUTES
 
 #: The per-instance attribute holding the messager's :class:`MessagerRuntime` (None: stood aside).
@@ -48,14 +48,14 @@ def messager_logger(messager) -> logging.Logger:
 class MessagerRuntime:
     """One messager's patch state: its step (None in observe mode), queue observer, watchdog and op call."""
 
-    def __init__(self, messager, mode: str, op, op_arguments: tuple, logger):
+    def __init__(self, messager, mode: str, op_slot, op_arguments: tuple, logger):
         self.messager = messager
         self.mode = mode
-        self.op = op
+        self.op = op_slot[0]()
         self.op_arguments = op_arguments
         self.logger = logger
         self.rank = getattr(messager, "rank", None)
-        before_layer0 = apply_injections(messager, mode, self.rank, logger)
+        before_layer0 = apply_injections(messager, mode, self.rank, logger, op_slot, op_arguments)
         deadline, deadline_warning = config.watchdog_setting()
         if deadline_warning:  # once per messager: the watchdog is built here only
             logger.warning(f"{LOG_PREFIX}{deadline_warning}")
@@ -154,8 +154,8 @@ def activate(messager, state):
             if type(messager.idx_cache_task_dict) is not dict:
                 raise TypeError(f"idx_cache_task_dict is a {type(messager.idx_cache_task_dict).__name__}")
             op_arguments = tuple(argument.evaluate(messager) for argument in state.analysis.op_arguments)
-            op = kv_signal_op_namespace(state)[0]()
-            runtime = MessagerRuntime(messager, state.mode, op, op_arguments, logger)
+            op_slot = state.analysis.kv_signal_op(state.originals["consume_signals"])
+            runtime = MessagerRuntime(messager, state.mode, op_slot, op_arguments, logger)
             # The decision line again, now into the messager's own log (the first one went to its stderr).
             # rank and nranks let `diagnose` group the ranks of one DP group (rank_id = rank + dp * nranks).
             logger.info(

@@ -3,7 +3,7 @@ FastDeploy, target, manifest)."""
 
 from __future__ import annotations
 
-from fastdeploy_pd_fix import __version__, _bootstrap, config
+from fastdeploy_pd_fix import __version__, bootstrap, config
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
 from fastdeploy_pd_fix.plugin.engine import notices_off_reason
 from fastdeploy_pd_fix.plugin.patching import MANIFEST, RECORDS, fastdeploy_version
@@ -45,7 +45,7 @@ def print_status() -> int:
     deadline, deadline_warning = config.watchdog_setting()
     unused = "" if on else " (not used: the plugin is switched off)"
     print(f"fastdeploy-pd-fix {__version__}")
-    print(f"bootstrap:   {bootstrap_line(_bootstrap.state)}")
+    print(f"bootstrap:   {bootstrap_line(bootstrap.state)}")
     print(
         f"switch:      {config.ENV_SWITCH}={config.switch_value()}: {'on' if on else 'off'}" + warned(switch_warning)
     )

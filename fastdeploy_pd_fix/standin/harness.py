@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.arguments import positive_seconds
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario
 from fastdeploy_pd_fix.target import SCRIPT_PATH
-from fastdeploy_pd_fix.tools import positive_seconds
 
 ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
 POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)

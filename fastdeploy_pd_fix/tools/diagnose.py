@@ -1,6 +1,6 @@
 """``fastdeploy-pd-fix diagnose``: the first batch at which the ranks' cache messager logs diverge.
 
-Every queued batch is logged as a :data:`~fastdeploy_pd_fix.core.messager_step.QUEUED_LINE` with a rolling
+Every queued batch is logged as a :data:`~fastdeploy_pd_fix.adapters.messager_step.QUEUED_LINE` with a rolling
 ``seq_hash`` that is equal on every rank until their sequences diverge, by the plugin (``fastdeploy_pd_fix:``) and by
 a FastDeploy that carries the upstreamed fix (``layer0_release:``) alike, so one reader serves both.
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
-from fastdeploy_pd_fix.tools import positive_int
+from fastdeploy_pd_fix.adapters.messager_step import QUEUED_LINE
+from fastdeploy_pd_fix.arguments import positive_int
 
 #: Exit codes (also in the command help).
 NO_DIVERGENCE, DIVERGENCE, NOT_DIAGNOSED = 0, 1, 2

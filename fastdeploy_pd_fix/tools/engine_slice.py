@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core.notice import ENGINE, NOTICE_KEY, ORPHAN
+from fastdeploy_pd_fix.policy.notice import ENGINE, NOTICE_KEY, ORPHAN
 from fastdeploy_pd_fix.standin.harness import plugin_variables
 from fastdeploy_pd_fix.target import (
     CONNECTOR_CLASS,
@@ -378,7 +378,7 @@ def find_engine_files(package_dir: Path) -> Tuple[Optional[EngineFiles], str]:
     if envs.is_file():
         files[f"{PACKAGE}.envs"] = envs
     upstreamed = package_dir.parent / UPSTREAMED_PATH
-    for path in sorted(upstreamed.glob("*.py")) if upstreamed.is_dir() else []:
+    for path in sorted(upstreamed.rglob("*.py")) if upstreamed.is_dir() else []:
         files[_module_name(package_dir, path)] = path  # its __init__ too: the tree path follows the name
     messager = package_dir.parent / SCRIPT_PATH
     if messager.is_file():

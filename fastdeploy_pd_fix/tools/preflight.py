@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.analysis import ALREADY_FIXED, CANNOT_RACE, analyse_source
-from fastdeploy_pd_fix.cli import OneLineParser, output_folder
+from fastdeploy_pd_fix.arguments import OneLineParser, output_folder, positive_int, positive_seconds
 from fastdeploy_pd_fix.standin.harness import (
     NOT_RUN,
     cleanup_on_signals,
@@ -45,7 +45,7 @@ from fastdeploy_pd_fix.standin.harness import (
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS, UPSTREAMED_PATH
-from fastdeploy_pd_fix.tools import engine_slice, positive_int, positive_seconds, preflight_tree
+from fastdeploy_pd_fix.tools import engine_slice, preflight_tree
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_STANDS_ASIDE = 0, 1, 2, 3
 OFF, ON = config.OFF, config.ORDERED

@@ -55,12 +55,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fastdeploy_pd_fix.adapters.messager_step import QUEUED_LINE
+from fastdeploy_pd_fix.arguments import positive_seconds
 from fastdeploy_pd_fix.config import OFF, ORDERED, RUN_MODES, environment_for
-from fastdeploy_pd_fix.core.messager_step import QUEUED_LINE
 from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import is_notice_entry
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, validate_scenario
-from fastdeploy_pd_fix.tools import positive_seconds
 from fastdeploy_pd_fix.tools.stress_workload import generate_scenario
 
 RANK_LOG_END = "\n----- stdout/stderr of rank"  # the harness appends the launch log after the messager's log

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fastdeploy_pd_fix.cli import OneLineParser, output_folder
-from fastdeploy_pd_fix.core import release
+from fastdeploy_pd_fix.arguments import OneLineParser, output_folder
+from fastdeploy_pd_fix.policy import release
 from fastdeploy_pd_fix.upstream import PACKAGE_PATH, TARGET_PATH, MakePatchError, git, message
 from fastdeploy_pd_fix.upstream.generate import portable_files
 from fastdeploy_pd_fix.upstream.rewrite import patch_source

@@ -10,7 +10,7 @@ from typing import Optional
 
 from fastdeploy_pd_fix import __version__
 from fastdeploy_pd_fix.analysis import TargetAnalysis
-from fastdeploy_pd_fix.core import release
+from fastdeploy_pd_fix.policy import release
 from fastdeploy_pd_fix.upstream.generate import template
 from fastdeploy_pd_fix.upstream.rewrite import REGISTRATION_METHOD
 from fastdeploy_pd_fix.upstream.rewrite_engine import MAILBOX_ATTRIBUTE, PUT_METHOD
@@ -102,18 +102,19 @@ def _modifications(
         package_line,
         f"- CacheMessagerV1.consume_signals reads with the same call as before on this branch "
         f"(`{analysis.op_call('kv_signal_data', analysis.op_function)}`) and hands each buffer to "
-        "layer0_release.messager_step: one numpy parse per signal, prefilled_layer_idx and prefilled_token_num "
-        "recorded under engine_cache_task_thread_lock as before, layer-0 tasks to the release; each queued batch is "
-        "logged as `layer0_release: queued batch #N [...] seq_hash=H`, malformed signals and dropped tasks are "
-        "logged, and no exception ends the thread.",
+        "layer0_release.adapters.messager_step: one numpy parse per signal, prefilled_layer_idx and "
+        "prefilled_token_num recorded under engine_cache_task_thread_lock as before, layer-0 tasks to the release; "
+        "each queued batch is logged as `layer0_release: queued batch #N [...] seq_hash=H`, malformed signals and "
+        "dropped tasks are logged, and no exception ends the thread.",
         "- CacheMessagerV1._add_cache_task_thread: one line added before its loop, which attaches the release to "
-        "the messager (idempotent): idx_cache_task_dict becomes layer0_release.messager_step.BoundTaskDict, which "
+        "the messager (idempotent): idx_cache_task_dict becomes "
+        "layer0_release.adapters.messager_step.BoundTaskDict, which "
         f"hands every store (the loop's own `{store}`) to the release and shows the send loop, for each slot of "
         "the batch it took, that batch's own task. An aborted request's batch may still be queued when the engine "
         "stores the slot's next request; it is then sent with the aborted request's blocks, and its cleanup leaves "
         "the next request's entry in place. Slot-lifecycle notices (an abort, a request computed without transfer; "
-        "layer0_release.notice) are taken out of get_cache_info results and handed to the release before the loop "
-        "sees them. Its engine-facing calls stay as they are on this "
+        "layer0_release.policy.notice) are taken out of get_cache_info results and handed to the release before the "
+        "loop sees them. Its engine-facing calls stay as they are on this "
         f"branch: get_cache_info, cache_info_barrier, {registration_calls(analysis)}.",
         f"- One small new method, {REGISTRATION_METHOD}. The release state (policy, lock, batch journal) is created "
         "lazily, on first use by either prefill thread (messager_step.step_for uses dict.setdefault, so both threads "

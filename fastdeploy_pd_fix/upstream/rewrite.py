@@ -1,10 +1,10 @@
 """The branch-specific part: ``CacheMessagerV1`` of one branch's ``cache_messager.py``, rewritten by line range.
 
-``consume_signals`` is replaced by a loop over the copied core (``layer0_release.messager_step``: the per-signal
-step, the release, the batch journal) that reads each kv signal with the branch's own op call, followed by one small
-method, ``_layer0_release_on_registration``, which attaches the step (``MessagerStep.attach``: ``idx_cache_task_dict``
-becomes a ``BoundTaskDict``, which reports every store itself, and engine notices are taken out of
-``get_cache_info`` results); one line calling it is inserted as the first statement of ``_add_cache_task_thread``,
+``consume_signals`` is replaced by a loop over the copied package (``layer0_release.adapters.messager_step``: the
+per-signal step, the release, the batch journal) that reads each kv signal with the branch's own op call, followed by
+one small method, ``_layer0_release_on_registration``, which attaches the step (``MessagerStep.attach``:
+``idx_cache_task_dict`` becomes a ``BoundTaskDict``, which reports every store itself, and engine notices are taken out
+of ``get_cache_info`` results); one line calling it is inserted as the first statement of ``_add_cache_task_thread``,
 before its loop reads anything. Every other byte of the file stays as it is, so each branch keeps its own
 engine-facing calls (``get_cache_info``, barriers, the pre-#7724 ``finish_add_cache_task`` report and barrier).
 
@@ -20,9 +20,9 @@ import re
 from string import Template
 from typing import List, Tuple
 
+from fastdeploy_pd_fix.adapters.messager_step import STEP_ATTRIBUTE
 from fastdeploy_pd_fix.analysis import TargetAnalysis, analyse_source, bound_names, class_defines, target_class_node
-from fastdeploy_pd_fix.core import release
-from fastdeploy_pd_fix.core.messager_step import STEP_ATTRIBUTE
+from fastdeploy_pd_fix.policy import release
 from fastdeploy_pd_fix.target import TARGET_CLASS, UPSTREAMED_PACKAGE
 from fastdeploy_pd_fix.upstream import TARGET_PATH, MakePatchError
 
@@ -41,7 +41,8 @@ def consume_signals(self):
     waits on the send barriers in the same order. Each queued batch is logged with a fingerprint of the sequence so
     far (`layer0_release: queued batch #N [...] seq_hash=H`), equal on every rank.
     """
-${imports}    from fastdeploy.cache_manager.layer0_release import kv_signal, messager_step
+${imports}    from fastdeploy.cache_manager.layer0_release.adapters import messager_step
+    from fastdeploy.cache_manager.layer0_release.policy import kv_signal
 
     paddle.device.set_device("cpu")
     ${buffer} = paddle.full([kv_signal.KV_SIGNAL_LENGTH], -1, dtype="int32")
@@ -62,7 +63,7 @@ def ${registration_method}(self):
     handed to the release. It runs in the registration thread, the only one that stores, so that no store goes
     into the dict being replaced.
     """
-    from fastdeploy.cache_manager.layer0_release import messager_step
+    from fastdeploy.cache_manager.layer0_release.adapters import messager_step
 
     messager_step.step_for(self, "${mode}", logger).attach()
 '''

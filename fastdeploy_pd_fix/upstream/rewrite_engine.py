@@ -1,16 +1,16 @@
 """The engine side of the branch-specific part: the slot-lifecycle notices, wired in as the plugin wires them at run
 time (:mod:`fastdeploy_pd_fix.plugin.engine`), by line insertion into the branch's own two engine files.
 
-* ``resource_manager_v1.py``: ``ResourceManagerV1`` imports ``layer0_release.engine_notices``; the first statement of
-  ``recycle_abort_task`` puts ``engine_notices.abort_batches(...)`` (the abort, then its fence), the first statement
-  of ``add_request_in_p`` puts ``[engine_notices.orphan_batch(...)]``, each through one new method,
+* ``resource_manager_v1.py``: ``ResourceManagerV1`` imports ``layer0_release.adapters.engine_notices``; the first
+  statement of ``recycle_abort_task`` puts ``engine_notices.abort_batches(...)`` (the abort, then its fence), the first
+  statement of ``add_request_in_p`` puts ``[engine_notices.orphan_batch(...)]``, each through one new method,
   ``_layer0_release_put``, which puts every non-empty batch into the mailbox the connector gave the resource manager
   (nothing without one). Both calls come before the original body, as the plugin's wrappers run before the originals.
-* ``splitwise_connector.py``: ``SplitwiseConnector`` imports ``layer0_release.engine_notices`` too; its ``__init__``,
-  right after it has stored both the engine worker queue and the resource manager, gives the resource manager that
-  queue as ``layer0_release_mailbox`` and, on the prefill role, makes the queue's first batch start with the engine's
-  announcement (``engine_notices.AnnouncedPut``), so that every messager logs whether the engine puts notices.
-
+* ``splitwise_connector.py``: ``SplitwiseConnector`` imports ``layer0_release.adapters.engine_notices`` too; its
+  ``__init__``, right after it has stored both the engine worker queue and the resource manager, gives the resource
+  manager that queue as ``layer0_release_mailbox`` and, on the prefill role, makes the queue's first batch start with
+  the engine's announcement (``engine_notices.AnnouncedPut``), so that every messager logs whether the engine puts
+notices.
 Every public ``ResourceManagerV1`` we read declares ``add_request_in_p(self, requests: list[Request])``, so
 ``orphan_batch``'s refusal of an iterator (a TypeError, which the plugin catches) does not arise there.
 
@@ -44,7 +44,7 @@ PUT_METHOD = "_layer0_release_put"
 #: Who announces engine notices in an upstreamed FastDeploy (the messagers log it).
 ANNOUNCER = UPSTREAMED_PACKAGE
 MAILBOX_ATTRIBUTE = "layer0_release_mailbox"
-IMPORTED_MODULE = f"fastdeploy.cache_manager.{UPSTREAMED_PACKAGE}"
+IMPORTED_MODULE = f"fastdeploy.cache_manager.{UPSTREAMED_PACKAGE}.adapters"
 IMPORT = f"from {IMPORTED_MODULE} import engine_notices"
 NEW_NAMES = (PUT_METHOD, MAILBOX_ATTRIBUTE, UPSTREAMED_PACKAGE)
 

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Registration, SignalTask, Task
+from fastdeploy_pd_fix.policy.release import Batch, Registration, SignalTask, Task
 from fastdeploy_pd_fix.verify.barriers import BarrierRun, Wait, simulate_barriers
 from fastdeploy_pd_fix.verify.workloads import FIFO, Workload, switches
 

@@ -2,7 +2,7 @@
 
 For bounded workloads (:mod:`.workloads`) it enumerates every merge of the two streams on a rank, drives a fresh
 release policy through it (:mod:`.models`; for ``ordered`` and ``upstream`` exactly
-:func:`fastdeploy_pd_fix.core.release.make_release`), reduces the merges to one rank's distinct outcomes
+:func:`fastdeploy_pd_fix.policy.release.make_release`), reduces the merges to one rank's distinct outcomes
 (:mod:`.search`) and checks the invariants of ``docs/protocol.md`` within and across ranks (:mod:`.checks`,
 :mod:`.barriers`). The slot-lifecycle families (:mod:`.lifecycle`: aborts, repeated and late D-parts, requests that
 never register) are explored with the send thread as a third actor (:mod:`.lifecycle_search`); their findings in
@@ -26,8 +26,8 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-from fastdeploy_pd_fix.cli import OneLineParser, output_file
-from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
+from fastdeploy_pd_fix.arguments import OneLineParser, output_file
+from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
 from fastdeploy_pd_fix.verify.report import (
     NOTICE_SETTINGS,

@@ -41,7 +41,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import SignalTask
+from fastdeploy_pd_fix.policy.release import SignalTask
 
 NORMAL, LATE, NEVER, NONE, IMMEDIATE = "normal", "late", "never", "none", "immediate"
 PREFILL_PART, DECODE_PART = "P", "D"

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.core.notice import abort_notice, orphan_notice
-from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, Released, policy_after_first_read
+from fastdeploy_pd_fix.policy.notice import abort_notice, orphan_notice
+from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration, Released, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import (
     CRASH,

@@ -1,11 +1,11 @@
 """The release policies the explorer drives, and snapshots of their state.
 
-``ordered`` and ``upstream`` are exactly :func:`fastdeploy_pd_fix.core.release.make_release`; ``pr7872`` is a small
+``ordered`` and ``upstream`` are exactly :func:`fastdeploy_pd_fix.policy.release.make_release`; ``pr7872`` is a small
 model, defined here, of the behaviour before #8034 (per signal, the tasks whose slot is registered go out together as
 one batch; the others wait in a latest-per-slot pending buffer and are recovered one by one at registration).
 
 The explorer forks a rank's policy at every event and merges ranks whose states are equal, for any
-:class:`~fastdeploy_pd_fix.core.release.ReleasePolicy`. It reads and rebuilds a policy's state through the copy
+:class:`~fastdeploy_pd_fix.policy.release.ReleasePolicy`. It reads and rebuilds a policy's state through the copy
 protocol (``__getstate__``/``__setstate__``, what ``copy.deepcopy`` and pickle use, so a policy class can customise
 both), recursing into dicts, lists, deques and nested objects and sharing immutable values: the state of a policy is
 plain data (containers of ints, strings, tuples and frozen registrations). ``copy.deepcopy`` would make the same
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Dict, Hashable, List, Mapping, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import (
+from fastdeploy_pd_fix.policy.release import (
     RELEASE_MODES,
     Registration,
     Released,

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import ORDERED, UPSTREAM
+from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.barriers import describe_barriers
 from fastdeploy_pd_fix.verify.checks import (
     FAILURE_CLASSES,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fastdeploy_pd_fix.core.release import Batch, Released, ReleasePolicy, Task, policy_after_first_read
+from fastdeploy_pd_fix.policy.release import Batch, Released, ReleasePolicy, Task, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import CRASH, Outcome, drop_finding, end_findings, release_finding
 from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.core.release import Registration, Released, ReleasePolicy, SignalTask
+from fastdeploy_pd_fix.policy.release import Registration, Released, ReleasePolicy, SignalTask
 
 SIGNAL_EVENT = "S"
 REGISTRATION_EVENT = "R"

@@ -678,19 +678,19 @@ def describe_closed_streams(closed: Sequence[ClosedStream]) -> str:
 RANK_LOG_NAME = re.compile(r"^cache_messager_(?:rank|device)?(?P<number>\d+)\.log$")
 #: The plugin's activation line in a messager log: which tensor-parallel rank wrote it.
 ACTIVE_RANK = re.compile(r"active on rank_id=(?P<rank_id>\d+)(?:.*?\brank=(?P<rank>\d+))?")
-#: The messager's race counter (core/messager_step.py): a layer-0 task whose slot had no registration yet.
+#: The messager's race counter (adapters/messager_step.py): a layer-0 task whose slot had no registration yet.
 EARLY_SIGNAL = re.compile(
     r"early layer-0 signal #(?P<number>\d+): slot \d+ chunk \[\d+, \d+\) arrived before its registration"
 )
 #: The engine-side notice of an abort (plugin/engine.py), in the prefill engine's logs.
 ABORT_NOTICE = re.compile(r"abort of request .*emitted_end=")
-#: The engine-side notice of an orphan (plugin/engine.py, core/notice.py): a request admitted by ``add_request_in_p``
+#: The engine-side notice of an orphan (plugin/engine.py, policy/notice.py): a request admitted by ``add_request_in_p``
 #: without ``disaggregate_info``, computed without a transfer.
 ORPHAN_NOTICE = re.compile(
     r"engine notice put: orphan of request (?P<request_id>\S+) on slot (?P<slot>\d+) "
     r"\(need_prefill_tokens=(?P<need>\d+)\)"
 )
-#: A messager dropping an orphan's layer-0 task (core/messager_step.py, with the reason of core/release.py).
+#: A messager dropping an orphan's layer-0 task (adapters/messager_step.py, with the reason of policy/release.py).
 ORPHAN_DROP = re.compile(
     r"dropped layer-0 task slot=\d+ prefilled_token_num=\d+ from [^:]*: chunk \[\d+, \d+\) belongs to orphan "
     r"(?P<request_id>\S+)"

@@ -29,8 +29,8 @@ ENGINE_RUN = textwrap.dedent(
     import json
     from fastdeploy.engine.sched.resource_manager_v1 import ResourceManagerV1
     from fastdeploy.splitwise.splitwise_connector import SplitwiseConnector
-    from fastdeploy_pd_fix import _bootstrap
-    from fastdeploy_pd_fix.core.notice import split_notices
+    from fastdeploy_pd_fix import bootstrap
+    from fastdeploy_pd_fix.policy.notice import split_notices
     from support.engine_model import EngineRequest, OneBatchMailbox, admit
 
     mailbox = OneBatchMailbox(0)
@@ -52,7 +52,7 @@ ENGINE_RUN = textwrap.dedent(
             for batch in mailbox.batches for notice in split_notices(batch)[1]
         ],
         "slot_freed": resource_manager.stop_flags[1],
-        "state": _bootstrap.state,
+        "state": bootstrap.state,
     }))
     """
 )

@@ -41,8 +41,8 @@ except ImportError:
 """
 BOOTSTRAP_PROBE = """
 import json
-from fastdeploy_pd_fix import _bootstrap
-print(json.dumps({"state": _bootstrap.state, "file": _bootstrap.__file__}))
+from fastdeploy_pd_fix import bootstrap
+print(json.dumps({"state": bootstrap.state, "file": bootstrap.__file__}))
 """
 
 
@@ -120,14 +120,14 @@ def test_editable_install_puts_the_pth_into_site_packages_and_the_hook_runs(tmp_
     site_packages, project, bootstrap = install_and_probe(tmp_path, "-e")
     assert (site_packages / PTH_FILE).read_text() == (REPO / PTH_FILE).read_text()
     assert bootstrap["state"]["installed"] is True and bootstrap["state"]["disabled"] is False
-    assert Path(bootstrap["file"]).resolve() == (project / "fastdeploy_pd_fix" / "_bootstrap.py").resolve()
+    assert Path(bootstrap["file"]).resolve() == (project / "fastdeploy_pd_fix" / "bootstrap.py").resolve()
 
 
 def test_regular_install_puts_the_pth_into_site_packages_and_the_hook_runs(tmp_path):
     site_packages, _, bootstrap = install_and_probe(tmp_path)
     assert (site_packages / PTH_FILE).read_text() == (REPO / PTH_FILE).read_text()
     assert bootstrap["state"]["installed"] is True and bootstrap["state"]["disabled"] is False
-    assert Path(bootstrap["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "_bootstrap.py").resolve()
+    assert Path(bootstrap["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "bootstrap.py").resolve()
 
 
 #: What ``python -m build --no-isolation`` does: the sdist from the tree, then the wheel from the unpacked sdist (so
@@ -152,7 +152,7 @@ def artefacts(tmp_path_factory):
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[-1] for name in archive.getnames()}
         archive.extractall(root / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    assert {PTH_FILE, "LICENSE", "MANIFEST.in", "fastdeploy_pd_fix/_bootstrap.py"} <= names
+    assert {PTH_FILE, "LICENSE", "MANIFEST.in", "fastdeploy_pd_fix/bootstrap.py"} <= names
     unpacked = root / "unpacked" / sdist.name[: -len(".tar.gz")]
     wheel = dist / last_line(run([python, "-c", BUILD_WHEEL, dist], unpacked))
     with zipfile.ZipFile(wheel) as archive:
@@ -180,7 +180,7 @@ def test_each_artefact_installs_patches_a_standin_messager_run_and_uninstalls_cl
     assert (site_packages / PTH_FILE).read_text() == (REPO / PTH_FILE).read_text()
     probe = json.loads(last_line(run([python, "-c", BOOTSTRAP_PROBE], tmp_path)))
     assert probe["state"]["installed"] is True and probe["state"]["disabled"] is False
-    assert Path(probe["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "_bootstrap.py").resolve()
+    assert Path(probe["file"]).resolve() == (site_packages / "fastdeploy_pd_fix" / "bootstrap.py").resolve()
 
     # A stand-in messager run with the venv's interpreter: its rank processes find the plugin only in the venv.
     for name in [key for key in os.environ if key == "PYTHONPATH" or key.startswith("FD_PD_FIX")]:

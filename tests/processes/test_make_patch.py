@@ -22,7 +22,7 @@ from support import engine_model
 from support.render import VARIANT_NAMES, render_cache_messager, render_standin
 
 from fastdeploy_pd_fix.analysis import analyse_source
-from fastdeploy_pd_fix.core import release
+from fastdeploy_pd_fix.policy import release
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.tools.diagnose import diagnose
@@ -206,12 +206,13 @@ def write_portable_files(root: Path) -> dict:
     return paths
 
 
-def test_generated_package_is_core_verbatim_self_contained_and_matches_our_release(tmp_path):
+def test_generated_package_is_policy_and_adapters_verbatim_self_contained_and_matches_our_release(tmp_path):
     files = generate.package_files()
-    core_files = sorted(generate.CORE_DIRECTORY.glob("*.py"))
-    assert sorted(files) == [f"{PACKAGE_PATH}/{path.name}" for path in core_files]
-    for path in core_files:  # a license header, then the core file byte for byte
-        assert files[f"{PACKAGE_PATH}/{path.name}"].endswith("\n" + path.read_text(encoding="utf-8"))
+    copied = generate.copied_sources()
+    assert {"policy/release.py", "policy/kv_signal.py", "adapters/messager_step.py"} <= set(copied)
+    assert sorted(files) == sorted([f"{PACKAGE_PATH}/__init__.py"] + [f"{PACKAGE_PATH}/{name}" for name in copied])
+    for relative, path in copied.items():  # a license header, then our file byte for byte
+        assert files[f"{PACKAGE_PATH}/{relative}"].endswith("\n" + path.read_text(encoding="utf-8"))
     for text in files.values():
         imported = {
             (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
@@ -222,12 +223,13 @@ def test_generated_package_is_core_verbatim_self_contained_and_matches_our_relea
         assert imported <= set(sys.stdlib_module_names) | {"numpy"}, imported
     package = tmp_path / "generated_layer0_release"
     for relative, text in files.items():
-        package.mkdir(exist_ok=True)
-        (package / Path(relative).name).write_text(text, encoding="utf-8")
+        path = package / Path(relative).relative_to(PACKAGE_PATH)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     sys.path.insert(0, str(tmp_path))
     try:
-        generated = importlib.import_module("generated_layer0_release.release")
-        parser = importlib.import_module("generated_layer0_release.kv_signal")
+        generated = importlib.import_module("generated_layer0_release.policy.release")
+        parser = importlib.import_module("generated_layer0_release.policy.kv_signal")
         for module in (generated, release):
             policy = module.make_release("ordered")
             policy.add_signal([(0, 0, 4), (1, 0, 4)])

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from fastdeploy_pd_fix.core.release import OrderedRelease
+from fastdeploy_pd_fix.policy.release import OrderedRelease
 from fastdeploy_pd_fix.verify import command, search
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait, simulate_barriers
 from fastdeploy_pd_fix.verify.checks import (

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastdeploy_pd_fix.core.release import OrderedRelease
+from fastdeploy_pd_fix.policy.release import OrderedRelease
 from fastdeploy_pd_fix.verify import command, lifecycle_search
 from fastdeploy_pd_fix.verify.checks import (
     DEADLOCK,

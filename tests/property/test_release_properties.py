@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fastdeploy_pd_fix.core.release import OrderedRelease, Registration
+from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration
 from fastdeploy_pd_fix.verify.workloads import (
     REGISTRATION_EVENT,
     SIGNAL_EVENT,

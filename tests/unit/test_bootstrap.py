@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix import _bootstrap
+from fastdeploy_pd_fix import bootstrap
 
 TARGET = textwrap.dedent(
     """
@@ -30,14 +30,14 @@ TARGET = textwrap.dedent(
         def _add_cache_task_thread(self):
             self.idx_cache_task_dict[0] = {}
 
-    from fastdeploy_pd_fix import _bootstrap
+    from fastdeploy_pd_fix import bootstrap
     from fastdeploy_pd_fix.plugin.patching import patch_state
     print(json.dumps({
         "module": CacheMessagerV1.__module__,
         "patched": getattr(CacheMessagerV1.consume_signals, "__fd_pd_fix__", False),
         "mode": getattr(patch_state(CacheMessagerV1), "mode", None),
-        "build_class_restored": builtins.__build_class__ is _bootstrap._original_build_class,
-        "state": _bootstrap.state,
+        "build_class_restored": builtins.__build_class__ is bootstrap._original_build_class,
+        "state": bootstrap.state,
     }))
     """
 )
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[2]
 IMPORTER = textwrap.dedent(
     """
     import importlib, inspect, json, sys
-    from fastdeploy_pd_fix import _bootstrap
+    from fastdeploy_pd_fix import bootstrap
     from fastdeploy_pd_fix.plugin.patching import patch_state
     module = importlib.import_module("fastdeploy.cache_manager.cache_messager")
     patched = getattr(module.CacheMessagerV1.consume_signals, "__fd_pd_fix__", False)
@@ -66,7 +66,7 @@ IMPORTER = textwrap.dedent(
         "spec_loader": type(module.__spec__.loader).__name__,
         "source_found": "def _add_cache_task_thread" in inspect.getsource(module),
         "wrapt": "wrapt" in sys.modules,
-        "state": _bootstrap.state,
+        "state": bootstrap.state,
     }))
     """
 )
@@ -93,7 +93,7 @@ def fake_fastdeploy(root):
     package.mkdir(parents=True)
     (root / "fastdeploy" / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "cache_messager.py").write_text(TARGET.split("from fastdeploy_pd_fix import _bootstrap")[0])
+    (package / "cache_messager.py").write_text(TARGET.split("from fastdeploy_pd_fix import bootstrap")[0])
     return root
 
 
@@ -125,9 +125,9 @@ def test_other_scripts_are_not_hooked(tmp_path):
 
 
 def test_is_cache_messager_script():
-    assert _bootstrap.is_cache_messager_script(["/x/site-packages/fastdeploy/cache_manager/cache_messager.py"])
-    assert not _bootstrap.is_cache_messager_script(["/x/fastdeploy/cache_manager/other.py"])
-    assert not _bootstrap.is_cache_messager_script([])
+    assert bootstrap.is_cache_messager_script(["/x/site-packages/fastdeploy/cache_manager/cache_messager.py"])
+    assert not bootstrap.is_cache_messager_script(["/x/fastdeploy/cache_manager/other.py"])
+    assert not bootstrap.is_cache_messager_script([])
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF", " No ", "False"])
@@ -170,7 +170,7 @@ def test_the_imported_module_is_patched_after_execution_without_wrapt(tmp_path):
 
 
 def test_no_import_hook_where_fastdeploy_is_not_importable():
-    probe = "import json, sys; from fastdeploy_pd_fix import _bootstrap as b; print(json.dumps([b.state, " + (
+    probe = "import json, sys; from fastdeploy_pd_fix import bootstrap as b; print(json.dumps([b.state, " + (
         "any(type(f).__name__ == 'PatchAfterImport' for f in sys.meta_path)]))"
     )
     environment = {key: value for key, value in clean_environment().items() if key != "PYTHONPATH"}
@@ -208,7 +208,7 @@ def test_a_broken_package_gives_one_line_not_a_traceback(tmp_path):
     (site_dir / "fastdeploy_pd_fix").mkdir(parents=True)
     (site_dir / "fastdeploy_pd_fix.pth").write_text((REPO / "fastdeploy_pd_fix.pth").read_text())
     (site_dir / "fastdeploy_pd_fix" / "__init__.py").write_text("")
-    (site_dir / "fastdeploy_pd_fix" / "_bootstrap.py").write_text("import a_module_that_does_not_exist\n")
+    (site_dir / "fastdeploy_pd_fix" / "bootstrap.py").write_text("import a_module_that_does_not_exist\n")
     completed = run_pth_in(site_dir)
     assert completed.stdout.strip() == "ran"
     assert completed.stderr.startswith("fastdeploy_pd_fix: start-up hook not run: ModuleNotFoundError")
@@ -242,7 +242,7 @@ def test_the_start_up_budget_no_module_beyond_what_the_switched_off_plugin_loads
     plugin = {name for name in loaded["1"] if name.startswith("fastdeploy_pd_fix")}
     assert plugin == {
         "fastdeploy_pd_fix",
-        "fastdeploy_pd_fix._bootstrap",
+        "fastdeploy_pd_fix.bootstrap",
         "fastdeploy_pd_fix.config",
         "fastdeploy_pd_fix.target",
     }
@@ -255,7 +255,7 @@ def test_the_import_hook_calls_each_module_its_own_callback(tmp_path, monkeypatc
         (package / f"{name}.py").write_text(f"NAME = {name!r}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     calls = []
-    finder = _bootstrap.PatchAfterImport(
+    finder = bootstrap.PatchAfterImport(
         {
             "hooked_pkg.first": lambda module: calls.append(("first", module.NAME)),
             "hooked_pkg.second": lambda module: calls.append(("second", module.NAME)),

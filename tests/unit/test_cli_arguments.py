@@ -5,8 +5,8 @@ import math
 
 import pytest
 
+from fastdeploy_pd_fix.arguments import positive_seconds
 from fastdeploy_pd_fix.cli import main
-from fastdeploy_pd_fix.tools import positive_seconds
 
 
 @pytest.mark.parametrize("text", ["nan", "-1", "0", "inf", "3s", ""])

@@ -15,8 +15,7 @@ import paddle  # imported in the main thread first, as the cache messager does
 import pytest
 from support.messager import StepMessager
 
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH
-from fastdeploy_pd_fix.core.messager_step import (
+from fastdeploy_pd_fix.adapters.messager_step import (
     ERROR_BACKOFF_MAX_S,
     ERROR_BACKOFF_S,
     ERROR_SUMMARY_EVERY,
@@ -26,6 +25,7 @@ from fastdeploy_pd_fix.core.messager_step import (
 )
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
 
 logger = logging.getLogger("test_consume_errors.messager")  # the plugin logs into the target module's `logger`
 NO_SIGNAL = np.full(KV_SIGNAL_LENGTH, -1, dtype=np.int32)

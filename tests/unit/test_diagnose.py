@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, next_sequence_hash
 from fastdeploy_pd_fix.cli import main as cli_main
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, next_sequence_hash
 from fastdeploy_pd_fix.standin.harness import run_scenario
 from fastdeploy_pd_fix.tools import diagnose as diagnose_module
 from fastdeploy_pd_fix.tools.diagnose import diagnose, first_divergence

@@ -12,9 +12,12 @@ import pytest
 from support.engine_model import EngineRequest, OneBatchMailbox, ResourceManagerV1, SplitwiseConnector, admit
 from support.upstream_files import TARGET_FILES, needs_upstream
 
+from fastdeploy_pd_fix.adapters.messager_step import strip_notices
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
-from fastdeploy_pd_fix.core.messager_step import strip_notices
-from fastdeploy_pd_fix.core.notice import (
+from fastdeploy_pd_fix.plugin import engine
+from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, patch_engine_class, unpatch_engine_class
+from fastdeploy_pd_fix.plugin.patching import MANIFEST
+from fastdeploy_pd_fix.policy.notice import (
     ABORT,
     ENGINE,
     FENCE,
@@ -26,9 +29,6 @@ from fastdeploy_pd_fix.core.notice import (
     orphan_notice,
     split_notices,
 )
-from fastdeploy_pd_fix.plugin import engine
-from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, patch_engine_class, unpatch_engine_class
-from fastdeploy_pd_fix.plugin.patching import MANIFEST
 from fastdeploy_pd_fix.target import RESOURCE_MANAGER_MODULE, SCRIPT_PATH
 
 DEADLINE = 5.0  # seconds; every wait below ends on a handshake long before it

@@ -28,10 +28,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fastdeploy_pd_fix.core import notice
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
-from fastdeploy_pd_fix.core.release import OrderedRelease, Registration
 from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.policy import notice
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
+from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration
 
 logger = logging.getLogger("test_hostile_input.messager")  # the plugin logs into the target module's `logger`
 

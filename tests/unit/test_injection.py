@@ -18,10 +18,10 @@ import numpy as np
 import paddle  # imported in the main thread first, as the cache messager does
 import pytest
 
+from fastdeploy_pd_fix.adapters import messager_step
 from fastdeploy_pd_fix.config import Injection, parse_injection
-from fastdeploy_pd_fix.core import messager_step
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH
 from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 

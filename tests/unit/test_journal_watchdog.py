@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 from support.messager import StepMessager
 
+from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, CountSummary, make_step, next_sequence_hash
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
-from fastdeploy_pd_fix.core.messager_step import BatchJournal, CountSummary, make_step, next_sequence_hash
-from fastdeploy_pd_fix.core.release import Released, policy_after_first_read
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
 from fastdeploy_pd_fix.plugin.inject import injected_delay
 from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
 from fastdeploy_pd_fix.plugin.runtime import MessagerRuntime
+from fastdeploy_pd_fix.policy.release import Released, policy_after_first_read
 
 
 def observed_queue(log=lambda line: None, batch_queue=None):

@@ -11,8 +11,8 @@ import paddle
 import pytest
 
 from fastdeploy_pd_fix import analysis
-from fastdeploy_pd_fix.core.kv_signal import KV_SIGNAL_LENGTH, parse_kv_signal
-from fastdeploy_pd_fix.core.messager_step import make_step
+from fastdeploy_pd_fix.adapters.messager_step import make_step
+from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH, parse_kv_signal
 
 
 def signal_buffer(count, layer, triples=()):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from fastdeploy_pd_fix import config
+from fastdeploy_pd_fix.adapters.messager_step import BoundTaskDict
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
-from fastdeploy_pd_fix.core.messager_step import BoundTaskDict
-from fastdeploy_pd_fix.core.notice import abort_notice, encode
 from fastdeploy_pd_fix.plugin import runtime
 from fastdeploy_pd_fix.plugin.patching import is_patched, original_method, patch_class, unpatch_class
+from fastdeploy_pd_fix.policy.notice import abort_notice, encode
 
 SCRIPT = []  # the kv signals the fake op returns, in order; each is (count, layer, triples)
 CALLS = []  # the argument tuples the fake op was called with

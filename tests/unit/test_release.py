@@ -1,6 +1,6 @@
 """Unit tests that drive the release core directly, event by event, as one rank's two threads would.
 
-Rules 1-7 are those of :mod:`fastdeploy_pd_fix.core.release` (docstring); the engine's slot lifecycle (aborts,
+Rules 1-7 are those of :mod:`fastdeploy_pd_fix.policy.release` (docstring); the engine's slot lifecycle (aborts,
 repeated cache-info parts, slot reuse) is protocol.md's. Rule 7 (send-time binding) is also checked through the
 messager step, with the send loop in its own thread.
 """
@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from support.messager import StepMessager
 
-from fastdeploy_pd_fix.core import release
-from fastdeploy_pd_fix.core.messager_step import BoundTaskDict, make_step
-from fastdeploy_pd_fix.core.notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
-from fastdeploy_pd_fix.core.release import OrderedRelease, Registration, UpstreamRelease, make_release
+from fastdeploy_pd_fix.adapters.messager_step import BoundTaskDict, make_step
+from fastdeploy_pd_fix.policy import release
+from fastdeploy_pd_fix.policy.notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
+from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration, UpstreamRelease, make_release
 
 A0 = Registration(0, "A", 8)  # slot 0, two chunks of 4
 B1 = Registration(1, "B", 4)  # slot 1, one chunk

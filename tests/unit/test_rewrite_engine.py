@@ -10,8 +10,9 @@ import types
 import pytest
 from support import engine_model
 
-from fastdeploy_pd_fix.core import engine_notices, notice
+from fastdeploy_pd_fix.adapters import engine_notices
 from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, check_target
+from fastdeploy_pd_fix.policy import notice
 from fastdeploy_pd_fix.upstream.rewrite_engine import (
     CONNECTOR_PATH,
     IMPORT,
@@ -35,11 +36,15 @@ def added_lines(before: str, after: str):
 
 def load(path, source: str) -> types.ModuleType:
     """``source`` written to ``path`` and run from there as a module (so that ``inspect`` finds its source), with the
-    layer0_release package it imports being our core."""
+    layer0_release package it imports being ours."""
     path.write_text(source, encoding="utf-8")
-    package = types.ModuleType("layer0_release")
-    package.engine_notices = engine_notices
-    stubs = {"fastdeploy.cache_manager.layer0_release": package, "fastdeploy.utils": types.ModuleType("utils")}
+    adapters = types.ModuleType("layer0_release.adapters")
+    adapters.engine_notices = engine_notices
+    stubs = {
+        "fastdeploy.cache_manager.layer0_release": types.ModuleType("layer0_release"),
+        "fastdeploy.cache_manager.layer0_release.adapters": adapters,
+        "fastdeploy.utils": types.ModuleType("utils"),
+    }
     stubs["fastdeploy.utils"].llm_logger = None
     saved = {key: sys.modules.get(key) for key in stubs}
     sys.modules.update(stubs)

@@ -16,7 +16,8 @@ import threading
 import numpy as np
 import pytest
 
-from fastdeploy.cache_manager.layer0_release import engine_notices, kv_signal, messager_step, notice, release
+from fastdeploy.cache_manager.layer0_release.adapters import engine_notices, messager_step
+from fastdeploy.cache_manager.layer0_release.policy import kv_signal, notice, release
 
 
 def kv_signal_buffer(tasks, layer=0):

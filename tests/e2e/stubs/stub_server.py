@@ -35,7 +35,7 @@ from pathlib import Path
 
 from stub_common import HOST, JsonHandler, announce_port, http_json, make_server, write_atomically
 
-# Per rank: the early layer-0 signals its messager logs (the race counter of core/messager_step.py).
+# Per rank: the early layer-0 signals its messager logs (the race counter of adapters/messager_step.py).
 EARLY_SIGNALS = ([], [(0, 0, 256), (1, 0, 128)])
 RANKS = len(EARLY_SIGNALS)
 #: Prefill tokens per chunk of an orphan (the e2e test's default ``--max-num-batched-tokens``).
@@ -113,7 +113,7 @@ def log_abort_notice(request: dict) -> None:
 def log_orphan(request: dict, messagers_drop: bool) -> None:
     """What a prefill instance with the plugin logs for an orphan: the engine's notice, put before it admits the
     request (plugin/engine.py), then each rank's messager dropping the orphan's layer-0 task of every chunk
-    (core/messager_step.py, core/release.py)."""
+    (adapters/messager_step.py, policy/release.py)."""
     prompt = str(request.get("prompt") or request.get("messages"))
     request_id = f"cmpl-stub-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}_0"
     need = max(1, len(prompt) // 4)

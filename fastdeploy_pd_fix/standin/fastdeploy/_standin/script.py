@@ -48,7 +48,7 @@ import signal
 import threading
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.core import notice
+from fastdeploy_pd_fix.policy import notice
 from fastdeploy_pd_fix.target import UPSTREAMED_PACKAGE
 
 from .contract import (

@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Callable, Dict, Optional, Tuple
 
-from .kv_signal import parse_kv_signal
-from .notice import ENGINE, Notice, decode, is_notice, split_notices
-from .release import ORDERED, Registration, Released, ReleasePolicy, make_release, policy_after_first_read
+from ..policy.kv_signal import parse_kv_signal
+from ..policy.notice import ENGINE, Notice, decode, is_notice, split_notices
+from ..policy.release import ORDERED, Registration, Released, ReleasePolicy, make_release, policy_after_first_read
 
 #: Pause after a read that found no signal (the op is non-blocking in some releases: do not spin).
 NO_SIGNAL_BACKOFF_S = 0.001

@@ -32,7 +32,7 @@ import operator
 import threading
 from typing import Callable, List, Optional
 
-from .notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
+from ..policy.notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
 
 #: The only role whose messagers read the cache-info mailbox.
 PREFILL_ROLE = "prefill"
