@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 from benchmarks.head_of_line import percentile
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.tools import engine_slice
+from fastdeploy_pd_fix.tools import engine_slice, slice_scenarios
 
 #: The modes compared, in the order their runs alternate.
 MODES = (config.OFF, config.ORDERED)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, help="FastDeploy package dir or checkout (release/2.6)")
     parser.add_argument("--runs", type=int, default=3, help="runs per mode, alternating (default 3)")
-    parser.add_argument("--nranks", type=int, default=engine_slice.NRANKS, help="messager ranks (default 2)")
+    parser.add_argument("--nranks", type=int, default=slice_scenarios.NRANKS, help="messager ranks (default 2)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.nranks < 1:
         parser.error("--runs and --nranks must be at least 1")

@@ -6,7 +6,8 @@ request is scheduled into the lowest free engine slot, prefilled in one or more 
 registered (``_add_cache_task_thread`` completes its transfer task) ``registration_delay_ms`` after it was scheduled.
 A slot goes to the next request only once its request has run its final chunk and has been registered: the engine
 keeps a slot until its transfer is done, and the transfer needs the registration. Registrations of one slot
-therefore arrive in scheduling order, as they do in FastDeploy.
+therefore arrive in scheduling order, as they do in FastDeploy. The requests are an engine history of the model
+(:mod:`fastdeploy_pd_fix.engine_history`), which derives the signals and the explorer's form of the two streams.
 
 :func:`drive_release` feeds the merged, time-ordered streams to the real release policies of
 :mod:`fastdeploy_pd_fix.policy.release` through the one-rank driver the explorer uses
@@ -22,9 +23,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Tuple
 
+from fastdeploy_pd_fix.engine_history import streams
+from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
 from fastdeploy_pd_fix.policy.release import Batch, Registration, SignalTask, Task, make_release
-from fastdeploy_pd_fix.verify import workloads as verify_workloads
-from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, RequestSpec, drive
+from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, drive
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ class Request:
     def registered_ms(self) -> float:
         return self.scheduled_ms + self.registration_delay_ms
 
-    def spec(self) -> RequestSpec:
-        return RequestSpec(self.request_id, self.slot, self.chunk_ends)
+    def occupancy(self) -> Occupancy:
+        """The request in the engine history: computed from token 0, completing normally."""
+        return prefill_request(self.request_id, self.slot, self.chunk_ends)
 
     def registration(self) -> Registration:
-        return self.spec().registration()
+        return self.occupancy().registration()
 
 
 @dataclass(frozen=True)
@@ -95,10 +98,10 @@ class Workload:
         ]
         return [event for _, event in sorted(keyed, key=lambda item: item[0])]
 
-    def streams(self, events: List[Event]) -> verify_workloads.Workload:
+    def streams(self, events: List[Event]) -> streams.Workload:
         """The two streams as the explorer's workloads hold them, registrations in the order of ``events``."""
-        return verify_workloads.Workload(
-            requests=tuple(request.spec() for request in self.requests),
+        return streams.Workload(
+            requests=tuple(request.occupancy() for request in self.requests),
             signals=tuple(signal.tasks for signal in self.signals),
             origins=tuple(signal.owners for signal in self.signals),
             registrations=tuple(event.request.registration() for event in events if event.kind == REGISTRATION_EVENT),
@@ -122,37 +125,41 @@ class WorkloadSpec:
 
 
 def make_workload(spec: WorkloadSpec) -> Workload:
-    """A seeded workload: up to ``requests_per_step`` tasks per signal, chunked requests, late registrations."""
+    """A seeded workload: up to ``requests_per_step`` tasks per signal, chunked requests, late registrations. The
+    engine history and its schedule are timed here; the signals they make come from the model
+    (:func:`fastdeploy_pd_fix.engine_history.streams.schedule_signals`)."""
     rng = random.Random(spec.seed)
     requests: List[Request] = []
-    signals: List[Signal] = []
+    schedule: List[List[Tuple[int, int]]] = []  # per signal: (request index, chunk index), in batch order
+    times_ms: List[float] = []
     free_from: Dict[int, float] = {}  # used slot -> time from which it may be scheduled again
-    active: List[List] = []  # [request, index of its next chunk], in batch order
+    active: List[List[int]] = []  # [request index, index of its next chunk], in batch order
     step = 0
     while step < spec.steps or active:
         start_ms = step * spec.step_ms
         if step < spec.steps:
-            busy = {request.slot for request, _ in active}
+            busy = {requests[index].slot for index, _ in active}
             while len(active) < spec.requests_per_step:
                 slot = _lowest_free_slot(free_from, busy, start_ms, spec.num_slots)
                 if slot is None:
                     break
-                request = _new_request(rng, spec, f"r{len(requests)}", slot, start_ms)
-                requests.append(request)
-                active.append([request, 0])
+                requests.append(_new_request(rng, spec, f"r{len(requests)}", slot, start_ms))
+                active.append([len(requests) - 1, 0])
                 busy.add(slot)
         if active:
             time_ms = start_ms + spec.signal_offset_ms
-            tasks = tuple(request.spec().signal_task(chunk) for request, chunk in active)
-            owners = tuple(request.request_id for request, _ in active)
-            signals.append(Signal(len(signals), time_ms, tasks, owners))
+            schedule.append([(index, chunk) for index, chunk in active])
+            times_ms.append(time_ms)
             for entry in active:
                 entry[1] += 1
-            for request, chunk in active:
+            for index, chunk in active:
+                request = requests[index]
                 if chunk == len(request.chunk_ends):
                     free_from[request.slot] = max(time_ms, request.registered_ms)
-            active = [entry for entry in active if entry[1] < len(entry[0].chunk_ends)]
+            active = [entry for entry in active if entry[1] < len(requests[entry[0]].chunk_ends)]
         step += 1
+    tasks, owners = streams.schedule_signals([request.occupancy() for request in requests], schedule)
+    signals = [Signal(number, time_ms, tasks[number], owners[number]) for number, time_ms in enumerate(times_ms)]
     return Workload(requests, signals)
 
 

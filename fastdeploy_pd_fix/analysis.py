@@ -1,8 +1,9 @@
 """The one source-based analyser of FastDeploy's ``CacheMessagerV1``: what the plugin and ``make-patch`` rely on.
 
 Both read the syntax tree of ``cache_messager.py``: :func:`analyse_class` the source of a live class's module (the
-plugin, before it patches), :func:`analyse_source` the text of a file (``make-patch``, on a branch's checkout). The
-same rules decide in both cases (see :func:`_analyse_methods`):
+plugin, before it patches; the running methods found there by :mod:`fastdeploy_pd_fix.live_source`),
+:func:`analyse_source` the text of a file (``make-patch``, on a branch's checkout). The same rules decide in both
+cases (see :func:`_analyse_methods`):
 
 * ``consume_signals`` makes exactly one ``get_output_kv_signal`` call, with the buffer first and then only arguments
   we can evaluate with the instance alone (constants and ``self.a.b`` chains, see :class:`OpArgument`);
@@ -25,12 +26,10 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
-import inspect
-import linecache
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
+from fastdeploy_pd_fix.live_source import SourceMismatch, live_function, running_definition
 from fastdeploy_pd_fix.target import (
     FINISH_ADD_BARRIER,
     KV_SIGNAL_OP,
@@ -431,52 +430,6 @@ def analyse_source(source: str) -> TargetAnalysis:
 # ---- a live class: the plugin ----
 
 
-class SourceMismatch(ValueError):
-    """The source found for a method is not the code the interpreter runs (a file replaced on disk, say)."""
-
-
-def _module_source(function) -> str:
-    """The source of the module that defines ``function``: ``inspect.getsource`` of the module, or the lines
-    ``linecache`` holds for the function's file (a ``__main__`` without a readable file)."""
-    module = sys.modules.get(function.__module__)
-    if module is not None:
-        try:
-            return inspect.getsource(module)
-        except (OSError, TypeError):
-            pass
-    lines = linecache.getlines(function.__code__.co_filename)
-    if not lines:
-        raise OSError(f"no source for {function.__qualname__} ({function.__code__.co_filename})")
-    return "".join(lines)
-
-
-def _first_line(node: ast.AST) -> int:
-    return min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
-
-
-def _running_definition(module: ast.Module, function) -> ast.FunctionDef:
-    """The ``def`` in ``module`` that ``function`` was compiled from: its name, first line and parameters match."""
-    code = function.__code__
-    parameters = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
-    for node in ast.walk(module):
-        if (
-            isinstance(node, ast.FunctionDef)
-            and node.name == code.co_name
-            and _first_line(node) == code.co_firstlineno
-        ):
-            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
-            if [argument.arg for argument in arguments] == parameters:
-                return node
-    raise SourceMismatch(f"the source on disk of {function.__qualname__} does not match the running code")
-
-
-def _live_function(cls, name: str):
-    function = inspect.unwrap(getattr(cls, name))  # a patched method: its original's source
-    if not inspect.isfunction(function):
-        raise TypeError(f"{cls.__qualname__}.{name} is not a Python function")
-    return function
-
-
 def analyse_class(cls) -> TargetAnalysis:
     """Analyse a live ``CacheMessagerV1`` (never raises): the methods the interpreter runs, found by their code
     objects in the source of the module that defines them (also inside ``if`` blocks of a class body, and in
@@ -485,15 +438,10 @@ def analyse_class(cls) -> TargetAnalysis:
         missing = [name for name in ANALYSED_METHODS if not callable(getattr(cls, name, None))]
         if missing:
             return unrecognised(f"missing methods {', '.join(missing)}")
+        modules: Dict[str, ast.Module] = {}  # file name -> its syntax tree, parsed once
         try:
-            functions = {name: _live_function(cls, name) for name in ANALYSED_METHODS}
-            modules: Dict[str, ast.Module] = {}
-            trees = {}
-            for name, function in functions.items():
-                key = function.__code__.co_filename
-                if key not in modules:
-                    modules[key] = ast.parse(_module_source(function))
-                trees[name] = _running_definition(modules[key], function)
+            functions = {name: live_function(cls, name) for name in ANALYSED_METHODS}
+            trees = {name: running_definition(function, modules) for name, function in functions.items()}
         except (OSError, TypeError, SyntaxError, ValueError) as error:
             if isinstance(error, SourceMismatch):
                 return unrecognised(str(error))
@@ -503,11 +451,7 @@ def analyse_class(cls) -> TargetAnalysis:
         def resolve(name: str) -> List[ast.AST]:
             """The running definition of the class's method ``name``; none when it has no readable source."""
             try:
-                function = _live_function(cls, name)
-                key = function.__code__.co_filename
-                if key not in modules:
-                    modules[key] = ast.parse(_module_source(function))
-                return [_running_definition(modules[key], function)]
+                return [running_definition(live_function(cls, name), modules)]
             except Exception:
                 return []
 

@@ -44,7 +44,7 @@ def _build_class_and_patch(func, name, *bases, **kwargs):
         state["script_hook"] = False
         try:
             _configure_logging()
-            from fastdeploy_pd_fix.plugin.patching import patch_class
+            from fastdeploy_pd_fix.plugin.messager.patch import patch_class
 
             patch_class(cls)
         except Exception as error:  # never break the cache messager because of the plugin
@@ -55,7 +55,7 @@ def _build_class_and_patch(func, name, *bases, **kwargs):
 def _patch_imported_module(module) -> None:
     try:
         _configure_logging()
-        from fastdeploy_pd_fix.plugin.patching import patch_module
+        from fastdeploy_pd_fix.plugin.messager.patch import patch_module
 
         patch_module(module)
     except Exception as error:
@@ -65,7 +65,7 @@ def _patch_imported_module(module) -> None:
 def _patch_imported_engine_module(module) -> None:
     try:
         _configure_logging()
-        from fastdeploy_pd_fix.plugin.engine import patch_engine_module
+        from fastdeploy_pd_fix.plugin.engine.patch import patch_engine_module
 
         patch_engine_module(module)
     except Exception as error:  # never break the engine because of the plugin

@@ -30,7 +30,7 @@ DEFAULT_MODE = ORDERED
 
 #: ``registration``: before ``cache_info_barrier`` (every rank waits there as long: symmetric);
 #: ``registration_after_barrier``: after it, on the named rank only; ``signal``: before a layer-0 signal is handled.
-#: Where each delay lands: :mod:`fastdeploy_pd_fix.plugin.inject`.
+#: Where each delay lands: :mod:`fastdeploy_pd_fix.plugin.messager.inject`.
 INJECTION_STAGES = ("registration", "registration_after_barrier", "signal")
 MAX_INJECTED_DELAY_MS = 3_600_000
 

@@ -32,7 +32,7 @@ FINISH_ADD_BARRIER = "finish_add_cache_task_barrier"
 
 # The engine side (release rules R8 and R9): the engine process puts slot-lifecycle notices into the cache-info
 # mailbox. FastDeploy's names as read in its code (docs/design/slot-lifecycle.md section 7); what is confirmed and
-# what is not is in fastdeploy_pd_fix/plugin/engine.py.
+# what is not is in fastdeploy_pd_fix/plugin/engine/patch.py.
 
 #: The scheduler that frees an aborted request's slot and admits prefill requests (ENABLE_V1_KVCACHE_SCHEDULER).
 RESOURCE_MANAGER_MODULE = "fastdeploy.engine.sched.resource_manager_v1"

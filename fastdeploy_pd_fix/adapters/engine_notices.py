@@ -1,8 +1,9 @@
 """The engine side of the slot-lifecycle notices: which notice an engine event puts, read off FastDeploy's objects.
 
-One copy of the engine-facing rules, shared by the plugin's engine-side patch (``fastdeploy_pd_fix.plugin.engine``
-wraps ``ResourceManagerV1`` and puts what these functions return) and by a FastDeploy that carries the fix
-(``make-patch`` copies this package; ``ResourceManagerV1`` then calls them itself, see the patch message):
+One copy of the engine-facing rules, shared by the plugin's engine-side patch
+(``fastdeploy_pd_fix.plugin.engine.patch`` wraps ``ResourceManagerV1`` and puts what these functions return) and by a
+FastDeploy that carries the fix (``make-patch`` copies this package; ``ResourceManagerV1`` then calls them itself, see
+the patch message):
 
 * :func:`abort_batches`: before ``recycle_abort_task(request_id)`` frees an aborted request's slot, the two batches
   to put, one after the other: the ``abort`` notice, then a ``fence``. A put returns only once every messager rank

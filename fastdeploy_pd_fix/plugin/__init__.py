@@ -1,13 +1,12 @@
-"""The plugin: what is patched into FastDeploy's running ``CacheMessagerV1`` (and, for the notices, its engine) and
-what it does there.
+"""The plugin: what is patched into FastDeploy's processes, organised by the process it patches.
 
-* :mod:`.patching`: the patch manifest (what, why, how, upstream, when to remove), analyse -> patch / unpatch.
-* :mod:`.runtime`: activation per messager instance and the two patched methods (thin adapters around
-  :mod:`fastdeploy_pd_fix.adapters.messager_step`).
-* :mod:`.observe`: the held batch and, in observe mode, the journal of FastDeploy's own batches; the watchdog.
-* :mod:`.engine`: the engine-side patch in FastDeploy's engine process (``ResourceManagerV1``,
-  ``SplitwiseConnector``): slot-lifecycle notices into the cache-info stream (``FD_PD_FIX_ENGINE_NOTICES``).
-* :mod:`.inject`: fault injection (``FD_PD_FIX_INJECT``).
+* :mod:`.patching`: the one patch state machine (analyse -> patch or stand aside; unpatch) and the form of the
+  manifests and decision records, for both processes.
+* :mod:`.messager`: each cache messager process: ``CacheMessagerV1`` (its manifest and patch in
+  :mod:`.messager.patch`).
+* :mod:`.engine`: the engine process, prefill role: ``ResourceManagerV1`` and ``SplitwiseConnector`` put the
+  slot-lifecycle notices into the cache-info stream (``FD_PD_FIX_ENGINE_NOTICES``; its manifest and patch in
+  :mod:`.engine.patch`).
 * :mod:`.status`: what ``fastdeploy-pd-fix status`` prints.
 """
 

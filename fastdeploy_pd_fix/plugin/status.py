@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from fastdeploy_pd_fix import __version__, bootstrap, config
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
-from fastdeploy_pd_fix.plugin.engine import notices_off_reason
-from fastdeploy_pd_fix.plugin.patching import MANIFEST, RECORDS, fastdeploy_version
+from fastdeploy_pd_fix.plugin.engine import patch as engine_patch
+from fastdeploy_pd_fix.plugin.messager import patch as messager_patch
+from fastdeploy_pd_fix.plugin.patching import RECORDS, fastdeploy_version
 from fastdeploy_pd_fix.target import CONNECTOR_CLASS, RESOURCE_MANAGER_CLASS, TARGET_CLASS
 
 
@@ -25,7 +26,7 @@ def bootstrap_line(state) -> str:
 
 def engine_line() -> str:
     """One line on the engine-side patch: whether the engine process will put slot-lifecycle notices."""
-    off = notices_off_reason()
+    off = engine_patch.notices_off_reason()
     if off:
         return f"notices off ({off}): the messagers release by upstream's rule (#8034), not ordered"
     return (
@@ -80,7 +81,7 @@ def print_status() -> int:
             print(f"target:      {TARGET_CLASS} {verdict}; {analysis.features()}")
         for record in RECORDS:
             print(f"this process: {record.describe()}")
-    print("manifest (details: fastdeploy_pd_fix/plugin/patching.py):")
-    for patch in MANIFEST:
+    print("manifest (details: fastdeploy_pd_fix/plugin/messager/patch.py, fastdeploy_pd_fix/plugin/engine/patch.py):")
+    for patch in messager_patch.MANIFEST + engine_patch.MANIFEST:
         print(f"  {patch.target}: {patch.how}; upstream {patch.upstream}; remove when {patch.remove_when}")
     return 0

@@ -23,7 +23,7 @@ returning a :class:`Released`):
     2. Occupancy. Each slot has a list of occupants, in the order of their first registration or notice (rule 8).
        A request id is counted once for its whole life: a later registration of it (a repeated D-part, also one
        arriving late, after the request was aborted and its slot reused) is ignored and reported in
-       :attr:`Released.ignored`.
+       :attr:`Released.decisions` (:data:`.decision.COUNTED_BEFORE`).
        Closed ids are remembered in a bounded FIFO (:data:`CLOSED_IDS_KEPT`), far longer than repeats can lag.
     3. Binding by content. The oldest signal's next task ``(slot, chunk_offset, prefilled_token_num)`` binds to
        the slot's first open occupant if it continues it (``chunk_offset`` equals the end of the occupant's last
@@ -76,7 +76,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
+from . import decision
+from .decision import Decision, Drop
 from .notice import MARKER_KINDS, ORPHAN, Notice
+from .occupant import Occupant
 
 #: One transfer task as put into ``cache_prefilled_engine_ids_queue``: ``(engine slot, prefilled_token_num)``.
 Task = Tuple[int, int]
@@ -112,18 +115,9 @@ class Registration:
             raise ValueError(f"registration of {self.request_id!r}: need_prefill_tokens must be positive")
 
 
-@dataclass(frozen=True)
-class Drop:
-    """A layer-0 task that was abandoned instead of released, and why."""
-
-    slot: int
-    prefilled_token_num: int
-    reason: str
-
-
 @dataclass
 class Released:
-    """What one call released: batches to put into the queue, in order, and what was dropped or ignored."""
+    """What one call released: batches to put into the queue, in order, what was dropped, and what else it decided."""
 
     batches: List[Batch] = field(default_factory=list)
     #: Parallel to :attr:`batches`: the registration each task of the batch is bound to (rule 7). Empty when the
@@ -132,14 +126,15 @@ class Released:
     #: Parallel to :attr:`bindings`: the number (0-based, in arrival order) of the layer-0 signal each batch is.
     signal_numbers: List[int] = field(default_factory=list)
     drops: List[Drop] = field(default_factory=list)
-    ignored: List[str] = field(default_factory=list)  # registrations not counted, occupants abandoned, and why
+    #: Parts and notices not counted, occupants closed before their end, notices corrected (:mod:`.decision`).
+    decisions: List[Decision] = field(default_factory=list)
 
     def extend(self, other: "Released") -> None:
         self.batches.extend(other.batches)
         self.bindings.extend(other.bindings)
         self.signal_numbers.extend(other.signal_numbers)
         self.drops.extend(other.drops)
-        self.ignored.extend(other.ignored)
+        self.decisions.extend(other.decisions)
 
 
 def _check_non_negative_int(name: str, value) -> None:
@@ -198,46 +193,6 @@ class ReleasePolicy(Protocol):
         """Request ids registered per slot that are still open (final chunk not released, not abandoned)."""
 
 
-class _Occupant:
-    """One request on one slot, as far as the cache-info stream tells (rules 2-4, 8): registered, or announced by the
-    engine as aborted before it registered (*dead*) or as computed without transfer (*orphan*)."""
-
-    __slots__ = ("request_id", "registration", "need", "orphan", "aborted", "emitted_end", "last_end", "abandoned")
-
-    def __init__(self, request_id: str, registration: Optional[Registration] = None, need: Optional[int] = None):
-        self.request_id = request_id
-        self.registration = registration
-        self.need = need if registration is None else registration.need_prefill_tokens  # None: dead, need unknown
-        self.orphan = False
-        self.aborted = False
-        self.emitted_end: Optional[int] = None  # aborted: end of the last chunk the engine emitted (None: none)
-        self.last_end: Optional[int] = None  # end of the last chunk bound to it; None: not started
-        self.abandoned = False
-
-    @property
-    def run_end(self) -> Optional[int]:
-        """Where its chunks end at the latest: its need, or what it emitted before its abort (None: nothing)."""
-        return self.emitted_end if self.aborted else self.need
-
-    @property
-    def closed(self) -> bool:
-        return self.abandoned or (self.aborted and self.emitted_end is None) or self.last_end == self.run_end
-
-    def describe(self) -> str:
-        if self.orphan:
-            return f"orphan {self.request_id}"
-        if self.registration is None:
-            return f"request {self.request_id} aborted before registering"
-        return f"request {self.request_id}"
-
-    def __getstate__(self):
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __setstate__(self, state):
-        for name, value in zip(self.__slots__, state):
-            setattr(self, name, value)
-
-
 class OrderedRelease:
     """Rank-invariant release: signals in arrival order, each task bound by content to its slot's occupant.
 
@@ -255,7 +210,7 @@ class OrderedRelease:
         # Signals released or dropped so far: the oldest waiting signal's number (rule 1 keeps arrival order).
         self._signals_done = 0
         # Rule 2: open occupants per slot, oldest first.
-        self._occupants: Dict[int, List[_Occupant]] = {}
+        self._occupants: Dict[int, List[Occupant]] = {}
         # Request ids of the open occupants (-> slot), and of the closed ones still remembered, oldest first.
         self._open_ids: Dict[str, int] = {}
         self._closed_ids: Dict[str, None] = {}
@@ -270,16 +225,11 @@ class OrderedRelease:
         request_id = registration.request_id
         if request_id in self._open_ids or request_id in self._closed_ids:
             occupant = self._open_occupant(request_id)
-            if occupant is not None and occupant.registration is None:
-                state = "announced as " + ("an orphan" if occupant.orphan else "aborted before registering")
-            else:
-                state = "still open" if occupant is not None else "already closed"
-            reason = (
-                f"registration for slot {registration.slot} ignored: request {request_id} was counted before and is "
-                f"{state} (a repeated or late cache-info part)"
+            state = decision.CLOSED_REQUEST if occupant is None else occupant.state
+            return Released(
+                decisions=[Decision(decision.COUNTED_BEFORE, request_id, registration.slot, occupant=state)]
             )
-            return Released(ignored=[reason])
-        self._open(registration.slot, _Occupant(request_id, registration))
+        self._open(registration.slot, Occupant(request_id, registration))
         return self._release_ready_batches()
 
     def add_notice(self, notice: Notice, registered: Optional[Mapping[int, int]] = None) -> Released:
@@ -296,28 +246,32 @@ class OrderedRelease:
         occupant = self._open_occupant(request_id)
         if notice.kind == ORPHAN:
             if occupant is not None or request_id in self._closed_ids:
-                released.ignored.append(f"orphan notice for request {request_id} ignored: it was counted before")
+                released.decisions.append(Decision(decision.ORPHAN_COUNTED_BEFORE, request_id))
                 return released
-            occupant = _Occupant(request_id, need=notice.value)
+            occupant = Occupant(request_id, need=notice.value)
             occupant.orphan = True
             self._open(slot, occupant)
         elif occupant is None:
             if request_id in self._closed_ids:
                 return released  # aborted after its final chunk was released, or abandoned before: nothing left
-            occupant = _Occupant(request_id)  # dead: aborted before it registered
+            occupant = Occupant(request_id)  # dead: aborted before it registered
             occupant.aborted, occupant.emitted_end = True, notice.value
             self._open(slot, occupant)
         elif not occupant.aborted:
             occupant.aborted, occupant.emitted_end = True, notice.value
             occupant_slot = self._open_ids[request_id]
             if occupant_slot != slot:
-                released.ignored.append(
-                    f"abort notice for request {request_id} names slot {slot}; it occupies slot {occupant_slot}"
+                released.decisions.append(
+                    Decision(decision.ABORT_ON_OTHER_SLOT, request_id, occupant_slot, named_slot=slot)
                 )
             if occupant.last_end is not None and (occupant.emitted_end or 0) < occupant.last_end:
-                released.ignored.append(
-                    f"abort notice for request {request_id}: emitted_end={occupant.emitted_end} is before the "
-                    f"{occupant.last_end} tokens already bound to it"
+                released.decisions.append(
+                    Decision(
+                        decision.ABORT_BEFORE_BOUND,
+                        request_id,
+                        last_end=occupant.last_end,
+                        run_end=occupant.emitted_end,
+                    )
                 )
                 occupant.emitted_end = occupant.last_end
         if occupant.closed:
@@ -342,13 +296,13 @@ class OrderedRelease:
             if occupants
         }
 
-    def _open_occupant(self, request_id: str) -> Optional[_Occupant]:
+    def _open_occupant(self, request_id: str) -> Optional[Occupant]:
         slot = self._open_ids.get(request_id)
         if slot is None:
             return None
         return next(occupant for occupant in self._occupants[slot] if occupant.request_id == request_id)
 
-    def _open(self, slot: int, occupant: _Occupant) -> None:
+    def _open(self, slot: int, occupant: Occupant) -> None:
         self._open_ids[occupant.request_id] = slot
         self._occupants.setdefault(slot, []).append(occupant)
 
@@ -393,10 +347,7 @@ class OrderedRelease:
                 return occupant.registration
             if occupant.aborted:
                 # Rule 4: the engine said where it stopped; this chunk is beyond it, so it is a later request's.
-                released.ignored.append(
-                    f"{occupant.describe()} on slot {slot} closed at {occupant.last_end} of emitted_end="
-                    f"{occupant.emitted_end}: chunk [{chunk_offset}, {end}) is a later request's"
-                )
+                released.decisions.append(occupant.closed_early(decision.CLOSED_AT_ABORT, slot, task))
                 self._close(slot, occupant)
                 continue
             if not started:
@@ -406,14 +357,11 @@ class OrderedRelease:
                 released.drops.append(Drop(slot, end, reason))  # rule 6
                 return _DROPPED
             occupant.abandoned = True  # rule 4: aborted unannounced, its slot given to a later request
-            released.ignored.append(
-                f"{occupant.describe()} on slot {slot} abandoned after {occupant.last_end} of {run_end} tokens: chunk "
-                f"[{chunk_offset}, {end}) does not continue it (aborted, its slot reused)"
-            )
+            released.decisions.append(occupant.closed_early(decision.ABANDONED, slot, task))
             self._close(slot, occupant)
         return None
 
-    def _close(self, slot: int, occupant: _Occupant) -> None:
+    def _close(self, slot: int, occupant: Occupant) -> None:
         """Remove an open occupant and remember its id (rule 2), forgetting the oldest beyond the bound."""
         self._occupants[slot].remove(occupant)
         del self._open_ids[occupant.request_id]

@@ -26,79 +26,27 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.arguments import positive_seconds
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
-from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin import contract
+from fastdeploy_pd_fix.standin.run_result import (
+    NOT_RUN,
+    ScenarioResult,
+    not_started,
+    print_table,
+    read_progress,
+    read_result,
+    read_text,
+)
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, SCENARIOS, resolve_scenario
 from fastdeploy_pd_fix.target import SCRIPT_PATH
 
 ENGINE_SERVER_SCRIPT = STANDIN_ROOT / "engine_server.py"
 POLL_S = 0.01  # how often the harness looks at its processes and files (detection only, never ordering)
-
-
-@dataclass
-class ScenarioResult:
-    """What one run did. ``batches[rank]`` is the sequence of batches the rank's send loop took, each a list of
-    ``[slot, prefilled_token_num]``; ``finished[rank]`` the request ids it finished, in order; ``violations[rank]``
-    the ground-truth violations its send loop reported (a task read that is not the batch's request's, or blocks
-    sent before their chunk was computed; see ``fastdeploy/_standin/ground_truth.py``), in order."""
-
-    outcome: str  # "finished" | "hang" | "error" | NOT_RUN
-    batches: Dict[int, List[List[List[int]]]]
-    finished: Dict[int, List[str]]
-    logs: Dict[int, str]
-    elapsed_s: float  # from "every rank ready" to the end of the run (0 when they never got ready)
-    returncodes: Dict[int, Optional[int]]  # None: did not exit by itself (killed by the harness)
-    scenario: str = ""
-    variant: Dict[str, object] = field(default_factory=dict)
-    error: str = ""  # why the outcome is "error"
-    startup_s: float = 0.0  # from the first launch to "every rank ready"
-    engine_log: str = ""  # the engine process's own output and the ranks' reports it recorded
-    workdir: Optional[str] = None  # kept only when the caller gave a workdir
-    violations: Dict[int, List[str]] = field(default_factory=dict)
-
-    def same_batches_on_all_ranks(self) -> bool:
-        sequences = list(self.batches.values())
-        return all(sequence == sequences[0] for sequence in sequences)
-
-    def ground_truth_violations(self) -> int:
-        """How many ground-truth violations the ranks reported, all ranks together."""
-        return sum(len(found) for found in self.violations.values())
-
-    def summary(self) -> str:
-        return (
-            f"{self.scenario} {self.variant}: {self.outcome} in {self.elapsed_s:.2f}s "
-            f"batches={self.batches} finished={self.finished} returncodes={self.returncodes}"
-            + (f" error={self.error}" if self.error else "")
-            + (f" violations={self.violations}" if self.ground_truth_violations() else "")
-        )
-
-
-def _read_progress(path: Path) -> List[dict]:
-    """Events of a rank's progress file; a half-written last line is ignored."""
-    events = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return events
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 # Every live run's processes and temporary folder in this interpreter: what an interrupt must clean up.
@@ -108,7 +56,6 @@ _live_folders: set = set()
 _stopping = threading.Event()  # set by the main thread once it handles an interrupt: no run may start or go on
 #: The signals that interrupt a command (Ctrl-C, ``kill``, a closed terminal).
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-NOT_RUN = "not run"  # the outcome of a run an interrupt stopped, or cancelled before it started
 # While cleanup_on_signals is installed: the pipe the interpreter writes each signal's number to (its wakeup fd, in
 # arrival order, from the C-level handler), and the numbers read from it so far.
 _signal_pipe: List[int] = []
@@ -278,7 +225,7 @@ def _start_engine(python: str, nranks: int, run_env: dict, log_dir: Path, record
     line = engine.stdout.readline().decode(errors="replace").strip() if ready else ""
     if not line.startswith("port "):
         _kill_group(engine)
-        raise RuntimeError(f"engine server did not start: {line!r}; {_read_text(log_dir / 'engine_server.log')}")
+        raise RuntimeError(f"engine server did not start: {line!r}; {read_text(log_dir / 'engine_server.log')}")
     return engine, int(line.split()[1])
 
 
@@ -288,7 +235,7 @@ def _wait_until_ready(ranks: Dict[int, subprocess.Popen], out_dir: Path, timeout
     waiting = set(ranks)
     while waiting:
         for rank in sorted(waiting):
-            if any(event.get("event") == "ready" for event in _read_progress(out_dir / f"rank{rank}.jsonl")):
+            if any(event.get("event") == "ready" for event in read_progress(out_dir, rank)):
                 waiting.discard(rank)
             elif ranks[rank].poll() is not None:
                 return f"rank {rank} exited with {ranks[rank].returncode} before it was ready"
@@ -442,48 +389,25 @@ def run_scenario(
     if outcome == "error" and _stopping.is_set():  # killed by the interrupt, or could not start because of it
         outcome, error = NOT_RUN, f"stopped by an interrupt: {error}"
 
-    progress = {rank: _read_progress(out_dir / f"rank{rank}.jsonl") for rank in range(nranks)}
-    batches = {
-        rank: [event["batch"] for event in events if event["event"] == "batch"] for rank, events in progress.items()
-    }
-    finished = {
-        rank: [event["request_id"] for event in events if event["event"] == "finished"]
-        for rank, events in progress.items()
-    }
-    violations = {
-        rank: [event["violation"] for event in events if event["event"] == "violation"]
-        for rank, events in progress.items()
-    }
-    if outcome == "finished":
-        not_done = [rank for rank, events in progress.items() if not any(e["event"] == "done" for e in events)]
-        if not_done:
-            outcome, error = "error", f"ranks {not_done} exited 0 without finishing every request"
-    logs = {
-        rank: _read_text(log_dir / f"cache_messager_rank{rank}.log")
-        + f"\n----- stdout/stderr of rank {rank} -----\n"
-        + _read_text(log_dir / f"launch_cache_messager_{rank}.log")
-        for rank in range(nranks)
-    }
-    engine_log = _read_text(log_dir / "engine_server.log") + _read_text(engine_record)
-    if not keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with _live_lock:
-            _live_folders.discard(run_dir)
-    return ScenarioResult(
-        outcome=outcome,
-        batches=batches,
-        finished=finished,
-        logs=logs,
+    result = read_result(
+        log_dir,
+        out_dir,
+        engine_record,
+        nranks,
+        outcome,
+        error,
         elapsed_s=elapsed_s,
         returncodes=returncodes,
         scenario=scenario["name"],
         variant=variant,
-        error=error,
         startup_s=startup_s,
-        engine_log=engine_log,
         workdir=str(run_dir) if keep else None,
-        violations=violations,
     )
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with _live_lock:
+            _live_folders.discard(run_dir)
+    return result
 
 
 def run_many(
@@ -512,23 +436,9 @@ def run_many(
         if _signals_received():
             for index, future in enumerate(futures):
                 if future.cancelled() and on_result is not None:
-                    on_result(index, _not_started(list_of_kwargs[index]))
+                    on_result(index, not_started(resolve_scenario(list_of_kwargs[index]["scenario"])["name"]))
             raise Interrupted()
         return [future.result() for future in futures]
-
-
-def _not_started(kwargs: dict) -> ScenarioResult:
-    """The result of a run an interrupt cancelled before it started."""
-    return ScenarioResult(
-        outcome=NOT_RUN,
-        batches={},
-        finished={},
-        logs={},
-        elapsed_s=0.0,
-        returncodes={},
-        scenario=resolve_scenario(kwargs["scenario"])["name"],
-        error="not started: interrupted",
-    )
 
 
 def _report(done, index: int, on_result) -> None:
@@ -544,26 +454,6 @@ def all_variants():
         for with_7724 in (False, True)
         for op_args in (3, 4)
     ]
-
-
-def expected_outcome(name: str, release: str, mode: Optional[str]) -> Optional[str]:
-    """The documented outcome of a named scenario: per release without the plugin (s0-s3), per mode on the default
-    #7872 variant (lifecycle scenarios); None when none is documented."""
-    scenario = SCENARIOS.get(name, {})
-    if "expected" in scenario:
-        return scenario["expected"].get(mode or config.OFF, [None])[0] if release == "7872" else None
-    return scenario.get("expected_without_fix", {}).get(release)
-
-
-def _print_table(results: List[ScenarioResult], mode: Optional[str] = None) -> None:
-    print(f"{'scenario':<9}{'release':<9}{'7724':<6}{'op':<4}{'outcome':<10}{'expected':<10}{'gt':<4}batches per rank")
-    for result in results:
-        expected = expected_outcome(result.scenario, result.variant["release"], mode)
-        print(
-            f"{result.scenario:<9}{result.variant['release']:<9}{int(result.variant['with_7724']):<6}"
-            f"{result.variant['op_args']:<4}{result.outcome:<10}{str(expected):<10}"
-            f"{result.ground_truth_violations():<4}{result.batches}"
-        )
 
 
 def main(argv=None) -> int:
@@ -595,7 +485,7 @@ def main(argv=None) -> int:
     ]
     started = time.monotonic()
     results = run_many(runs, parallel=args.parallel)
-    _print_table(results, args.mode)
+    print_table(results, args.mode)
     print(f"{len(results)} runs in {time.monotonic() - started:.1f}s")
     for result in results:
         if args.verbose or result.outcome == "error":

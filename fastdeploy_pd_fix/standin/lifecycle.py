@@ -9,7 +9,9 @@ next request's signals come after the abort's read. ``expected`` gives, per run 
 violations)`` on the default stand-in variant (#7872, no #7724, three-argument op): ``off`` is the release's own
 code, ``upstream`` and ``ordered`` the plugin's modes, :data:`WITHOUT_NOTICES` ordered mode with the engine-side
 notices off, which releases by upstream's rule (release rule 10). The cases marked "limit" are those the two
-streams alone cannot decide (design doc section 4); the notices decide them.
+streams alone cannot decide (design doc section 4); the notices decide them. Each scenario is an engine history
+(:mod:`fastdeploy_pd_fix.engine_history`) with notices on, from which ``signals``, ``owners``, ``registrations`` and
+``aborted`` are derived, and its per-rank schedules.
 
 * l1: the issue's case: A aborted between chunks, its slot reused by B, C, D in turn.
 * l2: A aborted between chunks; one rank reads A's emitted chunk only after B registered on the slot.
@@ -27,7 +29,9 @@ streams alone cannot decide (design doc section 4); the notices decide them.
 """
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import NOTICE_ENTRY
+from fastdeploy_pd_fix.engine_history.occupancy import IMMEDIATE_AND_LATE, LATE, Occupancy
+from fastdeploy_pd_fix.engine_history.scenario import standin_streams
+from fastdeploy_pd_fix.engine_history.streams import build
 
 #: The run mode key of ordered mode with the engine-side notices switched off (``FD_PD_FIX_ENGINE_NOTICES=0``).
 WITHOUT_NOTICES = "ordered-without-notices"
@@ -42,24 +46,11 @@ def _expected(off, upstream, ordered):
     return {mode: list(value) for mode, value in outcomes.items()}
 
 
-def _request(request_id, slot, need_prefill_tokens, parts=None):
-    request = {"request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
-    if parts is not None:
-        request["parts"] = parts
-    return request
-
-
-def _abort(request_id, slot, emitted_end):
-    """A read of the engine's abort notice (and its fence) for ``request_id``: ``emitted_end`` None if it emitted
-    nothing."""
-    return [{NOTICE_ENTRY: "abort", "request_id": request_id, "slot": slot, "emitted_end": emitted_end}]
-
-
-def _orphan(request_id, slot, need_prefill_tokens):
-    """A read of the engine's orphan notice: ``request_id`` is computed on ``slot`` without a transfer."""
-    return [
-        {NOTICE_ENTRY: "orphan", "request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
-    ]
+def _streams(*occupancies, signal_slots=None, read_sizes=None):
+    """``signals``, ``owners``, ``registrations`` (notices included) and ``aborted`` of an engine history: signals and
+    cache info slot by slot unless ``signal_slots`` interleaves the signals (see :func:`~fastdeploy_pd_fix.
+    engine_history.streams.build`); reads as :func:`~fastdeploy_pd_fix.engine_history.scenario.cut_reads` cuts them."""
+    return standin_streams(build("", occupancies, signal_slots, notices=True), read_sizes)
 
 
 def _schedules(*schedules):
@@ -69,16 +60,12 @@ def _schedules(*schedules):
 LIFECYCLE_SCENARIOS = {
     "l1": {
         "description": "the issue's case: A (need 256) aborted after its first chunk, slot 3 reused by B, C, D",
-        "signals": [[[3, 0, 128]], [[3, 0, 64]], [[3, 0, 64]], [[3, 64, 64]], [[3, 0, 32]]],
-        "owners": [["A"], ["B"], ["C"], ["C"], ["D"]],
-        "registrations": [
-            [_request("A", 3, 256)],
-            _abort("A", 3, 128),
-            [_request("B", 3, 64)],
-            [_request("C", 3, 128)],
-            [_request("D", 3, 32)],
-        ],
-        "aborted": ["A"],
+        **_streams(
+            Occupancy("A", 3, 0, (128, 256), aborted_after=1),
+            Occupancy("B", 3, 0, (64,)),
+            Occupancy("C", 3, 0, (64, 128)),
+            Occupancy("D", 3, 0, (32,)),
+        ),
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1 reg3 sig2 sig3 reg4 sig4"),
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
@@ -88,10 +75,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l2": {
         "description": "A aborted between chunks; rank 1 reads A's emitted chunk after B registered on slot 0",
-        "signals": [[[0, 0, 2]], [[0, 0, 4]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (2, 8), aborted_after=1), Occupancy("B", 0, 0, (4,))),
         "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
@@ -101,10 +85,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l3": {
         "description": "A aborted after its final chunk's signal; that batch is still queued when B registers",
-        "signals": [[[0, 0, 4]], [[0, 0, 6]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 6)]],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (4,), aborted_after=1), Occupancy("B", 0, 0, (6,))),
         "schedules": _schedules("stall reg0 sig0 reg1 reg2 sig1 go", "stall reg0 reg1 reg2 sig0 sig1 go"),
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
@@ -114,10 +95,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l4": {
         "description": "A aborted after its final chunk's signal; the send thread holds that batch when B registers",
-        "signals": [[[0, 0, 4]], [[0, 0, 3]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 4)], _abort("A", 0, 4), [_request("B", 0, 3)]],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (4,), aborted_after=1), Occupancy("B", 0, 0, (3,))),
         "schedules": _schedules("hold reg0 sig0 reg1 reg2 go drain sig1"),
         "expected": _expected(off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0)),
         "why": (
@@ -127,10 +105,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l5": {
         "description": "limit: A registered and aborted before its first signal; B's only chunk is the same triple",
-        "signals": [[[0, 0, 4]]],
-        "owners": [["B"]],
-        "registrations": [[_request("A", 0, 4)], _abort("A", 0, None), [_request("B", 0, 4)]],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (4,), aborted_after=0), Occupancy("B", 0, 0, (4,))),
         "schedules": _schedules("reg0 reg1 reg2 sig0"),
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
@@ -140,10 +115,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l6": {
         "description": "limit: A aborted after [0, 2); B's prefix-cached first chunk [2, 4) continues A by content",
-        "signals": [[[0, 0, 2]], [[0, 2, 2]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 2), [_request("B", 0, 4)]],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (2, 8), aborted_after=1), Occupancy("B", 0, 2, (4,))),
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 sig1"),
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
@@ -153,10 +125,13 @@ LIFECYCLE_SCENARIOS = {
     },
     "l7": {
         "description": "prefix-cached first chunks after an abort: B [2, 6) on A's slot 0, C [3, 6) on slot 1",
-        "signals": [[[0, 0, 4]], [[0, 2, 4], [1, 3, 3]]],
-        "owners": [["A"], ["B", "C"]],
-        "registrations": [[_request("A", 0, 8)], _abort("A", 0, 4), [_request("B", 0, 6), _request("C", 1, 6)]],
-        "aborted": ["A"],
+        **_streams(
+            Occupancy("A", 0, 0, (4, 8), aborted_after=1),
+            Occupancy("B", 0, 2, (6,)),
+            Occupancy("C", 1, 3, (6,)),
+            signal_slots=[0, (0, 1)],
+            read_sizes=[2, 1, 4],  # B and C register in one read
+        ),
         "schedules": _schedules("reg0 hold sig0 reg1 reg2 sig1 go", "reg0 reg1 reg2 hold sig0 sig1 go"),
         "expected": _expected(off=("finished", 2), upstream=("finished", 2), ordered=("finished", 0)),
         "why": (
@@ -166,14 +141,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l8": {
         "description": "A's D-part repeated at once (A open) and again after A finished; B reuses slot 0",
-        "signals": [[[0, 0, 4]], [[0, 4, 4]], [[0, 0, 4]]],
-        "owners": [["A"], ["A"], ["B"]],
-        "registrations": [
-            [_request("A", 0, 8)],
-            [_request("A", 0, 8, "decode")],
-            [_request("B", 0, 4)],
-            [_request("A", 0, 8, "decode")],
-        ],
+        **_streams(Occupancy("A", 0, 0, (4, 8), repeat=IMMEDIATE_AND_LATE), Occupancy("B", 0, 0, (4,))),
         "schedules": _schedules("reg0 reg1 sig0 sig1 reg2 reg3 sig2", "reg0 sig0 reg1 sig1 reg2 sig2 reg3"),
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
@@ -183,15 +151,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l9": {
         "description": "A aborted; its D-part repeated late, after B registered on slot 0 (stored over B's task)",
-        "signals": [[[0, 0, 4]], [[0, 0, 6]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [
-            [_request("A", 0, 8)],
-            _abort("A", 0, 4),
-            [_request("B", 0, 6)],
-            [_request("A", 0, 8, "decode")],
-        ],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (4, 8), aborted_after=1, repeat=LATE), Occupancy("B", 0, 0, (6,))),
         "schedules": _schedules("reg0 sig0 drain reg1 reg2 reg3 sig1", "reg0 sig0 drain reg1 reg2 hold sig1 reg3 go"),
         "expected": _expected(off=("hang", 4), upstream=("hang", 4), ordered=("finished", 0)),
         "why": (
@@ -201,9 +161,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l10": {
         "description": "limit: O computed on slot 0 without registering; B then registers on slot 0",
-        "signals": [[[0, 0, 4]], [[0, 0, 4]]],
-        "owners": [["O"], ["B"]],
-        "registrations": [_orphan("O", 0, 4), [_request("B", 0, 4)]],
+        **_streams(Occupancy("O", 0, 0, (4,), registers=False), Occupancy("B", 0, 0, (4,))),
         "schedules": _schedules("reg0 sig0 reg1 drain sig1"),
         "expected": _expected(off=("finished", 4), upstream=("finished", 4), ordered=("finished", 0)),
         "why": (
@@ -214,9 +172,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l11": {
         "description": "limit: O computed on slot 0 without registering, slot 0 not reused; A on slot 1 after it",
-        "signals": [[[0, 0, 4]], [[1, 0, 4]]],
-        "owners": [["O"], ["A"]],
-        "registrations": [_orphan("O", 0, 4), [_request("A", 1, 4)]],
+        **_streams(Occupancy("O", 0, 0, (4,), registers=False), Occupancy("A", 1, 0, (4,))),
         "schedules": _schedules("reg0 sig0 reg1 sig1"),
         "expected": _expected(off=("finished", 0), upstream=("finished", 0), ordered=("finished", 0)),
         "why": (
@@ -227,9 +183,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l12": {
         "description": "A's P-part read after its first layer-0 signal on rank 1, its D-part later",
-        "signals": [[[0, 0, 4]], [[0, 4, 4]]],
-        "owners": [["A"], ["A"]],
-        "registrations": [[_request("A", 0, 8, "prefill")], [_request("A", 0, 8, "decode")]],
+        **_streams(Occupancy("A", 0, 0, (4, 8)), read_sizes=[1, 1]),  # the P-part and the D-part in two reads
         "schedules": _schedules("reg0 sig0 reg1 sig1", "sig0 reg0 sig1 reg1"),
         "expected": _expected(off=("hang", 0), upstream=("hang", 0), ordered=("finished", 0)),
         "why": (
@@ -239,15 +193,7 @@ LIFECYCLE_SCENARIOS = {
     },
     "l13": {
         "description": "limit: A aborted after [0, 2); its first D-part arrives after B registered on slot 0",
-        "signals": [[[0, 0, 2]], [[0, 0, 4]]],
-        "owners": [["A"], ["B"]],
-        "registrations": [
-            [_request("A", 0, 8, "prefill")],
-            _abort("A", 0, 2),
-            [_request("B", 0, 4)],
-            [_request("A", 0, 8, "decode")],
-        ],
-        "aborted": ["A"],
+        **_streams(Occupancy("A", 0, 0, (2, 8), aborted_after=1, dpart=LATE), Occupancy("B", 0, 0, (4,))),
         "schedules": _schedules("reg0 sig0 reg1 reg2 drain reg3 sig1"),
         "expected": _expected(off=("hang", 8), upstream=("hang", 8), ordered=("finished", 0)),
         "why": (

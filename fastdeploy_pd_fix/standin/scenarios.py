@@ -13,13 +13,18 @@ A scenario is a plain dict (written to JSON for the rank processes):
 * optional, for the engine's slot lifecycle: ``aborted`` (request ids the engine aborts) and ``owners`` (per signal,
   the request each task belongs to: the ground truth the send thread is checked against).
 
+Each scenario declares its engine history (:mod:`fastdeploy_pd_fix.engine_history`) and its per-rank schedules;
+``signals``, ``registrations`` (notices included) and ``owners`` are derived from the history.
 Every rank must see every event once and each stream in its own order; :func:`validate_scenario` checks that.
 s0-s3 are the race scenarios; l1-l13 the slot-lifecycle ones (:mod:`fastdeploy_pd_fix.standin.lifecycle`).
 """
 
 import copy
 
-from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import (
+from fastdeploy_pd_fix.engine_history.occupancy import prefill_request
+from fastdeploy_pd_fix.engine_history.scenario import standin_streams
+from fastdeploy_pd_fix.engine_history.streams import build
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.contract import (
     CONTROLS,
     NOTICE_ENTRY,
     PARTS,
@@ -32,23 +37,29 @@ from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS
 __all__ = ["RELEASES", "SCENARIOS", "parse_event", "resolve_scenario", "validate_scenario"]
 
 
-def _request(request_id, slot, need_prefill_tokens):
-    return {"request_id": request_id, "slot": slot, "need_prefill_tokens": need_prefill_tokens}
+def _streams(*requests, signal_slots=None, cache_slots=None):
+    """``signals`` and ``registrations`` (one read per request) of requests that start at 0 and complete: signals and
+    cache info slot by slot unless ``signal_slots`` / ``cache_slots`` interleave them (see
+    :func:`~fastdeploy_pd_fix.engine_history.streams.build`)."""
+    return standin_streams(build("", requests, signal_slots, cache_slots), owners=False)
+
+
+def _one_signal():
+    """A and B, one chunk each on slots 0 and 1, in one kv signal; A registers first."""
+    return _streams(prefill_request("A", 0, (4,)), prefill_request("B", 1, (4,)), signal_slots=[(0, 1)])
 
 
 SCENARIOS = {
     "s0": {
         "description": "no race: both requests register before their signal on every rank",
-        "signals": [[[0, 0, 4], [1, 0, 4]]],
-        "registrations": [[_request("A", 0, 4)], [_request("B", 1, 4)]],
+        **_one_signal(),
         "schedules": [["reg0", "reg1", "sig0"], ["reg0", "reg1", "sig0"]],
         "expected_without_fix": {"pre7872": "finished", "7872": "finished", "8034": "finished"},
         "why": "every rank sees the same registered set when the signal arrives, so batches are identical",
     },
     "s1": {
         "description": "the seed (#8034): one signal [A final, B final]; B registers after it on rank 1 only",
-        "signals": [[[0, 0, 4], [1, 0, 4]]],
-        "registrations": [[_request("A", 0, 4)], [_request("B", 1, 4)]],
+        **_one_signal(),
         "schedules": [["reg0", "reg1", "sig0"], ["reg0", "sig0", "reg1"]],
         "expected_without_fix": {"pre7872": "hang", "7872": "hang", "8034": "finished"},
         "why": (
@@ -58,8 +69,7 @@ SCENARIOS = {
     },
     "s2": {
         "description": "chunked prefill, early signals: A (need 8) in two chunks; rank 1 sees both before A registers",
-        "signals": [[[0, 0, 4]], [[0, 4, 4]]],
-        "registrations": [[_request("A", 0, 8)]],
+        **_streams(prefill_request("A", 0, (4, 8))),
         "schedules": [["reg0", "sig0", "sig1"], ["sig0", "sig1", "reg0"]],
         "expected_without_fix": {"pre7872": "hang", "7872": "hang", "8034": "hang"},
         "why": (
@@ -69,8 +79,12 @@ SCENARIOS = {
     },
     "s3": {
         "description": "order across requests: A (need 8, two chunks) and B (need 4); B registers first",
-        "signals": [[[0, 0, 4], [1, 0, 4]], [[0, 4, 4]]],
-        "registrations": [[_request("B", 1, 4)], [_request("A", 0, 8)]],
+        **_streams(
+            prefill_request("A", 0, (4, 8)),
+            prefill_request("B", 1, (4,)),
+            signal_slots=[(0, 1), 0],
+            cache_slots=[1, 1, 0, 0],  # B's P-part and D-part, then A's
+        ),
         "schedules": [["reg0", "sig0", "reg1", "sig1"], ["reg0", "reg1", "sig0", "sig1"]],
         "expected_without_fix": {"pre7872": "finished", "7872": "hang", "8034": "hang"},
         "why": (

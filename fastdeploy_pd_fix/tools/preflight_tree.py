@@ -12,7 +12,7 @@ Tree layout (``root`` goes first on the ranks' ``PYTHONPATH``)::
     fastdeploy/__init__.py                      generated: version, CPU shim, name resolution
     fastdeploy/<each imported module>/__init__.py  generated: ``__getattr__`` -> the preflight stubs
     fastdeploy/cache_manager/cache_messager.py  the release's file, copied byte for byte
-    fastdeploy/_standin/                        the stand-in's scripted streams, ground truth, progress file
+    fastdeploy/pd_fix_standin/                  the stand-in's scripted streams, ground truth, progress file
     fastdeploy/_preflight/                      fastdeploy_pd_fix/tools/preflight_stubs + the stand-in's queue,
                                                 kv-signal op and logger modules
 """
@@ -245,10 +245,11 @@ def _write(path: Path, text: str) -> None:
 
 
 def _copy_harness(package: Path) -> None:
-    """The stand-in's scripted streams and the preflight stubs, under ``fastdeploy/_standin`` and ``_preflight``."""
+    """The stand-in's scripted streams and the preflight stubs, under ``fastdeploy/pd_fix_standin`` and
+    ``_preflight``."""
     shutil.copytree(
-        STANDIN_ROOT / PACKAGE / "_standin",
-        package / "_standin",
+        STANDIN_ROOT / PACKAGE / "pd_fix_standin",
+        package / "pd_fix_standin",
         ignore=shutil.ignore_patterns("*.pyc", "__pycache__"),
     )
     shutil.copytree(STUBS_SOURCE, package / "_preflight", ignore=shutil.ignore_patterns("*.pyc", "__pycache__"))

@@ -40,7 +40,7 @@ next request only after every rank has sent the previous one (the engine recycle
 on every rank, the read registering the next request comes after the previous request's final chunk signal and after
 every registration that signal's release needs, and the next request's first signal comes after those
 registrations; the stand-in then delivers that read only once the rank has finished the previous request (a
-handshake, see ``fastdeploy/_standin/script.py``), since the messager keys registered tasks by slot.
+handshake, see ``fastdeploy/pd_fix_standin/script.py``), since the messager keys registered tasks by slot.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fastdeploy_pd_fix.adapters.messager_step import QUEUED_LINE
+from fastdeploy_pd_fix.adapters.messager_log import QUEUED_LINE
 from fastdeploy_pd_fix.arguments import positive_seconds
 from fastdeploy_pd_fix.config import OFF, ORDERED, RUN_MODES, environment_for
-from fastdeploy_pd_fix.standin.fastdeploy._standin.contract import is_notice_entry
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.contract import is_notice_entry
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import RELEASES, validate_scenario
 from fastdeploy_pd_fix.tools.stress_workload import generate_scenario
@@ -159,7 +159,7 @@ RUN_HEADER = "{:>8}  {:<32}{:<10}{:>5}{:>5}{:>5}{:>6}{:>5}{:>9}{:>9}".format(
 
 
 def evaluate(scenario: dict, result, mode: str) -> RunReport:
-    """Compare one :class:`~fastdeploy_pd_fix.standin.harness.ScenarioResult` with its scenario."""
+    """Compare one :class:`~fastdeploy_pd_fix.standin.run_result.ScenarioResult` with its scenario."""
     expected = expected_batches(scenario)
     expected_tasks = Counter(tuple(task) for batch in expected for task in batch)
     outcome, error = result.outcome, result.error

@@ -1,5 +1,5 @@
 """The engine side of the branch-specific part: the slot-lifecycle notices, wired in as the plugin wires them at run
-time (:mod:`fastdeploy_pd_fix.plugin.engine`), by line insertion into the branch's own two engine files.
+time (:mod:`fastdeploy_pd_fix.plugin.engine.patch`), by line insertion into the branch's own two engine files.
 
 * ``resource_manager_v1.py``: ``ResourceManagerV1`` imports ``layer0_release.adapters.engine_notices``; the first
   statement of ``recycle_abort_task`` puts ``engine_notices.abort_batches(...)`` (the abort, then its fence), the first

@@ -19,9 +19,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from fastdeploy_pd_fix.engine_history.streams import Workload
 from fastdeploy_pd_fix.policy.release import Batch, Registration, SignalTask, Task
 from fastdeploy_pd_fix.verify.barriers import BarrierRun, Wait, simulate_barriers
-from fastdeploy_pd_fix.verify.workloads import FIFO, Workload, switches
+from fastdeploy_pd_fix.verify.workloads import FIFO, switches
 
 # Finding kinds. Per rank (one merge): LOST, UNRELEASED, EARLY, MISBOUND, DROPPED_VALID, PHANTOM, CRASH.
 # Across ranks: DIVERGENT_BATCHES, DIVERGENT_DROPS, DEADLOCK, FINISHED_MISMATCH.

@@ -26,16 +26,19 @@ that the cross-rank checks of :mod:`.checks` apply unchanged. Per-rank findings 
   never appear; ``stuck``: a signal is held at the head of the log for ever (it blocks every later signal);
 * ``dropped-live``: a task of such a request was dropped; ``phantom``: a released or dropped task no signal gave.
 
-A workload with notices (:func:`.lifecycle.with_notices`) hands each ``ABORT`` and ``ORPHAN`` to the policy's
-``add_notice`` as the registration thread reaches it. The fence (release rule 9) is the engine gate that the slot's
-next occupancy's signals (and its admission record) exist on this rank only after its registration thread has handed
-every earlier occupancy's ``ABORT`` to the policy; ``fence=False`` drops that gate, to show that it is needed.
+A workload with notices (:func:`fastdeploy_pd_fix.engine_history.streams.with_notices`) hands each ``ABORT`` and
+``ORPHAN`` to the policy's ``add_notice`` as the registration thread reaches it. The fence (release rule 9) is the
+engine gate that the slot's next occupancy's signals (and its admission record) exist on this rank only after its
+registration thread has handed every earlier occupancy's ``ABORT`` to the policy; ``fence=False`` drops that gate, to
+show that it is needed.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from fastdeploy_pd_fix.engine_history.occupancy import ABORT_NOTICE, DECODE_PART, ORPHAN_NOTICE, PREFILL_PART
+from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload
 from fastdeploy_pd_fix.policy.notice import abort_notice, orphan_notice
 from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration, Released, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
@@ -50,13 +53,6 @@ from fastdeploy_pd_fix.verify.checks import (
     SEND_MISSING,
     STUCK,
     Outcome,
-)
-from fastdeploy_pd_fix.verify.lifecycle import (
-    ABORT_NOTICE,
-    DECODE_PART,
-    ORPHAN_NOTICE,
-    PREFILL_PART,
-    LifecycleWorkload,
 )
 from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot
 from fastdeploy_pd_fix.verify.search import RankExploration

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload, request_text, task_text, with_notices
 from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.barriers import describe_barriers
 from fastdeploy_pd_fix.verify.checks import (
@@ -19,11 +20,11 @@ from fastdeploy_pd_fix.verify.checks import (
     check_config,
     cross_rank_divergences,
 )
-from fastdeploy_pd_fix.verify.lifecycle import LifecycleWorkload, lifecycle_families, with_notices
+from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
 from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
 from fastdeploy_pd_fix.verify.search import RankExploration, explore_rank, replay
-from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, build_workloads, describe_merge, switches, task_text
+from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, build_workloads, describe_merge, switches
 
 #: Whether the lifecycle families are explored with the engine's notices (engine-side patch on; ordered mode only,
 #: the only mode the engine emits them for), without them (patch absent or standing aside), or both ways.
@@ -180,9 +181,10 @@ def explore(
 
     ``families`` defaults to the classic families (:func:`.workloads.build_workloads`) followed, with ``lifecycle``,
     by the slot-lifecycle ones (:func:`.lifecycle.lifecycle_families`). In ordered mode, ``notices`` says whether a
-    lifecycle workload is explored with the engine's notices (:func:`.lifecycle.with_notices`, fenced), without them,
-    or both ways; with notices nothing is a limit. With ``compare`` (a mode), every workload is explored under that
-    mode too, without notices (upstream ignores them, and the engine emits them for ordered mode only): its counts
+    lifecycle workload is explored with the engine's notices
+    (:func:`~fastdeploy_pd_fix.engine_history.streams.with_notices`, fenced), without them, or both ways; with
+    notices nothing is a limit. With ``compare`` (a mode), every workload is explored under that mode too, without
+    notices (upstream ignores them, and the engine emits them for ordered mode only): its counts
     are reported beside, and when it is ``upstream`` a finding class it never shows where ``mode`` does (with or
     without notices) is counted as ``worse-than-upstream`` (invariant 7)."""
     for name in (mode, compare or mode):
@@ -396,7 +398,7 @@ def render_counterexample(counterexample: Counterexample) -> str:
     lines = [
         f"counterexample {tag}{c.kind}{shape}{limitation}: mode {c.mode}, family {c.workload.family}, "
         f"{c.nranks} ranks ({c.bad_joint_interleavings} of {c.joint_interleavings} joint interleavings)",
-        "  requests:      " + "  ".join(request.describe() for request in c.workload.requests),
+        "  requests:      " + "  ".join(map(request_text, c.workload.requests)),
         "  signals:       "
         + "  ".join(
             f"#{i} [" + ",".join(f"{task_text(task)}{o}" for task, o in zip(signal, origins)) + "]"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from fastdeploy_pd_fix.engine_history.streams import Workload
 from fastdeploy_pd_fix.policy.release import Batch, Released, ReleasePolicy, Task, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
 from fastdeploy_pd_fix.verify.checks import CRASH, Outcome, drop_finding, end_findings, release_finding
@@ -21,7 +22,6 @@ from fastdeploy_pd_fix.verify.workloads import (
     REGISTRATION_EVENT,
     SIGNAL_EVENT,
     SlotRegistrations,
-    Workload,
     batch_bindings,
     deliver,
     registered_needs,

@@ -1,12 +1,10 @@
-"""Workloads: prefill requests, the two rank-invariant streams they produce, and one rank's drive through a merge.
+"""The race workloads the explorer runs, and one rank's drive through a merge of their two streams.
 
-Every tensor-parallel rank sees the same two streams: the layer-0 kv signals (each a tuple of tasks
-``(slot, chunk_offset, prefilled_token_num)``) and the registrations (lockstep across ranks). Only their *merge*
-differs from rank to rank; a merge is written as a string of :data:`SIGNAL_EVENT` and :data:`REGISTRATION_EVENT`.
-
-The engine model, shared by the explorer, the property tests, the benchmarks and the stress generator: each engine
-step runs the next chunk of a subset of the runnable requests and emits one signal with their tasks in slot order; a
-request reusing a slot becomes runnable only after the slot's previous request ran its final chunk.
+A race workload (:class:`~fastdeploy_pd_fix.engine_history.streams.Workload`) is an engine history of requests that
+start at 0 and complete, one engine schedule and one lockstep registration order (the engine model:
+:mod:`fastdeploy_pd_fix.engine_history`). Only the *merge* of the two streams differs from rank to rank; a merge is
+written as a string of :data:`SIGNAL_EVENT` and :data:`REGISTRATION_EVENT`. The families expand each request template
+into every engine schedule times every registration order.
 
 The send-thread model (:func:`drive`): the send thread consumes a batch the moment it is released.
 ``idx_cache_task_dict`` is modelled per slot as a FIFO of registrations (:data:`FIFO`): a registration appends to its
@@ -21,12 +19,13 @@ the plain dict instead (a registration replaces its slot's entry).
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from fastdeploy_pd_fix.policy.release import Registration, Released, ReleasePolicy, SignalTask
+from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
+from fastdeploy_pd_fix.engine_history.schedules import engine_schedules, registration_orders
+from fastdeploy_pd_fix.engine_history.streams import Workload, registration_streams
+from fastdeploy_pd_fix.policy.release import Registration, Released, ReleasePolicy
 
 SIGNAL_EVENT = "S"
 REGISTRATION_EVENT = "R"
@@ -39,180 +38,25 @@ SLOT_MODELS = (FIFO, DICT)
 SlotRegistrations = Dict[int, Tuple[Registration, ...]]
 
 
-@dataclass(frozen=True)
-class RequestSpec:
-    """One prefill request: its engine slot, the cumulative token number after each chunk, and whether it registers."""
-
-    request_id: str
-    slot: int
-    chunks: Tuple[int, ...]
-    registers: bool = True
-
-    @property
-    def need(self) -> int:
-        return self.chunks[-1]
-
-    def registration(self) -> Registration:
-        return Registration(self.slot, self.request_id, self.need)
-
-    def signal_task(self, chunk: int) -> SignalTask:
-        """Chunk ``chunk`` as a kv-signal task ``(slot, chunk_offset, prefilled_token_num)``: each chunk starts where
-        the previous one ended, the first at 0."""
-        return (self.slot, self.chunks[chunk - 1] if chunk else 0, self.chunks[chunk])
-
-    def describe(self) -> str:
-        chunks = ",".join(map(str, self.chunks))
-        return f"{self.request_id}@{self.slot}[{chunks}]" + ("" if self.registers else "(never registers)")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The two rank-invariant streams, plus which request produced each task (the ground truth for the checks)."""
-
-    requests: Tuple[RequestSpec, ...]
-    signals: Tuple[Tuple[SignalTask, ...], ...]
-    origins: Tuple[Tuple[str, ...], ...]  # request id of each task, parallel to ``signals``
-    registrations: Tuple[Registration, ...]
-    family: str = ""
-
-    @property
-    def has_ghost(self) -> bool:
-        return any(not request.registers for request in self.requests)
-
-    @property
-    def announced(self) -> bool:
-        """Whether the cache-info stream starts with the engine's announcement (release rule 10). A classic workload
-        models the default deployment, notices on, where the engine announces a request computed without
-        registering; a ghost here is one it did not announce, so a workload with a ghost is the notices-off case
-        (the lifecycle families explore announced orphans)."""
-        return not self.has_ghost
-
-    @property
-    def registering_ids(self) -> frozenset:
-        return frozenset(request.request_id for request in self.requests if request.registers)
-
-    def merges(self) -> int:
-        """Number of merges of the two streams on one rank."""
-        return math.comb(len(self.signals) + len(self.registrations), len(self.signals))
-
-    def size_key(self) -> tuple:
-        chunks = sum(len(request.chunks) for request in self.requests)
-        return (len(self.requests), chunks, len(self.signals), self.describe())
-
-    def describe(self) -> str:
-        requests = " ".join(request.describe() for request in self.requests)
-        signals = " ".join("[" + ",".join(map(task_text, signal)) + "]" for signal in self.signals)
-        registrations = " ".join(registration.request_id for registration in self.registrations) or "-"
-        return f"{requests} | signals {signals} | registrations {registrations}"
-
-    def to_json(self) -> dict:
-        return {
-            "family": self.family,
-            "requests": [
-                {"id": r.request_id, "slot": r.slot, "chunks": list(r.chunks), "registers": r.registers}
-                for r in self.requests
-            ],
-            "signals": [[list(task) for task in signal] for signal in self.signals],
-            "signal_origins": [list(origins) for origins in self.origins],
-            "registrations": [
-                {"slot": r.slot, "request_id": r.request_id, "need_prefill_tokens": r.need_prefill_tokens}
-                for r in self.registrations
-            ],
-        }
-
-
-def task_text(task: SignalTask) -> str:
-    """A signal task as ``(slot,offset-end)``."""
-    slot, chunk_offset, prefilled_token_num = task
-    return f"({slot},{chunk_offset}-{prefilled_token_num})"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The engine model.
-
-
-def same_slot_predecessors(requests: Sequence[RequestSpec]) -> List[Optional[int]]:
-    """For each request, the index of the latest earlier request on its slot (None for a slot's first request)."""
-    predecessors: List[Optional[int]] = []
-    for index, request in enumerate(requests):
-        same_slot = [earlier for earlier in range(index) if requests[earlier].slot == request.slot]
-        predecessors.append(same_slot[-1] if same_slot else None)
-    return predecessors
-
-
-def runnable_requests(
-    requests: Sequence[RequestSpec], progress: Sequence[int], predecessors: Sequence[Optional[int]]
-) -> List[int]:
-    """Indexes of the requests that may run a chunk in the next engine step, given the chunks each has run."""
-
-    def finished(index):
-        return progress[index] == len(requests[index].chunks)
-
+def expand_family(family: str, requests: Sequence[Occupancy]) -> List[Workload]:
+    """All workloads of one request template: every engine schedule times every registration order."""
+    orders = list(registration_orders(requests))
     return [
-        index
-        for index in range(len(requests))
-        if not finished(index) and (predecessors[index] is None or finished(predecessors[index]))
+        registration_streams(family, requests, schedule, order)
+        for schedule in engine_schedules(requests)
+        for order in orders
     ]
 
 
-def engine_schedules(requests: Sequence[RequestSpec]) -> Iterator[Tuple[Tuple[Tuple[int, int], ...], ...]]:
-    """Every engine schedule: steps of (request index, chunk index), one chunk per request per step.
-
-    A request's chunks run in order in strictly later steps; a request reusing a slot starts only after the slot's
-    previous request ran its final chunk. Any non-empty subset of the runnable requests may run in a step.
-    """
-    predecessors = same_slot_predecessors(requests)
-
-    def extend(progress, steps):
-        if all(progress[index] == len(request.chunks) for index, request in enumerate(requests)):
-            yield tuple(steps)
-            return
-        runnable = runnable_requests(requests, progress, predecessors)
-        for size in range(1, len(runnable) + 1):
-            for subset in itertools.combinations(runnable, size):
-                step = tuple(sorted(((index, progress[index]) for index in subset), key=lambda t: requests[t[0]].slot))
-                advanced = list(progress)
-                for index in subset:
-                    advanced[index] += 1
-                yield from extend(advanced, steps + [step])
-
-    yield from extend([0] * len(requests), [])
-
-
-def registration_orders(requests: Sequence[RequestSpec]) -> Iterator[Tuple[RequestSpec, ...]]:
-    """Every lockstep registration order of the registering requests (same-slot requests keep their order)."""
-    registering = [request for request in requests if request.registers]
-    for order in itertools.permutations(registering):
-        positions = {request.request_id: position for position, request in enumerate(order)}
-        if all(
-            positions[a.request_id] < positions[b.request_id]
-            for a, b in itertools.combinations(registering, 2)
-            if a.slot == b.slot
-        ):
-            yield order
-
-
-def expand_family(family: str, requests: Sequence[RequestSpec]) -> List[Workload]:
-    """All workloads of one request template: every engine schedule times every registration order."""
-    workloads = []
-    for schedule in engine_schedules(requests):
-        signals = tuple(tuple(requests[index].signal_task(chunk) for index, chunk in step) for step in schedule)
-        origins = tuple(tuple(requests[index].request_id for index, _ in step) for step in schedule)
-        for order in registration_orders(requests):
-            registrations = tuple(request.registration() for request in order)
-            workloads.append(Workload(tuple(requests), signals, origins, registrations, family))
-    return workloads
-
-
-def _req(request_id: str, slot: int, *chunks: int, registers: bool = True) -> RequestSpec:
-    return RequestSpec(request_id, slot, tuple(chunks), registers)
+def _req(request_id: str, slot: int, *chunks: int, registers: bool = True) -> Occupancy:
+    return prefill_request(request_id, slot, chunks, registers)
 
 
 SINGLE = (4,)
 CHUNKED = (2, 4)
 
 
-def default_families(quick: bool = False) -> List[Tuple[str, List[List[RequestSpec]]]]:
+def default_families(quick: bool = False) -> List[Tuple[str, List[List[Occupancy]]]]:
     """Request templates per family; ``quick`` drops the larger templates (every family keeps its smallest ones)."""
     shapes = (SINGLE, CHUNKED)
     full = not quick

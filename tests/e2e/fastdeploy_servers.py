@@ -73,7 +73,7 @@ from fastdeploy_pd_fix.config import parse_injection
 
 DEFAULT_MODEL_DIR_NAME = "ERNIE-4.5-0.3B-Paddle"
 #: Rank 1 stores each registration 300 ms after the barrier let both ranks through: its layer-0 signals can beat
-#: their registration, rank 0's cannot (fastdeploy_pd_fix/plugin/inject.py).
+#: their registration, rank 0's cannot (fastdeploy_pd_fix/plugin/messager/inject.py).
 DEFAULT_INJECT = "registration_after_barrier:rank=1:delay_ms=300"
 ASYMMETRIC_STAGE = "registration_after_barrier"
 #: Hosts never sent through a proxy (added to any NO_PROXY of the environment).

@@ -682,10 +682,10 @@ ACTIVE_RANK = re.compile(r"active on rank_id=(?P<rank_id>\d+)(?:.*?\brank=(?P<ra
 EARLY_SIGNAL = re.compile(
     r"early layer-0 signal #(?P<number>\d+): slot \d+ chunk \[\d+, \d+\) arrived before its registration"
 )
-#: The engine-side notice of an abort (plugin/engine.py), in the prefill engine's logs.
+#: The engine-side notice of an abort (plugin/engine/patch.py), in the prefill engine's logs.
 ABORT_NOTICE = re.compile(r"abort of request .*emitted_end=")
-#: The engine-side notice of an orphan (plugin/engine.py, policy/notice.py): a request admitted by ``add_request_in_p``
-#: without ``disaggregate_info``, computed without a transfer.
+#: The engine-side notice of an orphan (plugin/engine/patch.py, policy/notice.py): a request admitted by
+#: ``add_request_in_p`` without ``disaggregate_info``, computed without a transfer.
 ORPHAN_NOTICE = re.compile(
     r"engine notice put: orphan of request (?P<request_id>\S+) on slot (?P<slot>\d+) "
     r"\(need_prefill_tokens=(?P<need>\d+)\)"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix.plugin import engine
+from fastdeploy_pd_fix.plugin.engine import patch as engine
 
 TESTS = Path(__file__).resolve().parents[1]
 #: The fake package: module path -> source. The engine modules are the ones target.ENGINE_MODULES names.

@@ -2,7 +2,7 @@
 checkout): the plugin's engine patch, applied by its start-up hook, makes the release's own ``add_request_in_p`` put
 an orphan notice that every rank reads before the orphan's slot is registered again; without the plugin nothing is
 announced and the release's own registrations are unchanged. With the release's own ``cache_messager.py`` ranks on
-that engine, every scenario of ``engine_slice.SCENARIOS`` with the plugin off, in upstream mode and ordered: ordered
+that engine, every scenario of ``slice_scenarios.SCENARIOS`` with the plugin off, in upstream mode and ordered: ordered
 finishes all of them alike on every rank; what the other two show is asserted as observed."""
 
 import copy
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fastdeploy_pd_fix.tools import engine_slice
+from fastdeploy_pd_fix.tools import engine_slice, slice_scenarios
 from tests.support.upstream_files import needs_engine_files, release_tree
 
 pytestmark = needs_engine_files
@@ -153,7 +153,7 @@ def test_preflight_on_a_whole_release_2_6_tree_passes_with_the_engine_patches_ex
 
 
 # Real messager ranks: the release/2.6 cache_messager.py, unmodified, as a script in two (or three) rank processes on
-# the slice engine's own mailbox, with kv signals from the slice's worker, playing engine_slice.SCENARIOS with the
+# the slice engine's own mailbox, with kv signals from the slice's worker, playing slice_scenarios.SCENARIOS with the
 # plugin off (the release as is), in upstream mode (#8034's rule) and ordered. A run costs some 4-6 s on an idle
 # machine (the engine process and the ranks start); an episode ~0.1 s (late-repeat 1.1 s: the release's own decode
 # timeout); a hang MESSAGER_DEADLINE_S (4 s) after the last thing that happened. 14 runs, two at a time, one tree.
@@ -307,12 +307,12 @@ def play(files, work, runs) -> dict:
 
 @pytest.fixture(scope="module")
 def ordered_runs(release_2_6, slice_work):
-    return play(release_2_6, slice_work, [("ordered", group) for group in engine_slice.ordered_groups()])
+    return play(release_2_6, slice_work, [("ordered", group) for group in slice_scenarios.ordered_groups()])
 
 
 @pytest.fixture(scope="module")
 def release_runs(release_2_6, slice_work):
-    return play(release_2_6, slice_work, [(mode, group) for group in engine_slice.RUN_GROUPS for mode in MODES[1:]])
+    return play(release_2_6, slice_work, [(mode, group) for group in slice_scenarios.RUN_GROUPS for mode in MODES[1:]])
 
 
 @pytest.fixture
@@ -338,9 +338,9 @@ def parts_read(episode, rank="0"):
 
 
 def test_every_scenario_is_played_in_every_mode():
-    grouped = [name for group in engine_slice.RUN_GROUPS for name in group]
-    assert sorted(grouped) == sorted(engine_slice.SCENARIOS) == sorted(SEEN)
-    assert [name for group in engine_slice.ordered_groups() for name in group] == grouped
+    grouped = [name for group in slice_scenarios.RUN_GROUPS for name in group]
+    assert sorted(grouped) == sorted(slice_scenarios.SCENARIOS) == sorted(SEEN)
+    assert [name for group in slice_scenarios.ordered_groups() for name in group] == grouped
 
 
 @pytest.mark.parametrize("name", sorted(SEEN))
@@ -350,7 +350,7 @@ def test_each_scenario_shows_what_was_observed(messager_runs, mode, name):
     outcome, expected = SEEN[name][mode]
     assert episode["outcome"] == outcome, episode["error"]
     assert episode["slots"] == SEEN[name]["slots"]
-    nranks = engine_slice.SCENARIOS[name].get("nranks", engine_slice.NRANKS)
+    nranks = slice_scenarios.SCENARIOS[name].get("nranks", slice_scenarios.NRANKS)
     expected = expected if isinstance(expected, dict) else {str(rank): expected for rank in range(nranks)}
     assert batches(episode) == expected
     if outcome == "hang":
@@ -420,13 +420,13 @@ def test_off_the_seed_race_hangs_with_routed_b_never_reported(messager_runs):
 
 
 def test_the_plugin_patches_the_messager_in_ordered_and_upstream_and_nothing_off(messager_runs):
-    for group in engine_slice.RUN_GROUPS:
+    for group in slice_scenarios.RUN_GROUPS:
         off_ready = messager_runs["ready", "off", tuple(group)]
         assert messager_runs["decisions", "off", tuple(group)] == []
         assert all(reports[0][1] == [] for reports in off_ready.values())
         for reports in messager_runs["ready", "upstream", tuple(group)].values():
             assert any("patched __main__.CacheMessagerV1 (mode=upstream" in line for line in reports[0][1])
-    for group in engine_slice.ordered_groups():
+    for group in slice_scenarios.ordered_groups():
         for reports in messager_runs["ready", "ordered", tuple(group)].values():
             assert any("patched __main__.CacheMessagerV1 (mode=ordered" in line for line in reports[0][1])
 
@@ -440,7 +440,7 @@ def test_without_engine_notices_the_real_messagers_hand_over_to_upstreams_rule(m
         path.read_text(errors="replace") for path in (slice_work / "orphan-alone-unannounced-1-ordered").rglob("*.log")
     ]
     warned = [log for log in logs if "engine notices: OFF" in log]
-    assert len(warned) == engine_slice.NRANKS, logs
+    assert len(warned) == slice_scenarios.NRANKS, logs
     assert all("release goes on by upstream's rule (#8034) instead of ordered" in log for log in warned)
 
 

@@ -20,7 +20,7 @@ from e2e.orchestration import EARLY_SIGNAL
 from support.installed import require_plugin_installed
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.standin.fastdeploy._standin.script import ScriptedStreams
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.script import ScriptedStreams
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
 

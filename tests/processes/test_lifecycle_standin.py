@@ -10,11 +10,13 @@ the watchdog's report).
 
 import pytest
 from support.installed import require_plugin_installed
+from support.release_events import logged_decisions
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.standin.fastdeploy._standin import contract
-from fastdeploy_pd_fix.standin.fastdeploy._standin.ground_truth import GroundTruth, normal_flow_owners
-from fastdeploy_pd_fix.standin.fastdeploy._standin.script import ScriptedStreams, recycled_requests
+from fastdeploy_pd_fix.policy.decision import CLOSED_REQUEST, COUNTED_BEFORE, REGISTERED_REQUEST, Decision
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin import contract
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.ground_truth import GroundTruth, normal_flow_owners
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.script import ScriptedStreams, recycled_requests
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.lifecycle import LIFECYCLE_SCENARIOS, WITHOUT_NOTICES, WITHOUT_NOTICES_ENV
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS, resolve_scenario
@@ -127,7 +129,7 @@ def test_notices_are_put_only_in_ordered_mode_and_handled_before_the_next_reques
     assert "dropped layer-0 task slot=0 prefilled_token_num=4 from kv signal: chunk [0, 4) belongs to orphan O" in l10
     l13 = messager_log(results[("l13", config.ORDERED)], 0)
     assert "belongs to request A aborted before registering" in l13
-    assert "request A was counted before and is already closed" in l13
+    assert Decision(COUNTED_BEFORE, "A", 0, occupant=CLOSED_REQUEST) in logged_decisions(l13.splitlines())
 
 
 def test_l1_the_issues_abort_then_reuse_finishes_with_and_without_the_plugin(results):
@@ -168,10 +170,11 @@ def test_without_notices_an_orphan_holds_nothing(results):
 
 def test_repeats_are_ignored_once_counted(results):
     l8 = messager_log(results[("l8", config.ORDERED)], 0)
-    assert "registration for slot 0 ignored: request A was counted before and is still open" in l8
+    assert Decision(COUNTED_BEFORE, "A", 0, occupant=REGISTERED_REQUEST) in logged_decisions(l8.splitlines())
     l9 = results[("l9", config.ORDERED)]
     assert l9.finished == {0: ["B"], 1: ["B"]}
-    assert "request A was counted before" in messager_log(l9, 0)
+    repeats = [item for item in logged_decisions(messager_log(l9, 0).splitlines()) if item.kind == COUNTED_BEFORE]
+    assert [item.request_id for item in repeats] == ["A"]
     assert "the chunk is B's, the send thread read A's task" in results[("l9", config.OFF)].violations[0][0]
 
 

@@ -27,7 +27,7 @@ from support.upstream_files import (
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH, TARGET_CLASS
-from fastdeploy_pd_fix.tools import preflight
+from fastdeploy_pd_fix.tools import preflight, preflight_runs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -86,7 +86,7 @@ def test_every_real_file_gets_the_right_verdict(race_reports, name):
     assert f": patched __main__.{TARGET_CLASS} (mode=ordered" in report["decision"]
     assert report["engine"]["line"] == "not checked: no engine files", "a lone file has no engine beside it"
     for scenario, record in report["scenarios"].items():
-        assert record["ordered"]["patched"] and preflight.run_good(record["ordered"]), describe(report)
+        assert record["ordered"]["patched"] and preflight_runs.run_good(record["ordered"]), describe(report)
         assert all("disabled by FD_PD_FIX=0" in lines[0] for lines in record["off"]["decisions"].values())
     assert report["scenarios"]["s2"]["off"]["outcome"] == "hang", "chunked early signals: the release hangs"
     assert len(progress.strip().splitlines()) == len(RACE) + 1, "one progress line per scenario (after the header)"
@@ -121,7 +121,7 @@ def test_lifecycle_scenarios_on_real_files(name):
     for scenario, record in report["scenarios"].items():
         ordered = record["ordered"]
         assert ordered["patched"] and ordered["identical"], describe(report)
-        assert preflight.run_good(ordered), describe(report)
+        assert preflight_runs.run_good(ordered), describe(report)
     assert report["scenarios"]["l9"]["off"]["outcome"] == "hang", "a late repeated D-part overwrites the next task"
     assert report["scenarios"][WIPES_NEXT_REQUEST]["off"]["violations"] > 0, "unpatched: B's blocks sent as A's"
     assert code == preflight.EXIT_PASS, describe(report)
@@ -182,7 +182,7 @@ def test_a_make_patched_release_2_6_tree_passes_on_its_own_fix(tmp_path):
     assert code == preflight.EXIT_PASS, describe(report)
     assert report["verdict"].startswith("PASS: this release carries the fix"), report["verdict"]
     assert report["engine"]["line"].startswith("the release's own notices (layer0_release"), report["engine"]
-    assert all(preflight.run_good(record["off"]) for record in report["scenarios"].values()), describe(report)
+    assert all(preflight_runs.run_good(record["off"]) for record in report["scenarios"].values()), describe(report)
     lone = tmp_path / "cache_messager.py"  # the patched file alone: its package is not beside it
     lone.write_bytes((checkout / SCRIPT_PATH).read_bytes())
     code, report, _ = run_preflight(lone, ("s1",))

@@ -25,7 +25,8 @@ from support.upstream_files import TARGET_FILES, UPSTREAM
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.target import SCRIPT_PATH
-from fastdeploy_pd_fix.tools import diagnose, preflight, preflight_tree
+from fastdeploy_pd_fix.tools import diagnose, preflight, preflight_runs, preflight_tree
+from fastdeploy_pd_fix.tools.diagnose_logs import find_logs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,7 +53,7 @@ def messager_logs(log_dir: Path):
     """``{file name: naming scheme}`` of the files diagnose takes for messager logs in a run's ``log/`` folder (a
     name of no known scheme: itself)."""
     found = {}
-    for log in diagnose.find_logs(log_dir).ranks:
+    for log in find_logs(log_dir).ranks:
         name = log.path.name
         found[name] = next((scheme for scheme, pattern in SCHEMES.items() if pattern.fullmatch(name)), name)
     return found
@@ -61,7 +62,7 @@ def messager_logs(log_dir: Path):
 def play_kept(source: Path, work: Path) -> dict:
     """Both modes of :data:`DIVERGING` on ``source``'s preflight tree, the runs' folders kept: mode -> record."""
     tree = preflight_tree.build_tree(source, work / "tree")
-    records = preflight.play(
+    records = preflight_runs.play(
         tree,
         [DIVERGING],
         preflight.DEFAULT_DEADLINE_S,
@@ -110,7 +111,7 @@ def test_diagnose_on_a_real_files_kept_logs(kept_runs, name):
         assert schemes == {KNOWN_SCHEMES[name]}
 
     patched = records[config.ORDERED]
-    assert patched["patched"] and preflight.run_good(patched), patched
+    assert patched["patched"] and preflight_runs.run_good(patched), patched
     code, report = diagnose.diagnose(Path(patched["run_dir"]) / "log")
     assert code == diagnose.NO_DIVERGENCE, report
     counts = ", ".join(f"rank {rank}: {len(patched['batches'][rank])} batches" for rank in ("0", "1"))

@@ -2,11 +2,12 @@
 
 Every run has the plugin switched off (``FD_PD_FIX=0``): these tests check the stand-in, not the fix. The
 multi-process runs are started once per module, concurrently, and the tests read their results. Interleavings are
-forced by handshakes inside each rank (see ``fastdeploy/_standin/script.py``), so outcomes are deterministic.
+forced by handshakes inside each rank (see ``fastdeploy/pd_fix_standin/script.py``), so outcomes are deterministic.
 """
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
-from fastdeploy_pd_fix.standin.fastdeploy._standin.script import (
+from fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.script import (
     REGISTRATION,
     SIGNAL,
     ScriptedStreams,
@@ -180,9 +181,28 @@ def test_gating_delivers_each_event_after_the_previous_one_is_acknowledged():
     assert streams.next_cache_infos() == ["r1"]
 
 
+def test_drain_waits_for_a_batch_taken_from_the_queue_but_not_yet_reported_taken():
+    """The window between the send loop's ``get`` and its ``record_batch``: the queue is empty, yet a batch is in
+    flight, so ``drain`` must not pass (l6 once sent B's task for A's chunk through that window)."""
+    batches = queue.Queue()
+    streams = ScriptedStreams()
+    streams.activate([(SIGNAL, 0), ("drain", None), (REGISTRATION, 0)], [[[0, 0, 2]]], [["r0"]], send_queue=batches)
+    assert streams.next_kv_signal(block=False) == [[0, 0, 2]]
+    batches.put([(0, 2)])  # the release queues the signal's batch
+    assert streams.next_kv_signal(block=False) is None, "acknowledges sig0"
+    batches.get()  # the send loop took it, and has not reported it yet
+    assert streams.next_cache_infos() == [], "the batch taken is not sent yet"
+    streams.took_batch()
+    assert streams.next_cache_infos() == [], "the batch is being sent"
+    streams.batch_done()
+    assert streams.next_cache_infos() == ["r0"]
+    streams.batch_done()  # preflight's tap reports each return to the queue, also without a batch taken
+    assert batches.unfinished_tasks == 0
+
+
 STRUCTURE_PROBE = """
 import ast, importlib, inspect, json, os, textwrap
-import fastdeploy._standin.variant as variant
+import fastdeploy.pd_fix_standin.variant as variant
 import fastdeploy.inter_communicator.engine_worker_queue as queue_module
 report = {}
 for release in ("pre7872", "7872", "8034"):

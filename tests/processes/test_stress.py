@@ -8,7 +8,7 @@ import json
 import pytest
 from support.installed import require_plugin_installed
 
-from fastdeploy_pd_fix.standin.harness import ScenarioResult
+from fastdeploy_pd_fix.standin.run_result import ScenarioResult
 from fastdeploy_pd_fix.standin.scenarios import parse_event, validate_scenario
 from fastdeploy_pd_fix.tools import stress, stress_workload
 

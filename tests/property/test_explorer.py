@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload
 from fastdeploy_pd_fix.policy.release import OrderedRelease
 from fastdeploy_pd_fix.verify import command, search
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait, simulate_barriers
@@ -25,7 +26,6 @@ from fastdeploy_pd_fix.verify.checks import (
     Outcome,
     cross_rank_divergences,
 )
-from fastdeploy_pd_fix.verify.lifecycle import LifecycleWorkload
 from fastdeploy_pd_fix.verify.report import explore
 from fastdeploy_pd_fix.verify.workloads import build_workloads
 
@@ -99,9 +99,9 @@ def test_upstream_finds_s2(upstream_report):
     s2 = _find(upstream_report, DEADLOCK, SHAPE_COLLAPSED)
     assert s2.scenario == "s2"
     (request,) = s2.workload.requests  # smallest config: one chunked request
-    assert len(request.chunks) == 2
+    assert len(request.ends) == 2
     full, collapsed = sorted(s2.rank_outcomes, key=lambda outcome: -len(outcome.batches))
-    assert full.batches == (((request.slot, request.chunks[0]),), ((request.slot, request.need),))
+    assert full.batches == (((request.slot, request.ends[0]),), ((request.slot, request.need),))
     assert collapsed.batches == (((request.slot, request.need),),)  # the first chunk vanished in the pending buffer
     # On the collapsing rank both chunk signals beat the registration.
     assert collapsed.witness == "SSR"
@@ -112,7 +112,7 @@ def test_upstream_finds_s3(upstream_report):
     s3 = _find(upstream_report, DEADLOCK, SHAPE_REORDERED)
     assert s3.scenario == "s3"
     requests = s3.workload.requests
-    assert len(requests) == 2 and sorted(len(r.chunks) for r in requests) == [1, 2]
+    assert len(requests) == 2 and sorted(len(r.ends) for r in requests) == [1, 2]
     first, second = s3.rank_outcomes
     assert first.batches != second.batches
     assert Counter(first.batches) == Counter(second.batches)  # the same batches, recovered in different orders

@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastdeploy_pd_fix.engine_history.occupancy import IMMEDIATE, LATE, NEVER, NONE, NORMAL, Occupancy
+from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload, build, with_notices
 from fastdeploy_pd_fix.policy.release import OrderedRelease
 from fastdeploy_pd_fix.verify import command, lifecycle_search
 from fastdeploy_pd_fix.verify.checks import (
@@ -29,18 +31,7 @@ from fastdeploy_pd_fix.verify.checks import (
     STUCK,
     WORSE_THAN_UPSTREAM,
 )
-from fastdeploy_pd_fix.verify.lifecycle import (
-    IMMEDIATE,
-    LATE,
-    NEVER,
-    NONE,
-    NORMAL,
-    LifecycleWorkload,
-    Occupancy,
-    build,
-    lifecycle_families,
-    with_notices,
-)
+from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
 from fastdeploy_pd_fix.verify.lifecycle_search import LifecycleExplorer, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.report import explore
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastdeploy_pd_fix.verify.checks import NOTICES_OFF_LIMIT, check_config, cross_rank_divergences
-from fastdeploy_pd_fix.verify.lifecycle import (
+from fastdeploy_pd_fix.engine_history.occupancy import (
     ABORT_BEFORE_SIGNAL_REUSE,
     ABORTED_NEVER_REGISTERED,
     LATE,
@@ -23,10 +22,10 @@ from fastdeploy_pd_fix.verify.lifecycle import (
     ORPHAN_ALONE,
     ORPHAN_SIGNALS,
     Occupancy,
-    build,
-    lifecycle_families,
-    with_notices,
 )
+from fastdeploy_pd_fix.engine_history.streams import build, with_notices
+from fastdeploy_pd_fix.verify.checks import NOTICES_OFF_LIMIT, check_config, cross_rank_divergences
+from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
 from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
 from fastdeploy_pd_fix.verify.report import NOTICES_BOTH, explore
 

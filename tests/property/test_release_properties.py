@@ -18,16 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
+from fastdeploy_pd_fix.engine_history.schedules import runnable_requests, same_slot_predecessors
+from fastdeploy_pd_fix.engine_history.streams import Workload, schedule_signals
 from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration
-from fastdeploy_pd_fix.verify.workloads import (
-    REGISTRATION_EVENT,
-    SIGNAL_EVENT,
-    RequestSpec,
-    Workload,
-    drive,
-    runnable_requests,
-    same_slot_predecessors,
-)
+from fastdeploy_pd_fix.verify.workloads import REGISTRATION_EVENT, SIGNAL_EVENT, drive
 
 # Deterministic for CI: the same examples on every run.
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -35,36 +30,35 @@ NUM_SLOTS = 3  # few slots, so that requests often reuse one
 
 
 @st.composite
-def requests_strategy(draw, allow_ghosts: bool) -> List[RequestSpec]:
+def requests_strategy(draw, allow_ghosts: bool) -> List[Occupancy]:
     requests = []
     for index in range(draw(st.integers(1, 6))):
         chunk_count = draw(st.integers(1, 3))
         boundaries = draw(st.lists(st.integers(1, 16), min_size=chunk_count, max_size=chunk_count, unique=True))
         registers = draw(st.integers(0, 3)) > 0 if allow_ghosts else True  # a ghost in about one request of four
         requests.append(
-            RequestSpec(f"r{index}", draw(st.integers(0, NUM_SLOTS - 1)), tuple(sorted(boundaries)), registers)
+            prefill_request(f"r{index}", draw(st.integers(0, NUM_SLOTS - 1)), tuple(sorted(boundaries)), registers)
         )
     return requests
 
 
 @st.composite
-def engine_schedule(draw, requests: List[RequestSpec]):
+def engine_schedule(draw, requests: List[Occupancy]):
     """Signals as the engine emits them: each step runs the next chunk of a subset of the runnable requests."""
     predecessors = same_slot_predecessors(requests)
     progress = [0] * len(requests)
-    signals, origins = [], []
-    while not all(progress[i] == len(request.chunks) for i, request in enumerate(requests)):
+    schedule = []
+    while not all(progress[i] == len(request.ends) for i, request in enumerate(requests)):
         runnable = runnable_requests(requests, progress, predecessors)
         step = sorted(draw(st.sets(st.sampled_from(runnable), min_size=1)), key=lambda i: requests[i].slot)
-        signals.append(tuple(requests[i].signal_task(progress[i]) for i in step))
-        origins.append(tuple(requests[i].request_id for i in step))
+        schedule.append([(i, progress[i]) for i in step])
         for i in step:
             progress[i] += 1
-    return signals, origins
+    return schedule_signals(requests, schedule)
 
 
 @st.composite
-def registration_order(draw, requests: List[RequestSpec]) -> Tuple[Registration, ...]:
+def registration_order(draw, requests: List[Occupancy]) -> Tuple[Registration, ...]:
     """A lockstep registration order: any interleaving that keeps same-slot requests in request order."""
     remaining = [r for r in requests if r.registers]
     order = []

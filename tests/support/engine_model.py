@@ -1,5 +1,5 @@
 """Our own model of the FastDeploy engine pieces the engine-side patch touches, written from the facts listed in
-``fastdeploy_pd_fix/plugin/engine.py`` (not from FastDeploy's code): the names and the behaviour the patch relies
+``fastdeploy_pd_fix/plugin/engine/patch.py`` (not from FastDeploy's code): the names and the behaviour the patch relies
 on, nothing more.
 
 * :class:`EngineRequest`: ``request_id``, ``prompt_token_ids``, ``disaggregate_info`` (None: computed without

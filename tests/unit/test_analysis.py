@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support.render import render_cache_messager
 
-from fastdeploy_pd_fix import analysis
+from fastdeploy_pd_fix import analysis, live_source
 from fastdeploy_pd_fix.analysis import OpArgument, analyse_class, analyse_source
 from fastdeploy_pd_fix.standin import STANDIN_ROOT
 from fastdeploy_pd_fix.standin.scenarios import RELEASES
@@ -354,8 +354,8 @@ def test_a_wrapped_method_is_analysed_through_its_wrapper():
 
 def test_source_on_disk_that_no_longer_matches_the_running_code_is_not_trusted(monkeypatch):
     # A file replaced on disk after the module was compiled (an upgrade under a running process) shifts lines.
-    real_source = analysis.inspect.getsource(sys.modules[__name__])
-    monkeypatch.setattr(analysis.inspect, "getsource", lambda module: "\n" + real_source)
+    real_source = live_source.inspect.getsource(sys.modules[__name__])
+    monkeypatch.setattr(live_source.inspect, "getsource", lambda module: "\n" + real_source)
     result = analyse_class(ThreeArgs)
     assert not result.recognised and "does not match the running code" in result.reason
 

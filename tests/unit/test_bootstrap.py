@@ -31,7 +31,7 @@ TARGET = textwrap.dedent(
             self.idx_cache_task_dict[0] = {}
 
     from fastdeploy_pd_fix import bootstrap
-    from fastdeploy_pd_fix.plugin.patching import patch_state
+    from fastdeploy_pd_fix.plugin.messager.patch import patch_state
     print(json.dumps({
         "module": CacheMessagerV1.__module__,
         "patched": getattr(CacheMessagerV1.consume_signals, "__fd_pd_fix__", False),
@@ -53,7 +53,7 @@ IMPORTER = textwrap.dedent(
     """
     import importlib, inspect, json, sys
     from fastdeploy_pd_fix import bootstrap
-    from fastdeploy_pd_fix.plugin.patching import patch_state
+    from fastdeploy_pd_fix.plugin.messager.patch import patch_state
     module = importlib.import_module("fastdeploy.cache_manager.cache_messager")
     patched = getattr(module.CacheMessagerV1.consume_signals, "__fd_pd_fix__", False)
     reloaded = importlib.reload(module)

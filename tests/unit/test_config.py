@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.plugin import runtime
-from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.plugin.messager import runtime
+from fastdeploy_pd_fix.plugin.messager.patch import patch_class, unpatch_class
 from fastdeploy_pd_fix.plugin.status import print_status
 
 logger = logging.getLogger("test_config.messager")  # the plugin logs into the target module's `logger`

@@ -15,16 +15,10 @@ import paddle  # imported in the main thread first, as the cache messager does
 import pytest
 from support.messager import StepMessager
 
-from fastdeploy_pd_fix.adapters.messager_step import (
-    ERROR_BACKOFF_MAX_S,
-    ERROR_BACKOFF_S,
-    ERROR_SUMMARY_EVERY,
-    NO_SIGNAL_BACKOFF_S,
-    consume_signals_forever,
-    make_step,
-)
+from fastdeploy_pd_fix.adapters.messager_log import ERROR_BACKOFF_MAX_S, ERROR_BACKOFF_S, ERROR_SUMMARY_EVERY
+from fastdeploy_pd_fix.adapters.messager_step import NO_SIGNAL_BACKOFF_S, consume_signals_forever, make_step
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.plugin.messager.patch import patch_class, unpatch_class
 from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
 
 logger = logging.getLogger("test_consume_errors.messager")  # the plugin logs into the target module's `logger`

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, next_sequence_hash
+from fastdeploy_pd_fix.adapters.messager_log import BatchJournal, next_sequence_hash
 from fastdeploy_pd_fix.cli import main as cli_main
+from fastdeploy_pd_fix.policy.decision import ABANDONED, COUNTED_BEFORE, REGISTERED_REQUEST, Decision
 from fastdeploy_pd_fix.standin.harness import run_scenario
 from fastdeploy_pd_fix.tools import diagnose as diagnose_module
 from fastdeploy_pd_fix.tools.diagnose import diagnose, first_divergence
 from fastdeploy_pd_fix.tools.diagnose import main as diagnose_main
+from fastdeploy_pd_fix.tools.diagnose_logs import SNIFF_BYTES, find_logs
 
 
 def test_sequence_hash_depends_on_order():
@@ -73,6 +75,45 @@ def test_diagnose_reads_what_the_core_journal_logs_for_the_plugin_and_the_upstre
     code, report = diagnose(tmp_path)
     assert code == 1 and "first divergence at batch #1 (rank 0: 1 batches, rank 1: 2 batches)" in report
     assert "rank 0: [(0, 4), (1, 4)]" in report and "rank 1: [(0, 4)]" in report
+
+
+def write_decided_rank_log(directory, rank, batches, decisions):
+    """A rank's log with ``decisions`` (``{batches queued before it: [Decision]}``) logged among its batches."""
+    digest, lines = "", ["2026-11-25 INFO create cache messager..."]
+    for number, batch in enumerate(batches, 1):
+        lines += [f"2026-11-25 WARNING fastdeploy_pd_fix: {d.describe()}" for d in decisions.get(number - 1, [])]
+        digest = next_sequence_hash(digest, batch)
+        lines.append(f"2026-11-25 INFO fastdeploy_pd_fix: queued batch #{number} {batch} seq_hash={digest}")
+    (directory / f"cache_messager_rank{rank}.log").write_text("\n".join(lines) + "\n")
+
+
+ABANDONED_A = Decision(ABANDONED, "A", slot=0, chunk=(0, 4), last_end=2, run_end=8, occupant=REGISTERED_REQUEST)
+REPEATED_B = Decision(COUNTED_BEFORE, "B", slot=1, occupant=REGISTERED_REQUEST)
+
+
+def test_a_divergence_names_the_first_release_decision_the_ranks_took_apart(tmp_path):
+    write_decided_rank_log(tmp_path, 0, [[(1, 4)], [(0, 4)]], {0: [REPEATED_B], 1: [ABANDONED_A]})
+    write_decided_rank_log(tmp_path, 1, [[(1, 4)], [(0, 2)]], {0: [REPEATED_B]})
+    logs = sorted(find_logs(tmp_path).ranks, key=lambda log: log.rank_id)
+    assert [log.decisions for log in logs] == [[(0, REPEATED_B), (1, ABANDONED_A)], [(0, REPEATED_B)]]
+    code, report = diagnose(tmp_path)
+    assert code == 1 and "first divergence at batch #2" in report, report
+    lines = report.splitlines()
+    heading = lines.index("  the release's decisions before it differ first at decision #2:")
+    assert lines[heading - 2 : heading + 3] == [
+        "  rank 0: [(0, 4)]",
+        "  rank 1: [(0, 2)]",
+        "  the release's decisions before it differ first at decision #2:",
+        f"    rank 0: {ABANDONED_A.describe()}",
+        "    rank 1: none",
+    ]
+
+
+def test_decisions_the_ranks_took_alike_are_not_reported(tmp_path):
+    for rank, last in ((0, [(0, 4)]), (1, [(0, 2)])):
+        write_decided_rank_log(tmp_path, rank, [[(1, 4)], last], {1: [ABANDONED_A]})
+    code, report = diagnose(tmp_path)
+    assert code == 1 and "decisions" not in report, report
 
 
 def test_first_divergence_of_empty_input():
@@ -307,7 +348,7 @@ def test_a_folder_of_unrelated_logs_only_is_no_cache_messager_log_with_the_folde
     (tmp_path / "deep").mkdir()
     write_log(tmp_path / "deep" / "cache_transfer_manager_1.log", ["[rank 1/2] Initializing kv cache"])
     (tmp_path / "core.1234").write_bytes(b"\x7fELF\0\0" + "\n".join(journal_lines([[(0, 4)]])).encode())
-    (tmp_path / "big_2.log").write_text("x" * diagnose_module.SNIFF_BYTES + "\ncreate cache messager...\n")
+    (tmp_path / "big_2.log").write_text("x" * SNIFF_BYTES + "\ncreate cache messager...\n")
     write_log(tmp_path / "launch_cache_messager_0.log", [DECISION])  # a launch log: not a messager log
     code, report = diagnose(tmp_path)
     assert code == 2, report

@@ -1,6 +1,6 @@
-"""The engine-side patch (plugin/engine.py), in process, on our own model of the engine (support/engine_model.py):
-each wrapper, the target checks and standing aside, idempotence, the switches, errors that never reach the engine,
-and the fence property with two reader threads."""
+"""The engine-side patch (plugin/engine/patch.py), in process, on our own model of the engine
+(support/engine_model.py): each wrapper, the target checks and standing aside, idempotence, the switches, errors that
+never reach the engine, and the fence property with two reader threads."""
 
 import importlib.util
 import logging
@@ -14,9 +14,14 @@ from support.upstream_files import TARGET_FILES, needs_upstream
 
 from fastdeploy_pd_fix.adapters.messager_step import strip_notices
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
-from fastdeploy_pd_fix.plugin import engine
-from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, patch_engine_class, unpatch_engine_class
-from fastdeploy_pd_fix.plugin.patching import MANIFEST
+from fastdeploy_pd_fix.plugin.engine import patch as engine
+from fastdeploy_pd_fix.plugin.engine.patch import (
+    CONNECTOR,
+    MANIFEST,
+    RESOURCE_MANAGER,
+    patch_engine_class,
+    unpatch_engine_class,
+)
 from fastdeploy_pd_fix.policy.notice import (
     ABORT,
     ENGINE,
@@ -421,6 +426,24 @@ def test_the_engine_side_stands_aside_where_the_releases_messagers_cannot_race(p
     plugin_switches.setenv("FD_PD_FIX_PATCH_NON_RACING", "1")
     assert patch_engine_class(release_class, RESOURCE_MANAGER).decision == "patched"
     unpatch_engine_class(release_class)
+
+
+def test_the_release_messager_is_parsed_once_per_process(plugin_switches, tmp_path, monkeypatch):
+    """The resource manager and the connector of one package both ask whether its messagers can race: one parse."""
+    package = tmp_path / "fastdeploy"
+    (package / "engine").mkdir(parents=True)
+    (tmp_path / SCRIPT_PATH).parent.mkdir(parents=True)
+    (tmp_path / SCRIPT_PATH).write_text("class CacheMessagerV1:\n    pass\n", encoding="utf-8")
+    parsed = []
+    monkeypatch.setattr(engine, "analyse_source", lambda source: parsed.append(source) or analyse_source(source))
+    classes = []
+    for name in ("resource_manager_v1", "connector"):
+        module = types.ModuleType(f"fastdeploy.engine.{name}")
+        module.__file__ = str(package / "engine" / f"{name}.py")
+        plugin_switches.setitem(sys.modules, module.__name__, module)
+        classes.append(type("Engine", (), {"__module__": module.__name__}))
+    assert [engine.messager_cannot_race(cls) for cls in classes] == [False, False]
+    assert len(parsed) == 1
 
 
 def test_an_unknown_notice_switch_keeps_notices_on_and_warns_on_the_decision_line(plugin_switches, caplog):

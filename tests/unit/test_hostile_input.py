@@ -27,9 +27,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from support.release_events import logged_decisions
 
-from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.plugin.messager.patch import patch_class, unpatch_class
 from fastdeploy_pd_fix.policy import notice
+from fastdeploy_pd_fix.policy.decision import ABANDONED, COUNTED_BEFORE, REGISTERED_REQUEST, Decision
 from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH, MAX_TASKS, parse_kv_signal
 from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration
 
@@ -410,7 +412,8 @@ class Outcome:
     drops: List[Tuple[int, int]] = field(default_factory=list)
     rejected_slots: List[object] = field(default_factory=list)
     malformed: List[str] = field(default_factory=list)  # a substring of each expected "malformed kv signal" line
-    abandoned: List[str] = field(default_factory=list)  # each expected "abandoned after" line (release rule 4)
+    abandoned: List[Decision] = field(default_factory=list)  # each request abandoned (release rule 4)
+    repeated: List[Tuple[str, int]] = field(default_factory=list)  # (request id, slot) of each repeat (rule 2)
     errors: int = 0
     progress: List[dict] = field(default_factory=lambda: [dict() for _ in range(NUM_SLOTS)])
 
@@ -442,15 +445,18 @@ def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
         elif entry[0] == "store":
             _, slot, request_id = entry
             request = by_id[request_id]
-            if not request.valid or request_id in counted:  # malformed, or a repeat
+            if not request.valid:
                 outcome.rejected_slots.append(slot)
+                continue
+            if request_id in counted:
+                outcome.repeated.append((request_id, request.slot))
                 continue
             counted.add(request_id)
             released = release.add_registration(Registration(request.slot, request_id, request.need))
         if released is not None:
             outcome.batches += [list(batch) for batch in released.batches]
             outcome.drops += [(drop.slot, drop.prefilled_token_num) for drop in released.drops]
-            outcome.abandoned += [line for line in released.ignored if " abandoned after " in line]
+            outcome.abandoned += [decision for decision in released.decisions if decision.kind == ABANDONED]
     return outcome
 
 
@@ -546,13 +552,17 @@ def test_patched_loops_survive_hostile_streams_and_release_exactly_the_valid_one
         f"slot={slot} prefilled_token_num={number}" for slot, number in expected.drops
     ]
     assert all(": " in line.split(" from ")[1] for line in drops)  # "from <source>: <reason>"
-    rejected = messages(records, "fastdeploy_pd_fix: registration for slot ")
+    rejected = messages(records, ", malformed task: ")
     assert len(rejected) == len(expected.rejected_slots)
     for line, slot in zip(rejected, expected.rejected_slots):
         assert f"registration for slot {slot!r} ignored" in line
     assert len(messages(records, "error in consume_signals")) == expected.errors
-    abandoned = messages(records, " abandoned after ")
-    assert abandoned == [f"fastdeploy_pd_fix: {line}" for line in expected.abandoned]
+    # Every decision of the policy left its line, read back as the decision itself.
+    decisions = logged_decisions(record.getMessage() for record in records)
+    assert [(decision.request_id, decision.slot) for decision in decisions if decision.kind == COUNTED_BEFORE] == (
+        expected.repeated
+    )
+    assert [decision for decision in decisions if decision.kind == ABANDONED] == expected.abandoned
 
 
 # ---- the two bugs the fuzzing found, as plain examples ----
@@ -583,8 +593,9 @@ def test_a_repeated_cache_info_part_does_not_register_the_request_twice(
         endings = run_loops(messager, Turns(["reg", "sig", "reg", "sig", "sig"], {"sig": signals, "reg": reads}))
     assert {type(ending) for ending in endings.values()} == {StopLoop}
     assert drain(messager.cache_prefilled_engine_ids_queue) == [[(0, 4)], [(0, 6)], [(0, 8)]]
-    assert "registration for slot 0 ignored: request A was counted before and is still open" in caplog.text
-    assert "dropped layer-0 task" not in caplog.text and " abandoned after " not in caplog.text
+    repeat = Decision(COUNTED_BEFORE, "A", 0, occupant=REGISTERED_REQUEST)
+    assert logged_decisions(record.getMessage() for record in caplog.records) == [repeat]
+    assert "dropped layer-0 task" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -618,9 +629,8 @@ def test_a_duplicate_kv_signal_of_the_current_chunk_is_logged_and_no_thread_dies
         "_add_cache_task_thread": StopLoop,
     }
     assert drain(messager.cache_prefilled_engine_ids_queue) == batches
-    assert messages(caplog.records, " abandoned after ") == [
-        "fastdeploy_pd_fix: request A on slot 0 abandoned after 4 of 8 tokens: chunk [0, 4) does not continue it "
-        "(aborted, its slot reused)"
+    assert logged_decisions(record.getMessage() for record in caplog.records) == [
+        Decision(ABANDONED, "A", 0, (0, 4), last_end=4, run_end=8, occupant=REGISTERED_REQUEST)
     ]
     assert messager._fd_pd_fix_runtime.step.policy.waiting_signals() == waiting
 

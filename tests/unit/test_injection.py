@@ -18,9 +18,9 @@ import numpy as np
 import paddle  # imported in the main thread first, as the cache messager does
 import pytest
 
-from fastdeploy_pd_fix.adapters import messager_step
+from fastdeploy_pd_fix.adapters import messager_log, messager_step
 from fastdeploy_pd_fix.config import Injection, parse_injection
-from fastdeploy_pd_fix.plugin.patching import patch_class, unpatch_class
+from fastdeploy_pd_fix.plugin.messager.patch import patch_class, unpatch_class
 from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
 from fastdeploy_pd_fix.standin.harness import run_many
 from fastdeploy_pd_fix.standin.scenarios import SCENARIOS
@@ -215,7 +215,7 @@ def test_layer0_signal_handling_is_delayed_only_on_the_configured_rank(rank, mon
         ("op", "empty layer 0"),
         ("op", "invalid layer 0"),
         ("op", "error"),
-        ("sleep", messager_step.ERROR_BACKOFF_S),
+        ("sleep", messager_log.ERROR_BACKOFF_S),
         ("op", "B layer 0"),
         *delay,
         ("put", [(1, 4)]),

@@ -9,12 +9,13 @@ from types import SimpleNamespace
 import pytest
 from support.messager import StepMessager
 
-from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, CountSummary, make_step, next_sequence_hash
+from fastdeploy_pd_fix.adapters.messager_log import BatchJournal, CountSummary, next_sequence_hash
+from fastdeploy_pd_fix.adapters.messager_step import make_step
 from fastdeploy_pd_fix.config import Injection, parse_injection, watchdog_deadline
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.inject import injected_delay
-from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
-from fastdeploy_pd_fix.plugin.runtime import MessagerRuntime
+from fastdeploy_pd_fix.plugin.messager.inject import injected_delay
+from fastdeploy_pd_fix.plugin.messager.observe import QueueObserver, Watchdog
+from fastdeploy_pd_fix.plugin.messager.runtime import MessagerRuntime
 from fastdeploy_pd_fix.policy.release import Released, policy_after_first_read
 
 
@@ -87,7 +88,7 @@ def test_a_signal_upstream_parks_after_a_hand_over_is_no_head_of_line_wait():
 
 def test_watchdog_head_clock_restarts_when_the_head_moves(monkeypatch):
     clock = iter([10.0, 20.0, 30.0])
-    monkeypatch.setattr("fastdeploy_pd_fix.plugin.observe.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("fastdeploy_pd_fix.plugin.messager.observe.time.monotonic", lambda: next(clock))
     watchdog = Watchdog(1.0, observed_queue(), lambda: "", lambda text: None)
     watchdog.note_release_step(progressed=False, waiting=True)
     assert watchdog.head_waiting_since == 10.0

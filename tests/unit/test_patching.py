@@ -14,8 +14,8 @@ import pytest
 from fastdeploy_pd_fix import config
 from fastdeploy_pd_fix.adapters.messager_step import BoundTaskDict
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_class
-from fastdeploy_pd_fix.plugin import runtime
-from fastdeploy_pd_fix.plugin.patching import is_patched, original_method, patch_class, unpatch_class
+from fastdeploy_pd_fix.plugin.messager import runtime
+from fastdeploy_pd_fix.plugin.messager.patch import is_patched, original_method, patch_class, unpatch_class
 from fastdeploy_pd_fix.policy.notice import abort_notice, encode
 
 SCRIPT = []  # the kv signals the fake op returns, in order; each is (count, layer, triples)
@@ -179,7 +179,7 @@ def test_unrecognised_target_is_left_alone_with_a_reason(cls, reason, caplog):
 
 def test_source_on_disk_that_no_longer_matches_the_method_is_not_trusted(monkeypatch):
     # A file replaced on disk after the module was compiled (an upgrade under a running process) shifts lines.
-    monkeypatch.setattr("fastdeploy_pd_fix.analysis.inspect.getsource", lambda function: "x = 1\n")
+    monkeypatch.setattr("fastdeploy_pd_fix.live_source.inspect.getsource", lambda function: "x = 1\n")
     analysis = analyse_class(ThreeArgs)
     assert not analysis.recognised and "does not match the running code" in analysis.reason
 

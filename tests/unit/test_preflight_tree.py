@@ -109,7 +109,7 @@ def test_build_tree_copies_the_file_unmodified_and_stubs_every_imported_module(t
     assert "fastdeploy.cache_manager.local_helpers" in tree.stubbed_modules
     assert tree.missing_third_party == ["not_installed_vendor_lib"]
     assert "__version__ = '9.9'" in (tmp_path / "tree" / "fastdeploy" / "__init__.py").read_text()
-    assert (tmp_path / "tree" / "fastdeploy" / "_standin" / "script.py").is_file()
+    assert (tmp_path / "tree" / "fastdeploy" / "pd_fix_standin" / "script.py").is_file()
     assert (tmp_path / "tree" / "fastdeploy" / "_preflight" / "engine.py").is_file()
 
 

@@ -13,9 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.messager import StepMessager
+from support.release_events import abort, orphan, reg, run_outcome, sig
 
 from fastdeploy_pd_fix.adapters.messager_step import BoundTaskDict, make_step
 from fastdeploy_pd_fix.policy import release
+from fastdeploy_pd_fix.policy.decision import (
+    ABANDONED,
+    ABORT_BEFORE_BOUND,
+    CLOSED_AT_ABORT,
+    CLOSED_REQUEST,
+    COUNTED_BEFORE,
+    ORPHAN_COUNTED_BEFORE,
+    REGISTERED_REQUEST,
+    Decision,
+)
 from fastdeploy_pd_fix.policy.notice import abort_notice, encode, engine_notice, fence_notice, orphan_notice
 from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration, UpstreamRelease, make_release
 
@@ -24,36 +35,11 @@ B1 = Registration(1, "B", 4)  # slot 1, one chunk
 HANDSHAKE_TIMEOUT_S = 10.0  # only reached when a thread is stuck: the test then fails instead of hanging
 
 
-def reg(slot, request_id, need):
-    """A registration carrying its task dict, as the messager step makes it."""
-    task = {"request_id": request_id, "need_prefill_tokens": need, "current_id": slot}
-    return ("reg", Registration(slot, request_id, need, task))
-
-
 def run(policy, events):
     """Feed ("sig", tasks) / ("reg", Registration) / ("notice", Notice) events; return all batches and drops in
     release order."""
     outcome = run_outcome(policy, events)
     return outcome["batches"], outcome["drops"]
-
-
-def run_outcome(policy, events):
-    """Feed the events; everything released: batches, the request ids each is bound to, drops, ignored lines."""
-    outcome = {"batches": [], "bound": [], "drops": [], "ignored": []}
-    registered = {}
-    for kind, payload in events:
-        if kind == "reg":
-            registered[payload.slot] = payload.need_prefill_tokens
-            released = policy.add_registration(payload, registered)
-        elif kind == "notice":
-            released = policy.add_notice(payload, registered)
-        else:
-            released = policy.add_signal(payload, registered)
-        outcome["batches"] += released.batches
-        outcome["bound"] += [tuple(item.request_id for item in binding) for binding in released.bindings]
-        outcome["drops"] += released.drops
-        outcome["ignored"] += released.ignored
-    return outcome
 
 
 def merges(signals, registrations):
@@ -66,12 +52,12 @@ def merges(signals, registrations):
 
 def abandoned(outcome):
     """The request ids reported abandoned (rule 4), in order."""
-    return [line.split()[1] for line in outcome["ignored"] if " abandoned after " in line]
+    return [decision.request_id for decision in outcome["decisions"] if decision.kind == ABANDONED]
 
 
 def repeats(outcome):
     """How many registrations were ignored as counted before (rule 2)."""
-    return len([line for line in outcome["ignored"] if "was counted before" in line])
+    return len([decision for decision in outcome["decisions"] if decision.kind == COUNTED_BEFORE])
 
 
 def check_every_merge(signals, registrations, batches, bound, abandoned_ids=(), repeated=0):
@@ -237,8 +223,10 @@ def test_duplicate_or_shrinking_chunk_abandons_the_request_and_waits_for_the_slo
         policy = OrderedRelease()
         outcome = run_outcome(policy, [("reg", A0), ("sig", [(0, 0, 4)]), ("sig", [repeated_chunk])])
         assert outcome["batches"] == [((0, 4),)] and outcome["drops"] == []
-        assert abandoned(outcome) == ["A"]
-        assert "abandoned after 4 of 8 tokens" in outcome["ignored"][0]
+        abandoned_a = Decision(
+            ABANDONED, "A", 0, repeated_chunk[1:], last_end=4, run_end=8, occupant=REGISTERED_REQUEST
+        )
+        assert outcome["decisions"] == [abandoned_a]
         assert policy.waiting_signals() == [(repeated_chunk,)]
         assert policy.add_registration(Registration(0, "B", 4)).batches == [((0, repeated_chunk[2]),)]
 
@@ -248,9 +236,9 @@ def test_duplicate_or_shrinking_chunk_abandons_the_request_and_waits_for_the_slo
 
 def test_repeated_registration_of_an_open_request_is_ignored():
     policy = OrderedRelease()
-    assert policy.add_registration(Registration(0, "A", 4)).ignored == []
+    assert policy.add_registration(Registration(0, "A", 4)).decisions == []
     repeated = policy.add_registration(Registration(0, "A", 4))
-    assert len(repeated.ignored) == 1 and "was counted before and is still open" in repeated.ignored[0]
+    assert repeated.decisions == [Decision(COUNTED_BEFORE, "A", 0, occupant=REGISTERED_REQUEST)]
     policy.add_registration(Registration(0, "B", 8))
     batches, drops = run(policy, [("sig", [(0, 0, 4)]), ("sig", [(0, 0, 6)]), ("sig", [(0, 6, 8)])])
     assert batches == [((0, 4),), ((0, 6),), ((0, 8),)] and drops == []  # B is judged against B, not a stale A
@@ -277,9 +265,10 @@ def test_closed_request_ids_are_remembered_in_a_bounded_fifo(monkeypatch):
     policy = OrderedRelease()
     for request_id in ("A", "B", "C"):
         run(policy, [("reg", Registration(0, request_id, 4)), ("sig", [(0, 0, 4)])])
-    assert "already closed" in policy.add_registration(Registration(0, "C", 4)).ignored[0]
-    assert "already closed" in policy.add_registration(Registration(0, "B", 4)).ignored[0]
-    assert policy.add_registration(Registration(0, "A", 4)).ignored == []  # forgotten: counted as a new request
+    for request_id in ("C", "B"):
+        repeated = policy.add_registration(Registration(0, request_id, 4))
+        assert repeated.decisions == [Decision(COUNTED_BEFORE, request_id, 0, occupant=CLOSED_REQUEST)]
+    assert policy.add_registration(Registration(0, "A", 4)).decisions == []  # forgotten: counted as a new request
     assert policy.open_registrations() == {0: ["A"]}
 
 
@@ -553,18 +542,6 @@ def test_send_of_a_request_resets_its_slot_when_nothing_newer_arrived():
 # -- engine notices (rule 8): the cases the two streams alone cannot decide (design doc section 4) ---------------
 
 
-def abort(slot, request_id, emitted_end):
-    return ("notice", abort_notice(slot, request_id, emitted_end))
-
-
-def orphan(slot, request_id, need):
-    return ("notice", orphan_notice(slot, request_id, need))
-
-
-def sig(*tasks):
-    return ("sig", list(tasks))
-
-
 @pytest.mark.parametrize("with_notice", [True, False])
 def test_abort_before_the_first_signal_then_reuse(with_notice):
     notices = [abort(0, "A", None), ("notice", fence_notice(1))] if with_notice else []
@@ -600,7 +577,7 @@ def test_aborted_request_whose_d_part_comes_late_is_dead_and_its_registration_ig
     outcome = run_outcome(OrderedRelease(), events)
     assert outcome["bound"] == [("B",)]
     assert "aborted before registering" in outcome["drops"][0].reason
-    assert any("request A was counted before" in line for line in outcome["ignored"])
+    assert Decision(COUNTED_BEFORE, "A", 0, occupant=CLOSED_REQUEST) in outcome["decisions"]
 
 
 def test_aborted_request_that_never_registers_does_not_take_the_next_request_chunk():
@@ -611,7 +588,7 @@ def test_aborted_request_that_never_registers_does_not_take_the_next_request_chu
 def test_abort_after_the_final_chunk_was_released_changes_nothing():
     policy = OrderedRelease()
     outcome = run_outcome(policy, [reg(0, "A", 4), sig((0, 0, 4)), abort(0, "A", 4), reg(0, "B", 4), sig((0, 0, 4))])
-    assert outcome["bound"] == [("A",), ("B",)] and outcome["ignored"] == []
+    assert outcome["bound"] == [("A",), ("B",)] and outcome["decisions"] == []
 
 
 def test_issue_abcd_with_notices_sends_each_request_its_own_chunks():
@@ -629,7 +606,8 @@ def test_chunk_beyond_an_aborted_request_emitted_end_goes_to_the_next_request():
     events = [reg(0, "A", 8), sig((0, 0, 2)), abort(0, "A", 4), reg(0, "B", 4), sig((0, 0, 4))]
     outcome = run_outcome(OrderedRelease(), events)
     assert outcome["bound"] == [("A",), ("B",)]
-    assert any("closed at 2 of emitted_end=4" in line for line in outcome["ignored"])
+    closed = Decision(CLOSED_AT_ABORT, "A", 0, (0, 4), last_end=2, run_end=4, occupant=REGISTERED_REQUEST)
+    assert outcome["decisions"] == [closed]
 
 
 def test_repeated_and_contradicting_notices_are_reported_not_applied():
@@ -637,8 +615,10 @@ def test_repeated_and_contradicting_notices_are_reported_not_applied():
     events = [reg(0, "A", 8), sig((0, 0, 4)), abort(0, "A", 2), orphan(0, "A", 8), abort(0, "A", 8)]
     outcome = run_outcome(policy, events + [reg(0, "B", 4), sig((0, 0, 4))])
     assert outcome["bound"] == [("A",), ("B",)]
-    assert any("emitted_end=2 is before the 4 tokens" in line for line in outcome["ignored"])
-    assert any("orphan notice for request A ignored" in line for line in outcome["ignored"])
+    assert outcome["decisions"] == [
+        Decision(ABORT_BEFORE_BOUND, "A", last_end=4, run_end=2),
+        Decision(ORPHAN_COUNTED_BEFORE, "A"),
+    ]
 
 
 def test_upstream_ignores_notices():

@@ -11,7 +11,7 @@ import pytest
 from support import engine_model
 
 from fastdeploy_pd_fix.adapters import engine_notices
-from fastdeploy_pd_fix.plugin.engine import CONNECTOR, RESOURCE_MANAGER, check_target
+from fastdeploy_pd_fix.plugin.engine.patch import CONNECTOR, RESOURCE_MANAGER, check_target
 from fastdeploy_pd_fix.policy import notice
 from fastdeploy_pd_fix.upstream.rewrite_engine import (
     CONNECTOR_PATH,

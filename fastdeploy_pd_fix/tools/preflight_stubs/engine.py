@@ -27,9 +27,10 @@ import time
 
 import numpy as np
 from fastdeploy._preflight import slice_rank
+from fastdeploy._preflight.barriers import HookedBarrier
 from fastdeploy._preflight.names import Permissive
 from fastdeploy._preflight.standin_queue import EngineWorkerQueue as StandinQueue
-from fastdeploy._standin import script
+from fastdeploy.pd_fix_standin import script
 
 logger = logging.getLogger("fastdeploy_pd_fix.preflight")
 #: The queue attribute every CacheMessagerV1 sends from; its owner is the messager the tap watches.
@@ -47,7 +48,7 @@ _idle = threading.Event()
 
 
 class ScriptedPlay:
-    """The tap's player in preflight: the stand-in's scenario script (:mod:`fastdeploy._standin.script`)."""
+    """The tap's player in preflight: the stand-in's scenario script (:mod:`fastdeploy.pd_fix_standin.script`)."""
 
     activate = staticmethod(script.activate)
     took = staticmethod(script.record_batch)
@@ -75,22 +76,6 @@ class ScriptedPlay:
 player = slice_rank if slice_rank.SLICE else ScriptedPlay
 
 
-class _BeginBarrier:
-    """``begin_send_cache_barrier`` as the send loop sees it: the real barrier, then the player's send check."""
-
-    def __init__(self, barrier):
-        self._barrier = barrier
-
-    def wait(self, *args, **kwargs):
-        result = self._barrier.wait(*args, **kwargs)
-        if _tap["active"]:
-            _play_held_batch()
-        return result
-
-    def __getattr__(self, name):
-        return getattr(self._barrier, name)
-
-
 class TappedQueue:
     """The tap on a messager's queue to the engine, over whichever client class follows it in the MRO: it knows its
     messager (whose ``__init__`` creates it), wraps ``begin_send_cache_barrier`` and reports finished requests."""
@@ -101,7 +86,8 @@ class TappedQueue:
             caller = caller.f_back
         super().__init__(*args, **kwargs)
         self.owner = caller.f_locals.get("self")
-        self.begin_send_cache_barrier = _BeginBarrier(self.begin_send_cache_barrier)
+        # As the send loop sees it: the real barrier, then the player's send check.
+        self.begin_send_cache_barrier = HookedBarrier(self.begin_send_cache_barrier, _play_held_batch)
         _queues.append(self)
 
     def put_finished_req(self, finished_reqs):
@@ -201,9 +187,9 @@ class TransferManager:
 def _wait_for_plugin(messager):
     """When the plugin patched the class, wait until it activated on this messager: activation wraps the same
     queue's ``get`` (from the messager's own threads), and the tap must wrap after it, never concurrently."""
-    patching = sys.modules.get("fastdeploy_pd_fix.plugin.patching")
-    runtime = sys.modules.get("fastdeploy_pd_fix.plugin.runtime")
-    if patching is None or runtime is None or patching.STATE_ATTRIBUTE not in vars(type(messager)):
+    patch = sys.modules.get("fastdeploy_pd_fix.plugin.messager.patch")
+    runtime = sys.modules.get("fastdeploy_pd_fix.plugin.messager.runtime")
+    if patch is None or runtime is None or patch.STATE_ATTRIBUTE not in vars(type(messager)):
         return
     deadline = time.monotonic() + PLUGIN_ACTIVATION_TIMEOUT_S
     while runtime.RUNTIME_ATTRIBUTE not in vars(messager) and time.monotonic() < deadline:
@@ -211,7 +197,8 @@ def _wait_for_plugin(messager):
 
 
 def _play_held_batch():
-    """The player's send point, with the task each slot of the held batch holds, read as the send loop reads it."""
+    """The player's send point, with the task each slot of the held batch holds, read as the send loop reads it
+    (nothing before the tap is active: it has no messager then)."""
     messager, batch = _tap["messager"], _tap["held"]
     if messager is None or batch is None:
         return

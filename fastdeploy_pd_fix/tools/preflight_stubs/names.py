@@ -28,7 +28,7 @@ REGISTRY = {
     "IPCCommManager": ("engine", "TransferManager"),
     "RDMACommManager": ("engine", "TransferManager"),
     "SpeculativeConfig": ("names", "SpeculativeConfig"),
-    "ResourceManager": ("slice_engine", "ResourceManager"),
+    "ResourceManager": ("slice_prefill", "ResourceManager"),
 }
 #: In a messager rank of an engine slice (:mod:`.slice_rank`), the names that differ: its kv signals come from the
 #: slice engine's scheduler.

@@ -1,6 +1,6 @@
 """A real ``cache_messager.py`` rank of an engine slice (in a slice tree: ``fastdeploy._preflight.slice_rank``).
 
-The engine slice's engine process (:mod:`.slice_engine`) launches the release's ``cache_messager.py`` as a script,
+The engine slice's engine process launches the release's ``cache_messager.py`` as a script (:mod:`.slice_messagers`),
 one process per rank, with :data:`ENV_SLICE` set. In such a rank:
 
 * the messager's ``EngineWorkerQueue`` is the release's own class (a real client of the slice engine's mailbox and
@@ -21,8 +21,8 @@ one process per rank, with :data:`ENV_SLICE` set. In such a rank:
 * for the latency benchmark it reports, with every batch put into ``cache_prefilled_engine_ids_queue``, how long
   ago the layer-0 signal of each of its tasks was returned by the op.
 
-Ground truth of a send, as in preflight (``fastdeploy._standin.ground_truth``): each layer-0 signal message names,
-per task, the request the scheduler computed it for and that request's blocks; the send is checked against what
+Ground truth of a send, as in preflight (``fastdeploy.pd_fix_standin.ground_truth``): each layer-0 signal message
+names, per task, the request the scheduler computed it for and that request's blocks; the send is checked against what
 this rank had received when its send loop passed ``begin_send_cache_barrier``.
 """
 
@@ -35,7 +35,8 @@ import time
 from multiprocessing.connection import Client
 
 import numpy as np
-from fastdeploy._standin.ground_truth import GroundTruth
+from fastdeploy._preflight.barriers import HookedBarrier
+from fastdeploy.pd_fix_standin.ground_truth import GroundTruth
 
 #: Set in a slice rank's environment: JSON ``{"channel": address, "queue_module": module, "requests": {id: need},
 #: "interleaving": [event, ...]}`` (the engine's channel listener, the release module of the mailbox class, each
@@ -119,28 +120,14 @@ class GatedMailbox:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.cache_info_barrier = _GatedBarrier(self.cache_info_barrier)
+        # As the registration thread sees it: the real barrier, then the scheduled hold.
+        self.cache_info_barrier = HookedBarrier(self.cache_info_barrier, _rank.hold_registrations)
 
     def get_cache_info(self):
         _rank.registration_back()
         items = super().get_cache_info()
         _rank.read(items)
         return items
-
-
-class _GatedBarrier:
-    """``cache_info_barrier`` as the registration thread sees it: the real barrier, then the scheduled hold."""
-
-    def __init__(self, barrier):
-        self._barrier = barrier
-
-    def wait(self, *args, **kwargs):
-        result = self._barrier.wait(*args, **kwargs)
-        _rank.hold_registrations()
-        return result
-
-    def __getattr__(self, name):
-        return getattr(self._barrier, name)
 
 
 class _Rank:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fastdeploy.cache_manager.layer0_release.adapters import engine_notices, messager_step
-from fastdeploy.cache_manager.layer0_release.policy import kv_signal, notice, release
+from fastdeploy.cache_manager.layer0_release.policy import decision, kv_signal, notice, release
 
 
 def kv_signal_buffer(tasks, layer=0):
@@ -39,7 +39,7 @@ class SimulatedRank:
     def __init__(self, mode=release.ORDERED):
         self.policy = release.make_release(mode)
         self.registered = {}  # engine_idx -> need_prefill_tokens, the view of idx_cache_task_dict
-        self.batches, self.bound, self.drops, self.ignored, self.problems = [], [], [], [], []
+        self.batches, self.bound, self.drops, self.decisions, self.problems = [], [], [], [], []
 
     def on_signal(self, buffer):
         parsed = kv_signal.parse_kv_signal(buffer)
@@ -57,7 +57,7 @@ class SimulatedRank:
         self.batches.extend(released.batches)
         self.bound.extend(tuple(item.task["request_id"] for item in binding) for binding in released.bindings)
         self.drops.extend(released.drops)
-        self.ignored.extend(released.ignored)
+        self.decisions.extend(released.decisions)
 
 
 def run_rank(scenario, schedule, mode=release.ORDERED):
@@ -161,9 +161,10 @@ def test_two_ranks_release_the_same_batches_in_every_interleaving(name):
         assert rank.bound == scenario["bound"], order  # every request released with its own registration
         assert [(drop.slot, drop.prefilled_token_num) for drop in rank.drops] == scenario["drops"], order
         assert rank.drops == ranks[0].drops, order  # the same reasons too
-        abandoned = [line for line in rank.ignored if " abandoned after " in line]
-        assert [line.split()[1] for line in abandoned] == scenario.get("abandoned", []), order
-        assert len([line for line in rank.ignored if "counted before" in line]) == scenario.get("repeats", 0), order
+        kinds = [(item.kind, item.request_id) for item in rank.decisions]
+        abandoned = [request_id for kind, request_id in kinds if kind == decision.ABANDONED]
+        assert abandoned == scenario.get("abandoned", []), order
+        assert [kind for kind, _ in kinds].count(decision.COUNTED_BEFORE) == scenario.get("repeats", 0), order
         assert rank.policy.open_registrations() == scenario.get("open", {}), order  # nothing left to wedge a slot
         assert rank.problems == []
 
@@ -325,7 +326,9 @@ def test_send_loop_reads_each_batch_own_task_after_an_abort_and_slot_reuse(send_
         send_queued_batches(messager, sent)
         assert sent == expected, order
         assert dict(messager.idx_cache_task_dict) == {}, order  # D's entry deleted by D's send, nobody else's
-        assert len([line for line in logger.lines if "request A on slot 3 abandoned" in line]) == 1, order
+        logged = [decision.parse_decision(line.partition("layer0_release: ")[2]) for line in logger.lines]
+        abandoned = [(item.request_id, item.slot) for item in logged if item and item.kind == decision.ABANDONED]
+        assert abandoned == [("A", 3)], order
 
 
 def test_abort_notice_decides_a_request_aborted_before_its_first_chunk():

@@ -112,7 +112,7 @@ def log_abort_notice(request: dict) -> None:
 
 def log_orphan(request: dict, messagers_drop: bool) -> None:
     """What a prefill instance with the plugin logs for an orphan: the engine's notice, put before it admits the
-    request (plugin/engine.py), then each rank's messager dropping the orphan's layer-0 task of every chunk
+    request (plugin/engine/patch.py), then each rank's messager dropping the orphan's layer-0 task of every chunk
     (adapters/messager_step.py, policy/release.py)."""
     prompt = str(request.get("prompt") or request.get("messages"))
     request_id = f"cmpl-stub-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}_0"

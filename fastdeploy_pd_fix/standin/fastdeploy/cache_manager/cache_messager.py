@@ -8,7 +8,7 @@ transfer itself is not modelled: the send loop records each batch it takes (``$F
 has the task it read for each slot checked against the scenario's ground truth, and exits the process with code 0
 once every request of the scenario that the engine does not abort has finished.
 
-The release variant is chosen at import time (:mod:`fastdeploy._standin.variant`). Methods that differ between
+The release variant is chosen at import time (:mod:`fastdeploy.pd_fix_standin.variant`). Methods that differ between
 releases are defined once per variant in the class body, so that each variant's source has the shape of that
 release; behaviour they share lives in helpers.
 """
@@ -22,10 +22,10 @@ from queue import Queue
 
 import paddle
 from fastdeploy import envs
-from fastdeploy._standin import script as standin_script
-from fastdeploy._standin.variant import KV_SIGNAL_OP_ARGS, PARALLEL_SEND, RELEASE, WITH_7724
 from fastdeploy.inter_communicator.engine_worker_queue import EngineWorkerQueue
 from fastdeploy.model_executor.ops.gpu import get_output_kv_signal
+from fastdeploy.pd_fix_standin import script as standin_script
+from fastdeploy.pd_fix_standin.variant import KV_SIGNAL_OP_ARGS, PARALLEL_SEND, RELEASE, WITH_7724
 from fastdeploy.utils import get_logger
 
 logger = get_logger("cache_messager", "cache_messager.log")

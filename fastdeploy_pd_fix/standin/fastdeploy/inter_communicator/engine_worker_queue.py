@@ -3,7 +3,7 @@
 The engine side (``is_server=True``, run by the harness's engine process) holds the cross-rank barriers as real
 ``threading.Barrier(nranks)`` objects without timeout, and records what each rank reports. Each cache messager
 rank connects as a client and reaches the barriers through proxies. The registration stream
-(``get_cache_info``) is scripted inside the rank process (see :mod:`fastdeploy._standin.script`), because the
+(``get_cache_info``) is scripted inside the rank process (see :mod:`fastdeploy.pd_fix_standin.script`), because the
 order in which a rank's threads see it is what the scenarios control.
 """
 
@@ -11,8 +11,8 @@ import json
 import threading
 from multiprocessing.managers import BarrierProxy, BaseManager
 
-from fastdeploy._standin import script as standin_script
-from fastdeploy._standin.variant import WITH_7724
+from fastdeploy.pd_fix_standin import script as standin_script
+from fastdeploy.pd_fix_standin.variant import WITH_7724
 
 STANDIN_AUTHKEY = b"fastdeploy-standin"
 BARRIER_NAMES = (

@@ -1,10 +1,10 @@
 """Stand-in of the custom GPU ops package: only ``get_output_kv_signal``, fed by the scenario script.
 
-Upstream's op is a SysV message-queue read in C++; here the messages come from :mod:`fastdeploy._standin.script`.
+Upstream's op is a SysV message-queue read in C++; here the messages come from :mod:`fastdeploy.pd_fix_standin.script`.
 """
 
 import numpy as np
-from fastdeploy._standin import script as standin_script
+from fastdeploy.pd_fix_standin import script as standin_script
 
 MAX_ENGINE_SLOTS = 512
 KV_SIGNAL_LENGTH = MAX_ENGINE_SLOTS * 3 + 2

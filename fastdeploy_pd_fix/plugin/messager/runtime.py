@@ -24,10 +24,11 @@ import threading
 import time
 
 from fastdeploy_pd_fix import config
-from fastdeploy_pd_fix.adapters.messager_step import BatchJournal, consume_signals_forever, make_step, strip_notices
+from fastdeploy_pd_fix.adapters.messager_log import BatchJournal
+from fastdeploy_pd_fix.adapters.messager_step import consume_signals_forever, make_step, strip_notices
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.inject import apply_injections
-from fastdeploy_pd_fix.plugin.observe import QueueObserver, Watchdog
+from fastdeploy_pd_fix.plugin.messager.inject import apply_injections
+from fastdeploy_pd_fix.plugin.messager.observe import QueueObserver, Watchdog
 from fastdeploy_pd_fix.policy.kv_signal import KV_SIGNAL_LENGTH
 from fastdeploy_pd_fix.policy.release import RELEASE_MODES
 from fastdeploy_pd_fix.target import USED_ATTRIBUTES
@@ -140,8 +141,8 @@ class MessagerRuntime:
 def activate(messager, state):
     """Create the messager's :class:`MessagerRuntime` once, or return None to stand aside for this instance.
 
-    ``state`` is the class's :class:`fastdeploy_pd_fix.plugin.patching.PatchState` (handed over by the patch, not
-    imported: patching imports this module)."""
+    ``state`` is the class's :class:`fastdeploy_pd_fix.plugin.patching.PatchState` (its ``context`` the class's
+    :class:`~fastdeploy_pd_fix.analysis.TargetAnalysis`), handed over by the patch."""
     with activation_lock:
         if RUNTIME_ATTRIBUTE in vars(messager):
             return getattr(messager, RUNTIME_ATTRIBUTE)
@@ -153,8 +154,8 @@ def activate(messager, state):
                 raise AttributeError(f"missing attributes {', '.join(missing)}")
             if type(messager.idx_cache_task_dict) is not dict:
                 raise TypeError(f"idx_cache_task_dict is a {type(messager.idx_cache_task_dict).__name__}")
-            op_arguments = tuple(argument.evaluate(messager) for argument in state.analysis.op_arguments)
-            op_slot = state.analysis.kv_signal_op(state.originals["consume_signals"])
+            op_arguments = tuple(argument.evaluate(messager) for argument in state.context.op_arguments)
+            op_slot = state.context.kv_signal_op(state.originals["consume_signals"])
             runtime = MessagerRuntime(messager, state.mode, op_slot, op_arguments, logger)
             # The decision line again, now into the messager's own log (the first one went to its stderr).
             # rank and nranks let `diagnose` group the ranks of one DP group (rank_id = rank + dp * nranks).

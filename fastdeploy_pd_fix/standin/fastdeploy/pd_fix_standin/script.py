@@ -150,9 +150,10 @@ class ScriptedStreams:
         self._recycled_requests = []  # per read: the requests whose slots it hands on (must be finished first)
         self._finished = set()
         self._ground_truth = None
-        # The send thread: the queue it takes batches from, whether it holds one, and the stall/hold controls.
+        # The send thread: the queue it takes batches from (its unfinished_tasks: batches put and not yet sent), the
+        # batches it took and sent, and the stall/hold controls.
         self._send_queue = None
-        self._sending = False
+        self._taken = self._sent = 0
         self._stalled = False
         self._held = False
         self._has_stall = False
@@ -206,7 +207,7 @@ class ScriptedStreams:
 
     def took_batch(self):
         with self._condition:
-            self._sending = True
+            self._taken += 1
             self._condition.notify_all()
 
     def wait_to_send(self):
@@ -215,12 +216,22 @@ class ScriptedStreams:
             self._condition.wait_for(lambda: not self._held)
 
     def batch_done(self):
+        """The send loop is done with the batch it took last (preflight's tap says so each time the send loop comes
+        back to the queue, the first time included)."""
         with self._condition:
-            self._sending = False
+            if self._sent < self._taken:
+                self._sent += 1
+                if self._send_queue is not None:
+                    self._send_queue.task_done()
             self._condition.notify_all()
 
     def _send_idle(self):
-        return not self._sending and (self._send_queue is None or self._send_queue.empty())
+        """Every batch put into the queue has been sent. Counted, not read off the queue and a flag: between the
+        send loop's ``get`` and its report that it took the batch, the queue is empty and nothing is sending."""
+        if self._send_queue is None:
+            return True
+        with self._send_queue.mutex:
+            return self._send_queue.unfinished_tasks == 0
 
     def _pass_controls(self):
         """Apply the controls the schedule has reached; a ``drain`` is passed once the send thread is idle."""

@@ -4,7 +4,7 @@ The messagers see two streams (layer-0 kv signals, completed registrations) that
 apart; the engine can. In FastDeploy's engine process, on the prefill role only, this patch puts the notices of
 :mod:`fastdeploy_pd_fix.policy.notice` into the same ``put_cache_info`` mailbox as the P- and D-parts, so every
 messager rank reads them at the same position of the stream. What is patched, why, and when to remove it is in
-:data:`fastdeploy_pd_fix.plugin.patching.MANIFEST` (``fastdeploy-pd-fix status`` prints it):
+:data:`MANIFEST` (``fastdeploy-pd-fix status`` prints it):
 
 * ``ResourceManagerV1.recycle_abort_task(request_id)`` frees an aborted request's slot. Before the original runs, the
   wrapper puts ``ABORT(slot, request_id, emitted_end)``, then ``FENCE(serial)``, as two batches
@@ -67,10 +67,20 @@ from fastdeploy_pd_fix.adapters.engine_notices import (
     orphan_batch,
     splitwise_role,
 )
-from fastdeploy_pd_fix.adapters.messager_step import CountSummary
+from fastdeploy_pd_fix.adapters.messager_log import CountSummary
 from fastdeploy_pd_fix.analysis import CANNOT_RACE, analyse_source
 from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.plugin.patching import RECORDS, PatchRecord, fastdeploy_version
+from fastdeploy_pd_fix.plugin.patching import (
+    PATCHED,
+    RECORDS,
+    STOOD_ASIDE,
+    ClassPatcher,
+    PatchInfo,
+    PatchPlan,
+    PatchRecord,
+    class_name,
+    fastdeploy_version,
+)
 from fastdeploy_pd_fix.policy.notice import ABORT, FENCE, NOTICE_KEY, decode
 from fastdeploy_pd_fix.target import (
     CONNECTOR_CLASS,
@@ -88,8 +98,9 @@ from fastdeploy_pd_fix.target import (
 
 logger = logging.getLogger("fastdeploy_pd_fix")
 
-#: The class attribute a patched engine class carries: its :class:`EngineState`.
+#: The class attribute a patched engine class carries: its :class:`~fastdeploy_pd_fix.plugin.patching.PatchState`.
 STATE_ATTRIBUTE = "_fd_pd_fix_engine_state"
+PATCHER = ClassPatcher(STATE_ATTRIBUTE)
 #: The attribute a connector's resource manager gets: the mailbox that connector puts into.
 MAILBOX_ATTRIBUTE = "_fd_pd_fix_mailbox"
 #: Source text that shows a class already announces slot lifecycles itself (the notice marker key, or the package
@@ -98,11 +109,61 @@ UPSTREAM_MARKERS = (NOTICE_KEY, UPSTREAMED_PACKAGE)
 #: Who announces engine notices in the stream (the messagers log it).
 ANNOUNCER = f"fastdeploy_pd_fix {__version__}"
 
+ENGINE_REMOVE_WHEN = "the running FastDeploy announces aborted and transfer-less slot occupancies itself"
+ENGINE_DETAILS = (
+    "only when FD_PD_FIX is on, FD_PD_FIX_MODE is ordered and FD_PD_FIX_ENGINE_NOTICES is not off; puts nothing on "
+    "other roles (nobody may read the mailbox there); any error in the plugin's part is logged once and the "
+    "original runs without a notice (without the announcement the messagers release by upstream's rule)"
+)
+
+MANIFEST = (
+    PatchInfo(
+        target=f"{RESOURCE_MANAGER_CLASS}.recycle_abort_task",
+        how="wrapped: puts ABORT(slot, request, emitted_end) and then FENCE into the cache-info mailbox, then runs",
+        why=(
+            "an aborted request's slot is given to the next request, and the messagers cannot tell from their two "
+            "streams which of the slot's layer-0 signals belong to which request (an abort before the first chunk "
+            "looks like the next request). The fence makes the next occupant's admission put return only after "
+            "every rank has handled the abort (release rules R8, R9)."
+        ),
+        details=(
+            "emitted_end is the request's prefill_end_index (end of its last scheduled chunk; None when it is 0); "
+            "no notice for a request the original will not free (not in requests or to_be_aborted_req_id_set). "
+            + ENGINE_DETAILS
+        ),
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
+    ),
+    PatchInfo(
+        target=f"{RESOURCE_MANAGER_CLASS}.add_request_in_p",
+        how="wrapped: puts ORPHAN(slot, request, len(prompt_token_ids)) for each request without a P-part, then runs",
+        why=(
+            "a request without disaggregate_info is computed on its slot without a transfer and without a "
+            "registration; its layer-0 signals must not be bound to the slot's other requests."
+        ),
+        details="one batch for all orphans of the call, put before the original appends them to running. "
+        + ENGINE_DETAILS,
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
+    ),
+    PatchInfo(
+        target=f"{CONNECTOR_CLASS}.__init__",
+        how="wrapped: records the connector's engine_worker_queue for its resource_manager, after the original",
+        why="the resource manager has no reference to the cache-info mailbox; the connector is built with both.",
+        details=(
+            "the mailbox goes onto the resource manager instance as _fd_pd_fix_mailbox; a resource manager built "
+            "with no connector uses the process's only mailbox, and none when there are several"
+        ),
+        upstream="none yet",
+        remove_when=ENGINE_REMOVE_WHEN,
+    ),
+)
+
+
 #: What the engine side did in this process, one line a minute at most when it changed.
 SUMMARY = CountSummary(logger.info, LOG_PREFIX)
 _warned: Dict[str, int] = {}
 _warned_lock = threading.Lock()
-_patch_lock = threading.Lock()
 
 
 def warn_counted(key: str, message: str) -> None:
@@ -277,17 +338,10 @@ CONNECTOR = EngineTarget(
 TARGETS = {target.module: target for target in (RESOURCE_MANAGER, CONNECTOR)}
 
 
-@dataclass(frozen=True)
-class EngineState:
-    """What the patch put on an engine class, as one attribute: the target, the original methods, the record."""
-
-    target: EngineTarget
-    originals: Mapping[str, Callable]
-    record: PatchRecord
-
-
-def patch_state(cls) -> Optional[EngineState]:
-    return vars(cls).get(STATE_ATTRIBUTE)
+def patch_state(cls):
+    """The :class:`~fastdeploy_pd_fix.plugin.patching.PatchState` of ``cls`` (its ``context`` the
+    :class:`EngineTarget`), or None when ``cls`` itself is not patched."""
+    return PATCHER.state(cls)
 
 
 def notices_off_reason() -> Optional[str]:
@@ -333,8 +387,15 @@ def messager_cannot_race(cls) -> bool:
     if not module_file or depth < 2:
         return False
     package = Path(module_file).resolve().parents[depth - 2]
+    return _script_cannot_race(package.parent / SCRIPT_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def _script_cannot_race(script: Path) -> bool:
+    """:func:`messager_cannot_race` of one ``cache_messager.py``, read and parsed once per process (the resource
+    manager and the connector of one package both ask)."""
     try:
-        return analyse_source((package.parent / SCRIPT_PATH).read_text(encoding="utf-8")).cannot_race
+        return analyse_source(script.read_text(encoding="utf-8")).cannot_race
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -342,13 +403,10 @@ def messager_cannot_race(cls) -> bool:
 def patch_engine_class(cls, target: EngineTarget) -> PatchRecord:
     """Wrap ``target``'s methods of ``cls`` when notices are on and ``cls`` is recognised; otherwise leave it
     untouched. Idempotent; never raises; logs one decision line."""
-    name = f"{cls.__module__}.{cls.__qualname__}"
     mode, mode_warning = config.selected_mode()
     warning = "; ".join(filter(None, [config.switch()[1], mode_warning, config.engine_notices()[1]]))
-    with _patch_lock:
-        state = patch_state(cls)
-        if state is not None:
-            return PatchRecord(name, "already patched", "nothing to do", mode, "", "")
+
+    def decide():
         off = notices_off_reason()
         try:
             unrecognised = None if off else check_target(cls, target)
@@ -357,33 +415,33 @@ def patch_engine_class(cls, target: EngineTarget) -> PatchRecord:
         except Exception as error:  # an unexpected shape must not break FastDeploy: stand aside
             unrecognised = f"check failed: {error!r}"
         reason = off or unrecognised or "engine notices patched in (" + ", ".join(target.methods) + ")"
-        decision = "stood aside" if off or unrecognised else "patched"
+        decision = STOOD_ASIDE if off or unrecognised else PATCHED
         features = "engine notices " + ("off" if off else "on (prefill role only)")
         record = PatchRecord(
-            name, decision, reason + (f" ({warning})" if warning else ""), mode, fastdeploy_version(), features
+            class_name(cls),
+            decision,
+            reason + (f" ({warning})" if warning else ""),
+            mode,
+            fastdeploy_version(),
+            features,
         )
-        if decision == "patched":
-            originals = {method: getattr(cls, method) for method in target.methods}
-            setattr(cls, STATE_ATTRIBUTE, EngineState(target, MappingProxyType(originals), record))
-            for method, factory in target.factories.items():
-                setattr(cls, method, factory(originals[method]))
-        RECORDS.append(record)
-    log = logger.warning if unrecognised or warning else logger.info
-    log(record.describe())
-    return record
+        plan = None
+        if decision == PATCHED:
+            plan = PatchPlan(tuple(target.methods), target, lambda state: _wrap(target, state.originals))
+        return record, plan, bool(unrecognised or warning)
+
+    return PATCHER.patch(cls, decide)
+
+
+def _wrap(target: EngineTarget, originals) -> Dict[str, Callable]:
+    return {method: factory(originals[method]) for method, factory in target.factories.items()}
 
 
 def unpatch_engine_class(cls) -> None:
     """Restore the original methods (tests, A/B runs); unpatching the connector forgets its captured mailboxes."""
-    with _patch_lock:
-        state = patch_state(cls)
-        if state is None:
-            return
-        for method, original in state.originals.items():
-            setattr(cls, method, original)
-        delattr(cls, STATE_ATTRIBUTE)
-        if state.target is CONNECTOR:
-            MAILBOXES.forget()
+    state = PATCHER.unpatch(cls)
+    if state is not None and state.context is CONNECTOR:
+        MAILBOXES.forget()
 
 
 def patch_engine_module(module) -> Optional[PatchRecord]:
@@ -394,7 +452,7 @@ def patch_engine_module(module) -> Optional[PatchRecord]:
     cls = getattr(module, target.class_name, None)
     if not isinstance(cls, type):
         record = PatchRecord(
-            f"{target.module}.{target.class_name}", "stood aside", "no such class", config.selected_mode()[0], "", ""
+            f"{target.module}.{target.class_name}", STOOD_ASIDE, "no such class", config.selected_mode()[0], "", ""
         )
         RECORDS.append(record)
         logger.warning(record.describe())

@@ -3,7 +3,7 @@
 * :class:`QueueObserver` wraps ``get`` of one messager's ``cache_prefilled_engine_ids_queue`` on the instance (so
   a send thread already blocked in ``get`` keeps working) to know which batch the send thread holds and since
   when. In observe mode it also wraps ``put``, so that the running release's own batches are journaled through
-  :class:`~fastdeploy_pd_fix.adapters.messager_step.BatchJournal`; in the other modes the
+  :class:`~fastdeploy_pd_fix.adapters.messager_log.BatchJournal`; in the other modes the
   :class:`~fastdeploy_pd_fix.adapters.messager_step.MessagerStep` journals each batch it queues, and ``put`` stays as
   it is: every batch is journaled exactly once. There the step's ``attach`` wraps ``get`` once more (to show the
   send thread its batch's own tasks); the two wrappers return the same batch object, in either order.
@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Optional, Tuple
 
-from fastdeploy_pd_fix.adapters.messager_step import BatchJournal
+from fastdeploy_pd_fix.adapters.messager_log import BatchJournal
 
 
 class QueueObserver:

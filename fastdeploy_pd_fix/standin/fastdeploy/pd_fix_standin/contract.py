@@ -1,8 +1,9 @@
 """What the harness and the stand-in's rank processes agree on: environment variable names, release variants,
 schedule event tokens and the cache-info parts a registration entry delivers.
 
-Imported by the ranks (as ``fastdeploy._standin.contract``) and by the harness (as
-``fastdeploy_pd_fix.standin.fastdeploy._standin.contract``), so it imports nothing and reads nothing at import time.
+Imported by the ranks (as ``fastdeploy.pd_fix_standin.contract``) and by the harness (as
+``fastdeploy_pd_fix.standin.fastdeploy.pd_fix_standin.contract``), so it imports nothing and reads nothing at import
+time.
 """
 
 import re

@@ -16,7 +16,7 @@ For every batch the send thread takes, :meth:`GroundTruth.check_batch` compares 
   before the send (the rank cannot know more: a schedule delivering it later models a chunk computed later).
 
 Each violation is one line without timing or process details, so that ranks that err alike report alike.
-Imported by the ranks only (``fastdeploy._standin.ground_truth``); it reads nothing at import time.
+Imported by the ranks only (``fastdeploy.pd_fix_standin.ground_truth``); it reads nothing at import time.
 """
 
 import threading

@@ -1,0 +1,227 @@
+"""The engine slice's scenarios (:mod:`fastdeploy_pd_fix.tools.engine_slice`): :data:`WAVES` for its mailbox
+readers, :data:`SCENARIOS` for real messager ranks, and the groups of them that share one slice run
+(:data:`RUN_GROUPS`, :func:`ordered_groups`). Data only, and what decides which scenarios can share a run.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+#: Messager ranks reading the mailbox.
+NRANKS = 2
+#: The scenario: each wave is one scheduler batch, taken by whichever prepare thread asks first. Wave 1 admits an
+#: orphan and a routed request together (slots 0 and 1); the orphan finishes (it is not transferred), and wave 2's
+#: routed request takes its slot, the lowest free one whether or not routed-1's transfer has finished by then.
+WAVES = [
+    [
+        {"id": "orphan-1", "prompt": 70, "routed": False, "finish": True},
+        {"id": "routed-1", "prompt": 100, "routed": True},
+    ],
+    [{"id": "routed-2", "prompt": 30, "routed": True}],
+]
+
+
+def variant(scenario: dict, suffix: str, ranks_like: Tuple[int, ...] = (), **changes) -> dict:
+    """``scenario`` with ``suffix`` after each of its request ids (ids are unique across scenarios) and ``changes``
+    over its keys; ``ranks_like``: on that many ranks, rank ``i`` forced into the order of ``scenario``'s rank
+    ``ranks_like[i]``."""
+    renamed = {spec["id"]: spec["id"] + suffix for wave in scenario["waves"] for spec in wave}
+    waves = [
+        [{**spec, **{key: renamed[spec[key]] for key in ("id", "answer_after") if key in spec}} for spec in wave]
+        for wave in scenario["waves"]
+    ]
+    interleaving = [
+        [f"reg:{renamed[event[4:]]}" if event.startswith("reg:") else event for event in events]
+        for events in scenario.get("interleaving", [])
+    ]
+    if ranks_like:
+        interleaving = [interleaving[rank] for rank in ranks_like]
+        changes = {"nranks": len(ranks_like), **changes}
+    return {**scenario, "waves": waves, **({"interleaving": interleaving} if interleaving else {}), **changes}
+
+
+#: Scenarios of real messager ranks (:func:`~fastdeploy_pd_fix.tools.engine_slice.run_with_messagers`), played as
+#: episodes of one slice run where they cannot poison each other. Keys (see ``slice_messagers.play_episode``):
+#: ``waves`` as above, a request spec optionally with ``"holds"`` (an orphan keeping its slot until the transfers of
+#: the waves before ended: the next wave with ``after_transfers``, or the episode's end), ``"fails_after_p_part"`` (the
+#: release's prepare thread raises right after the request's P-part: its slot and registration leak), ``"answer_after":
+#: <request id>`` (the decode instance answers once that request was admitted) or ``"decode": "late-repeat"`` (see
+#: ``slice_prefill.LATE_REPEAT``); per wave ``compute_after`` (True: compute what was admitted, default; False: not; a
+#: number: that many steps), ``wait_for`` (``"admitted"``, default, or ``"allocated"``: a slot, the request may still
+#: wait for its decode answer) and ``after_transfers`` (the earlier waves' transfers end first). A new request takes
+#: the lowest free slot, so a wave after a transfer that may have ended needs ``after_transfers`` for its slots to be
+#: known. ``interleaving``: per rank (ranks beyond the list repeat its last) the order in which its threads see events,
+#: forced by handshakes: ``"reg:<request id>"`` storing that request's registration (only the last registration before
+#: a compute may be held: a held rank reads no further put), ``"sig:<n>"`` consuming the episode's n-th layer-0 signal
+#: (the worker's n-th step: its kv signals list the slots in order); ``nranks`` (default :data:`NRANKS`);
+#: ``environment``: variables of the whole run (scenarios that set one differently cannot share a run); ``deadline_s``
+#: (default ``engine_slice.MESSAGER_DEADLINE_S``). Request ids are unique across scenarios: a variant of a scenario
+#: (:func:`variant`) renames its requests.
+SCENARIOS = {
+    # An orphan and a routed request in one step; the orphan's slot reused by the next routed request after the
+    # orphan's layer-0 signal reached every rank.
+    "waves": {"waves": WAVES, "interleaving": [["sig:0", "reg:routed-2", "sig:1"]]},
+    # The seed race (#7872's deadlock): routed-a and routed-b registered in two mailbox reads and computed in one step
+    # (one layer-0 signal for both); rank 0 stores both registrations before it consumes the signal, rank 1 consumes
+    # it between them.
+    "seed": {
+        "waves": [
+            [{"id": "routed-a", "prompt": 60, "routed": True}],
+            [{"id": "routed-b", "prompt": 60, "routed": True}],
+        ],
+        "compute_after": [False, True],
+        "interleaving": [
+            ["reg:routed-a", "reg:routed-b", "sig:0"],
+            ["reg:routed-a", "sig:0", "reg:routed-b"],
+        ],
+    },
+    # Chunked with early signals (s2): routed-c's prompt takes three chunks; rank 1 consumes the layer-0 signals of
+    # the first two before it stores the registration, rank 0 stores it first.
+    "chunked-early": {
+        "waves": [[{"id": "routed-c", "prompt": 1100, "routed": True}]],
+        "interleaving": [
+            ["reg:routed-c", "sig:0", "sig:1", "sig:2"],
+            ["sig:0", "sig:1", "reg:routed-c", "sig:2"],
+        ],
+    },
+    # Order across requests (s3): routed-x (two chunks) takes slot 0 and waits for its decode answer, which comes only
+    # once routed-y (slot 1) was admitted, so they register y then x; their first chunks share a signal, listed by
+    # slot (x, y). Rank 0 stores both registrations before that signal, rank 1 only y.
+    "cross-order": {
+        "waves": [
+            [{"id": "routed-x", "prompt": 600, "routed": True, "answer_after": "routed-y"}],
+            [{"id": "routed-y", "prompt": 60, "routed": True}],
+        ],
+        "wait_for": ["allocated", "admitted"],
+        "compute_after": [False, True],
+        "interleaving": [
+            ["reg:routed-y", "reg:routed-x", "sig:0", "sig:1"],
+            ["reg:routed-y", "sig:0", "reg:routed-x", "sig:1"],
+        ],
+    },
+    # An orphan mixed into a step with two registered requests (one chunked); its slot (the lowest free once it
+    # was computed) then goes to a routed request whose prompt is shorter than the orphan's.
+    "orphan-mixed": {
+        "waves": [
+            [
+                {"id": "orphan-p", "prompt": 60, "routed": False},
+                {"id": "routed-g", "prompt": 60, "routed": True},
+                {"id": "routed-h", "prompt": 700, "routed": True},
+            ],
+            [{"id": "routed-i", "prompt": 30, "routed": True}],
+        ],
+        "interleaving": [["reg:routed-g", "reg:routed-h", "sig:0", "sig:1", "reg:routed-i", "sig:2"]],
+    },
+    # An orphan holding slot 0 for four steps (four chunks, the first beside a routed request on slot 1), then freed
+    # for a routed request whose prompt is longer than the orphan's.
+    "orphan-long": {
+        "waves": [
+            [{"id": "orphan-q", "prompt": 1600, "routed": False}, {"id": "routed-k", "prompt": 60, "routed": True}],
+            [{"id": "routed-j", "prompt": 1700, "routed": True}],
+        ],
+        "interleaving": [
+            ["reg:routed-k", "sig:0", "sig:1", "sig:2", "sig:3", "reg:routed-j", "sig:4", "sig:5", "sig:6", "sig:7"]
+        ],
+    },
+    # The release's own order of a request's parts (the D-part first: the prepare thread waits for the decode answer
+    # before it puts the P-part); rank 1 consumes the signal before it stores the registration.
+    "d-part-first": {
+        "waves": [[{"id": "routed-r", "prompt": 100, "routed": True}]],
+        "interleaving": [["reg:routed-r", "sig:0"], ["sig:0", "reg:routed-r"]],
+    },
+    # The other order: with FD_ENABLE_CACHE_TASK=1 prefill does not wait for decode, and the decode answer comes once
+    # the request was admitted, so the D-part completes the registration.
+    "p-part-first": {
+        "environment": {"FD_ENABLE_CACHE_TASK": "1"},
+        "waves": [[{"id": "routed-s", "prompt": 100, "routed": True, "answer_after": "routed-s"}]],
+        "interleaving": [["reg:routed-s", "sig:0"], ["sig:0", "reg:routed-s"]],
+    },
+    # A late repeated D-part: decode answers routed-t's first ask only after the prefill timed out (1 s), asked again
+    # and had the second answer; the late one comes once routed-t's transfer ended and it was freed, before routed-u
+    # registers on the same slot.
+    "late-repeat": {
+        "environment": {"FD_PREFILL_WAIT_DECODE_RESOURCE_SECONDS": "1"},
+        "waves": [
+            [{"id": "routed-t", "prompt": 100, "routed": True, "decode": "late-repeat"}],
+            [{"id": "routed-u", "prompt": 100, "routed": True}],
+        ],
+        "after_transfers": [False, True],
+    },
+    # An orphan alone in a step, keeping its slot while routed requests on other slots go on; once their transfers
+    # ended and it was freed, a routed request with a shorter prompt takes its slot.
+    "orphan-alone": {
+        "waves": [
+            [{"id": "orphan-o", "prompt": 100, "routed": False, "holds": True}],
+            [{"id": "routed-e", "prompt": 60, "routed": True}, {"id": "routed-f", "prompt": 60, "routed": True}],
+            [{"id": "routed-z", "prompt": 30, "routed": True}],
+        ],
+        "after_transfers": [False, False, True],
+        "interleaving": [["sig:0", "reg:routed-e", "reg:routed-f", "sig:1", "reg:routed-z", "sig:2"]],
+    },
+    # The prepare thread raises right after routed-v's P-part: its slot and registration leak; the requests after it
+    # take other slots (both registered before their common signal). Leaves its slot taken: after it in a run, slots
+    # are numbered from 1.
+    "fails-after-p-part": {
+        "waves": [
+            [{"id": "routed-v", "prompt": 100, "routed": True, "fails_after_p_part": True}],
+            [{"id": "routed-w", "prompt": 100, "routed": True}, {"id": "routed-w2", "prompt": 60, "routed": True}],
+        ],
+        "interleaving": [["reg:routed-w", "reg:routed-w2", "sig:0"]],
+    },
+}
+
+# Variants: the seed, chunked-early and cross-order races on three ranks, the third storing its registrations as
+# rank 0 does.
+SCENARIOS["seed-3"] = variant(SCENARIOS["seed"], "3", ranks_like=(0, 1, 0))
+SCENARIOS["chunked-early-3"] = variant(SCENARIOS["chunked-early"], "3", ranks_like=(0, 1, 0))
+SCENARIOS["cross-order-3"] = variant(SCENARIOS["cross-order"], "3", ranks_like=(0, 1, 0))
+# orphan-alone with the engine side switched off (FD_PD_FIX_ENGINE_NOTICES=0): no announcement heads the first
+# cache-info read, so ordered hands over to upstream's rule there (release rule 10) and the orphan's signal, read
+# before any registration, holds nothing.
+SCENARIOS["orphan-alone-unannounced"] = variant(
+    SCENARIOS["orphan-alone"], "2", environment={"FD_PD_FIX_ENGINE_NOTICES": "0"}
+)
+
+#: The episodes of :data:`SCENARIOS` that run together in one slice run with the plugin off or in ``upstream`` mode,
+#: in this order (every mode plays them in the same order, so a scenario has the same slots in every mode): each
+#: group ends with the only one that may hang there; none before it leaves state that a later one could read (each
+#: orphan's slot is reused by a request shorter than the orphan, which drops its parked signal; the leaked slot of
+#: ``fails-after-p-part`` shifts the slots of ``chunked-early``). ``ordered`` must finish them all: it plays the groups
+#: of one rank count and environment in one run (:func:`ordered_groups`).
+RUN_GROUPS = [
+    ["waves", "orphan-mixed", "orphan-long", "d-part-first", "seed"],
+    ["cross-order"],
+    ["late-repeat", "orphan-alone", "fails-after-p-part", "chunked-early"],
+    ["seed-3"],
+    ["chunked-early-3"],
+    ["cross-order-3"],
+    ["p-part-first"],
+    ["orphan-alone-unannounced"],
+]
+
+
+def ordered_groups(groups=RUN_GROUPS) -> List[List[str]]:
+    """``groups`` merged where they share rank count and environment (in order): the runs of ``ordered`` mode."""
+    merged: List[List[str]] = []
+    for group in groups:
+        key = run_key(group, SCENARIOS)
+        same = next((run for run in merged if run_key(run, SCENARIOS) == key), None)
+        if same is None:
+            merged.append(list(group))
+        else:
+            same.extend(group)
+    return merged
+
+
+def run_key(names: List[str], scenarios: Dict[str, dict]) -> Tuple[int, Tuple[Tuple[str, str], ...]]:
+    """``(rank count, environment)`` of a run of the scenarios ``names``: one rank count, the union of their
+    environments (a scenario without one accepts any); ValueError where they differ."""
+    environment: Dict[str, str] = {}
+    for scenario in (scenarios[name] for name in names):
+        for key, value in scenario.get("environment", {}).items():
+            if environment.setdefault(key, value) != value:
+                raise ValueError(f"scenarios {names} set {key} differently: they cannot share a run")
+    counts = {scenarios[name].get("nranks", NRANKS) for name in names}
+    if len(counts) != 1:
+        raise ValueError(f"scenarios {names} differ in rank count: they cannot share a run")
+    return counts.pop(), tuple(sorted(environment.items()))
