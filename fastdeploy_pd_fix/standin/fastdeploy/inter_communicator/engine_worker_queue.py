@@ -45,30 +45,18 @@ class EngineRecords:
     def __init__(self, record_path=None):
         self._lock = threading.Lock()
         self._record_path = record_path
-        self._finished_reqs = {}
-        self._finished_add_cache_task_reqs = {}
 
     def put_finished_req(self, rank, finished_reqs):
-        self._record("finished_req", self._finished_reqs, rank, finished_reqs)
+        self._record("finished_req", rank, finished_reqs)
 
     def put_finished_add_cache_task_req(self, rank, request_ids):
-        self._record("finished_add_cache_task_req", self._finished_add_cache_task_reqs, rank, request_ids)
+        self._record("finished_add_cache_task_req", rank, request_ids)
 
-    def snapshot(self):
-        with self._lock:
-            return {
-                "finished_req": {rank: list(items) for rank, items in self._finished_reqs.items()},
-                "finished_add_cache_task_req": {
-                    rank: list(items) for rank, items in self._finished_add_cache_task_reqs.items()
-                },
-            }
-
-    def _record(self, kind, per_rank, rank, items):
-        with self._lock:
-            per_rank.setdefault(rank, []).append(items)
-            if self._record_path:
-                with open(self._record_path, "a", encoding="utf-8") as record_file:
-                    record_file.write(json.dumps({"event": kind, "rank": rank, "items": items}) + "\n")
+    def _record(self, kind, rank, items):
+        if not self._record_path:
+            return
+        with self._lock, open(self._record_path, "a", encoding="utf-8") as record_file:
+            record_file.write(json.dumps({"event": kind, "rank": rank, "items": items}) + "\n")
 
 
 class EngineWorkerQueue:
