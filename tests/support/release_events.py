@@ -4,10 +4,10 @@ tests)."""
 
 from typing import List
 
-from fastdeploy_pd_fix.plugin import LOG_PREFIX
-from fastdeploy_pd_fix.policy.decision import Decision, parse_decision
+from fastdeploy_pd_fix.policy.decision import Decision
 from fastdeploy_pd_fix.policy.notice import abort_notice, orphan_notice
 from fastdeploy_pd_fix.policy.release import Registration
+from fastdeploy_pd_fix.tools.diagnose_logs import release_decision
 
 
 def reg(slot, request_id, need):
@@ -48,7 +48,7 @@ def run_outcome(policy, events):
     return outcome
 
 
-def logged_decisions(lines, prefix: str = LOG_PREFIX) -> List[Decision]:
-    """The policy's decisions among log ``lines`` (each with ``prefix`` before its text), read back by the parser."""
-    decisions = (parse_decision(line.rstrip("\n").partition(prefix)[2]) for line in lines)
+def logged_decisions(lines) -> List[Decision]:
+    """The policy's decisions among log ``lines``, read back as ``diagnose`` reads them."""
+    decisions = (release_decision(line) for line in lines)
     return [decision for decision in decisions if decision is not None]
