@@ -38,7 +38,7 @@ DIVERGENT_DROPS = "divergent-drops"  # (2) same decision on every rank
 DEADLOCK = "deadlock"  # (4)
 FINISHED_MISMATCH = "finished-mismatch"  # (4) get_finished_req would report a request another rank has not sent
 
-# Slot-lifecycle findings (:mod:`.lifecycle_search`, where the send thread is an actor of its own).
+# Slot-lifecycle findings (:mod:`.lifecycle_rank`, where the send thread is an actor of its own).
 SEND_BINDING = "send-binding"  # (6) a task sent with another request's registration
 SEND_EARLY = "send-early"  # (6) ... whose request had not computed that chunk yet: its blocks sent before they exist
 SEND_MISSING = "send-missing"  # the slot had no registration at send time
@@ -172,7 +172,7 @@ def end_findings(
 
 @dataclass
 class Outcome:
-    """One distinct result a rank can reach, with how many merges reach it and a simplest witness merge."""
+    """One distinct result a rank can reach, with how many interleavings reach it and a simplest witness."""
 
     batches: Tuple[Batch, ...]
     drops: Tuple[Task, ...]

@@ -1,14 +1,14 @@
 """``fastdeploy-pd-fix verify``: exhaustive interleaving explorer over the release logic.
 
-For bounded workloads (:mod:`.workloads`) it enumerates every merge of the two streams on a rank, drives a fresh
-release policy through it (:mod:`.models`; for ``ordered`` and ``upstream`` exactly
-:func:`fastdeploy_pd_fix.policy.release.make_release`), reduces the merges to one rank's distinct outcomes
-(:mod:`.search`) and checks the invariants of ``docs/protocol.md`` within and across ranks (:mod:`.checks`,
-:mod:`.barriers`). The slot-lifecycle families (:mod:`.lifecycle`: aborts, repeated and late D-parts, requests that
-never register) are explored with the send thread as a third actor (:mod:`.lifecycle_search`); their findings in
-workloads the two streams cannot decide are counted as limits, with the reason. In ordered mode they are explored
-both without and with the engine's slot-lifecycle notices (release rules 8 and 9: the engine-side patch absent or
-on); with notices nothing is a limit.
+For bounded workloads (:mod:`.workloads`) it drives a fresh release policy (:mod:`.models`; for ``ordered`` and
+``upstream`` exactly :func:`fastdeploy_pd_fix.policy.release.make_release`) through every interleaving of one rank's
+threads and reduces them to the rank's distinct outcomes (:mod:`.explorer`), then checks the invariants of
+``docs/protocol.md`` within and across ranks (:mod:`.checks`, :mod:`.barriers`). In the race families a rank's
+interleavings are the merges of its two streams (:mod:`.race_rank`); the slot-lifecycle families (:mod:`.lifecycle`:
+aborts, repeated and late D-parts, requests that never register) have the send thread as a third actor
+(:mod:`.lifecycle_rank`), and their findings in workloads the two streams cannot decide are counted as limits, with
+the reason. In ordered mode they are explored both without and with the engine's slot-lifecycle notices (release
+rules 8 and 9: the engine-side patch absent or on); with notices nothing is a limit.
 
 Usage: ``fastdeploy-pd-fix verify [--mode ordered|upstream|pr7872] [--compare MODE|none] [--quick] [--no-lifecycle]
 [--notices on|off|both] [--json-out PATH] [--strict] [--slot-model fifo|dict] [--show N]``. Prints a progress line

@@ -1,7 +1,7 @@
 """The slot-lifecycle families the explorer runs: engine histories (:mod:`fastdeploy_pd_fix.engine_history`) with
 aborts, repeats and orphans, and the interleavings of their streams.
 
-The engine gate (:mod:`.lifecycle_search`): an occupancy's events exist only after the slot's previous occupancy was
+The engine gate (:mod:`.lifecycle_rank`): an occupancy's events exist only after the slot's previous occupancy was
 freed. An abort frees the slot at once, and so does an orphan's completion; a registered request's normal
 completion frees it only after this rank's send thread finished it (a necessary condition of the real cross-rank
 gate, so the model allows more behaviours than the engine: sound for finding violations). With notices, the fence

@@ -20,10 +20,11 @@ from fastdeploy_pd_fix.verify.checks import (
     check_config,
     cross_rank_divergences,
 )
+from fastdeploy_pd_fix.verify.explorer import RankExploration, replay
 from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
-from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
+from fastdeploy_pd_fix.verify.lifecycle_rank import LifecycleRank, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.models import VERIFY_MODES
-from fastdeploy_pd_fix.verify.search import RankExploration, explore_rank, replay
+from fastdeploy_pd_fix.verify.race_rank import RaceRank, explore_rank
 from fastdeploy_pd_fix.verify.workloads import FIFO, SLOT_MODELS, build_workloads, describe_merge, switches
 
 #: Whether the lifecycle families are explored with the engine's notices (engine-side patch on; ordered mode only,
@@ -119,7 +120,7 @@ def _configs(workload, mode, exploration, rank_counts, slot_model) -> Dict[int, 
         reason = NOTICES_OFF_LIMIT
     for nranks in rank_counts:
         result = check_config(
-            workload, mode, exploration.outcomes, exploration.merges, nranks, divergences, slot_model
+            workload, mode, exploration.outcomes, exploration.interleavings, nranks, divergences, slot_model
         )
         for counterexample in result.counterexamples:
             counterexample.limit_reason = reason
@@ -253,7 +254,8 @@ def explore(
                         else:
                             row.limitations += limit
                             row.violations += not limit
-                        key = (counterexample.kind, counterexample.shape, is_lifecycle, noticed)
+                        # a kind of violation is shown apart from the same kind as a limit, never hidden behind it
+                        key = (counterexample.kind, counterexample.shape, is_lifecycle, noticed, limit)
                         if key not in smallest or _smaller(counterexample, smallest[key]):
                             smallest[key] = counterexample
             done += 1
@@ -353,9 +355,9 @@ def counterexample_json(counterexample: Counterexample) -> dict:
     ranks = []
     for rank, outcome in enumerate(c.rank_outcomes):
         if lifecycle:
-            events = replay_lifecycle(c.workload, c.mode, outcome.witness)
+            events = replay(LifecycleRank(c.workload, c.mode), outcome.witness)
         else:
-            events = replay(c.workload, c.mode, outcome.witness, c.slot_model)
+            events = replay(RaceRank(c.workload, c.mode, c.slot_model), outcome.witness)
         ranks.append(
             {
                 "rank": rank,
@@ -417,7 +419,7 @@ def render_counterexample(counterexample: Counterexample) -> str:
         lines.append(f"  {detail}")
     for rank, outcome in enumerate(c.rank_outcomes):
         lines.append(f"  rank {rank}: merge {describe_merge(outcome.witness)}")
-        for step in replay(c.workload, c.mode, outcome.witness, c.slot_model):
+        for step in replay(RaceRank(c.workload, c.mode, c.slot_model), outcome.witness):
             if step["event"] == "signal":
                 event = f"signal #{step['index']} [{','.join(task_text(task) for task in step['tasks'])}]"
             else:
@@ -449,7 +451,7 @@ def _render_lifecycle_counterexample(c: Counterexample) -> str:
     lines += [f"  {detail}" for detail in c.details]
     for rank, outcome in enumerate(c.rank_outcomes):
         lines.append(f"  rank {rank}: interleaving {outcome.witness} (S signal, C cache info, X take, Y finish send)")
-        lines += [f"    {line}" for line in replay_lifecycle(c.workload, c.mode, outcome.witness)]
+        lines += [f"    {line}" for line in replay(LifecycleRank(c.workload, c.mode), outcome.witness)]
         lines.append("    waits:   " + (", ".join(wait.describe() for wait in outcome.waits) or "-"))
         lines += [f"    {kind}: {detail}" for kind, detail in sorted(outcome.findings)]
     if c.barrier_run is not None:

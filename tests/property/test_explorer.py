@@ -14,7 +14,7 @@ import pytest
 
 from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload
 from fastdeploy_pd_fix.policy.release import OrderedRelease
-from fastdeploy_pd_fix.verify import command, search
+from fastdeploy_pd_fix.verify import command, race_rank
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait, simulate_barriers
 from fastdeploy_pd_fix.verify.checks import (
     DEADLOCK,
@@ -255,7 +255,7 @@ def test_a_timing_dependent_mutant_of_ordered_is_caught(monkeypatch):
             released.batches.reverse()
             return released
 
-    monkeypatch.setattr(search, "make_policy", lambda mode: NewestFirst())
+    monkeypatch.setattr(race_rank, "make_policy", lambda mode: NewestFirst())
     families = [(f, w) for f, w in build_workloads(quick=True) if f in ("1req", "2req")]
     report = explore("ordered", families=families, progress=False)
     assert report.violations > 0

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from fastdeploy_pd_fix.engine_history.occupancy import IMMEDIATE, LATE, NEVER, NONE, NORMAL, Occupancy
 from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload, build, with_notices
 from fastdeploy_pd_fix.policy.release import OrderedRelease
-from fastdeploy_pd_fix.verify import command, lifecycle_search
+from fastdeploy_pd_fix.verify import command, lifecycle_rank
 from fastdeploy_pd_fix.verify.checks import (
     DEADLOCK,
     NOTICES_OFF_LIMIT,
@@ -32,7 +32,7 @@ from fastdeploy_pd_fix.verify.checks import (
     WORSE_THAN_UPSTREAM,
 )
 from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
-from fastdeploy_pd_fix.verify.lifecycle_search import LifecycleExplorer, explore_lifecycle_rank
+from fastdeploy_pd_fix.verify.lifecycle_rank import LifecycleRank, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.report import explore
 
 
@@ -115,7 +115,7 @@ def test_a_release_without_send_time_binding_is_caught(monkeypatch):
             released.bindings.clear()
             return released
 
-    monkeypatch.setattr(lifecycle_search, "make_policy", lambda mode: DictRead())
+    monkeypatch.setattr(lifecycle_rank, "make_policy", lambda mode: DictRead())
     families = _families("abort-after-final-signal")
     report = explore("ordered", families=families, rank_counts=(2,), progress=False, notices="on")
     assert report.violations > 0
@@ -130,7 +130,7 @@ def test_a_timing_dependent_release_diverges_in_the_lifecycle_families(monkeypat
             released.bindings.reverse()
             return released
 
-    monkeypatch.setattr(lifecycle_search, "make_policy", lambda mode: NewestFirst())
+    monkeypatch.setattr(lifecycle_rank, "make_policy", lambda mode: NewestFirst())
     report = explore("ordered", families=_families("normal-2slot"), rank_counts=(2,), progress=False, notices="on")
     assert DEADLOCK in {c.kind for c in report.counterexamples}
 
@@ -214,13 +214,13 @@ def lifecycle_workloads(draw) -> LifecycleWorkload:
 def run_schedule(workload: LifecycleWorkload, seed: int, mode: str = "ordered"):
     """Drive one rank through a seeded random interleaving: at each step, one of the enabled actors."""
     chooser = random.Random(seed)
-    explorer = LifecycleExplorer(workload, mode)
-    rank = explorer.start()
+    model = LifecycleRank(workload, mode)
+    rank = model.start()
     while True:
-        actors = explorer.enabled(rank)
+        actors = model.enabled(rank)
         if not actors:
-            return rank, explorer.end_findings(rank)
-        rank = explorer.step(rank, chooser.choice(actors))
+            return rank, model.end_findings(rank)
+        rank = model.step(rank, chooser.choice(actors))
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

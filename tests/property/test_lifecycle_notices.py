@@ -25,8 +25,9 @@ from fastdeploy_pd_fix.engine_history.occupancy import (
 )
 from fastdeploy_pd_fix.engine_history.streams import build, with_notices
 from fastdeploy_pd_fix.verify.checks import NOTICES_OFF_LIMIT, check_config, cross_rank_divergences
+from fastdeploy_pd_fix.verify.explorer import replay
 from fastdeploy_pd_fix.verify.lifecycle import lifecycle_families
-from fastdeploy_pd_fix.verify.lifecycle_search import explore_lifecycle_rank, replay_lifecycle
+from fastdeploy_pd_fix.verify.lifecycle_rank import LifecycleRank, explore_lifecycle_rank
 from fastdeploy_pd_fix.verify.report import NOTICES_BOTH, explore
 
 #: Design doc section 4: the smallest counterexample of each feature the two streams cannot decide.
@@ -120,7 +121,7 @@ def test_the_fence_is_necessary():
             fenced = explore_lifecycle_rank(workload, "ordered")
             assert not cross_rank_divergences(fenced.outcomes), workload.describe()
             unfenced = explore_lifecycle_rank(workload, "ordered", fence=False)
-            result = check_config(workload, "ordered", unfenced.outcomes, unfenced.merges, 2)
+            result = check_config(workload, "ordered", unfenced.outcomes, unfenced.interleavings, 2)
             if result.counterexamples:
                 found[family] += 1
                 assert workload.features & {ABORT_BEFORE_SIGNAL_REUSE, NEXT_STARTS_AT_ABORTED_END}
@@ -140,5 +141,5 @@ def test_a_drop_and_a_release_of_the_same_content_in_one_call_are_told_apart():
     assert workload.describe().endswith("C: P(B) ABORT(B,4) P(C) D(C) P(D) D(D)")
     exploration = explore_lifecycle_rank(workload, "ordered")
     assert [outcome.findings for outcome in exploration.outcomes] == [frozenset()]
-    steps = replay_lifecycle(workload, "ordered", "SSCCSCCCCXYXY")
+    steps = replay(LifecycleRank(workload, "ordered"), "SSCCSCCCCXYXY")
     assert steps[8].endswith("batch [(1, 4)]; batch [(0, 4)]; drop (0, 4)"), steps[8]

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from support.release_events import logged_decisions
 
+from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
 from fastdeploy_pd_fix.plugin.messager.patch import patch_class, unpatch_class
 from fastdeploy_pd_fix.policy import notice
 from fastdeploy_pd_fix.policy.decision import ABANDONED, COUNTED_BEFORE, REGISTERED_REQUEST, Decision
@@ -276,15 +277,6 @@ class HostileMessager:
 # ---- the script generator ----
 
 
-@dataclass(frozen=True)
-class Request:
-    request_id: str
-    slot: int
-    need: int
-    chunks: Tuple[int, ...]  # cumulative token numbers, the last one == need
-    valid: bool  # its completed task is a well-formed registration
-
-
 GOOD_NEED_FORMS = (int, np.int64, float)  # all stand for the same integral number
 BAD_NEEDS = ("8", 4.5, -3, 0, None, [4], float("inf"), float("nan"))
 BAD_SLOTS = ("1", -1, 1.5, None)
@@ -320,7 +312,8 @@ def requests_and_reads(draw):
             parts += [prefill, decode]
         if shape == "duplicate":  # a repeated part completes the same task again, now or after later requests
             (parts if draw(st.booleans()) else late_parts).append(draw(st.sampled_from([prefill, decode])))
-        requests.append(Request(request_id, slot, need, chunks, valid and shape != "half"))
+        # an engine history's request; it registers iff its completed task is a well-formed registration
+        requests.append(prefill_request(request_id, slot, chunks, registers=valid and shape != "half"))
     parts += late_parts
     reads, position = [], 0
     while position < len(parts):  # cut the parts into reads, with empty reads in between
@@ -333,22 +326,22 @@ def requests_and_reads(draw):
 
 
 @st.composite
-def triples_of_step(draw, requests: List[Request], progress: Dict[str, int]):
+def triples_of_step(draw, requests: List[Occupancy], progress: Dict[str, int]):
     """The tasks of one engine step: next chunks, repeated or shrinking chunks, and garbage triples."""
     triples = []
     for _ in range(draw(st.integers(1, 4))):
         request = draw(st.sampled_from(requests))
         done = progress[request.request_id]
         kind = draw(st.sampled_from(["next", "next", "next", "repeat", "shrink", "garbage"]))
-        if kind == "next" and done < len(request.chunks):
-            start = request.chunks[done - 1] if done else 0
-            triples.append((request.slot, start, request.chunks[done] - start))
+        if kind == "next" and done < len(request.ends):
+            start = request.ends[done - 1] if done else 0
+            triples.append((request.slot, start, request.ends[done] - start))
             progress[request.request_id] = done + 1
         elif kind == "repeat" and done:  # the chunk just signalled, once more
-            start = request.chunks[done - 2] if done > 1 else 0
-            triples.append((request.slot, start, request.chunks[done - 1] - start))
+            start = request.ends[done - 2] if done > 1 else 0
+            triples.append((request.slot, start, request.ends[done - 1] - start))
         elif kind == "shrink" and done:
-            triples.append((request.slot, 0, draw(st.integers(1, request.chunks[done - 1]))))
+            triples.append((request.slot, 0, draw(st.integers(1, request.ends[done - 1]))))
         else:
             triples.append(
                 (draw(small_or_extreme(-1, NUM_SLOTS)), draw(small_or_extreme(-2, 12)), draw(small_or_extreme(-2, 12)))
@@ -365,7 +358,7 @@ def kv_buffer(count: int, layer: int, triples) -> np.ndarray:
 
 
 @st.composite
-def signal_events(draw, requests: List[Request]):
+def signal_events(draw, requests: List[Occupancy]):
     """Op results: valid and mixed layer-0 signals, other layers, no signal, malformed headers and op errors."""
     progress = {request.request_id: 0 for request in requests}
     events = []
@@ -418,7 +411,7 @@ class Outcome:
     progress: List[dict] = field(default_factory=lambda: [dict() for _ in range(NUM_SLOTS)])
 
 
-def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
+def expected_outcome(requests: List[Occupancy], trace: List[tuple]) -> Outcome:
     """Replay what the loops saw, in processing order, through OrderedRelease with only the valid items."""
     by_id = {request.request_id: request for request in requests}
     release, outcome = OrderedRelease(), Outcome()
@@ -445,7 +438,7 @@ def expected_outcome(requests: List[Request], trace: List[tuple]) -> Outcome:
         elif entry[0] == "store":
             _, slot, request_id = entry
             request = by_id[request_id]
-            if not request.valid:
+            if not request.registers:
                 outcome.rejected_slots.append(slot)
                 continue
             if request_id in counted:

@@ -1,6 +1,6 @@
-"""One rank through the slot lifecycle: signal thread x registration thread x send thread, every interleaving.
+"""The slot-lifecycle families' rank model for the explorer (:mod:`.explorer`): signal, registration and send threads.
 
-The classic explorer (:mod:`.search`) assumes that the send thread sends a batch the moment it is released. Here the
+The race families' model (:mod:`.race_rank`) has the send thread send a batch the moment it is released. Here the
 send thread is an actor of its own, with two steps: *take* (take the oldest queued batch, wait on
 ``begin_send_cache_barrier`` and read, for each task, the registration to send with) and *finish* (for each task
 that completes its request: wait on ``finish_send_cache_barrier``, report the request finished, and clean its
@@ -14,9 +14,9 @@ What the send thread reads:
 * ``upstream`` and ``pr7872``: ``idx_cache_task_dict[slot]`` at send time, a plain dict that holds every completed
   registration (stale repeats included) and loses the slot's entry at every cleanup.
 
-Every interleaving of the three actors that the engine gates allow (:mod:`.lifecycle`) is explored, memoised on the
-whole rank state; each distinct end is an :class:`~.checks.Outcome`, weighted by the interleavings reaching it, so
-that the cross-rank checks of :mod:`.checks` apply unchanged. Per-rank findings (ground truth from the workload):
+The explorer takes every interleaving of the three actors that the engine gates allow (:mod:`.lifecycle`); each
+distinct end is an :class:`~.checks.Outcome`, weighted by the interleavings reaching it, so that the cross-rank
+checks of :mod:`.checks` apply unchanged. Per-rank findings (ground truth from the workload):
 
 * ``send-binding`` / ``send-early`` (invariant 6): a task is sent with another request's registration; *early*
   when that request had not computed the chunk yet (its blocks go out before they exist);
@@ -52,11 +52,10 @@ from fastdeploy_pd_fix.verify.checks import (
     SEND_EARLY,
     SEND_MISSING,
     STUCK,
-    Outcome,
 )
+from fastdeploy_pd_fix.verify.explorer import OutcomeKey, RankExploration, explore
 from fastdeploy_pd_fix.verify.models import clone_policy, make_policy, policy_snapshot
-from fastdeploy_pd_fix.verify.search import RankExploration
-from fastdeploy_pd_fix.verify.workloads import batch_bindings, switches
+from fastdeploy_pd_fix.verify.workloads import batch_bindings
 
 SIGNAL, CACHE_INFO, TAKE, FINISH_SEND = "S", "C", "X", "Y"
 ACTORS = {SIGNAL: "signal thread", CACHE_INFO: "registration thread", TAKE: "send: take", FINISH_SEND: "send: finish"}
@@ -65,7 +64,7 @@ ACTORS = {SIGNAL: "signal thread", CACHE_INFO: "registration thread", TAKE: "sen
 Read = Optional[Tuple[str, int]]
 
 
-class LifecycleRank:
+class LifecycleState:
     """One rank's state: the policy, stream positions, the queue and the send thread, the modelled dicts, outputs."""
 
     __slots__ = (
@@ -83,7 +82,6 @@ class LifecycleRank:
         "waits",
         "sent",
         "findings",
-        "trace",
     )
 
     def key(self) -> tuple:
@@ -104,8 +102,8 @@ class LifecycleRank:
             self.findings,
         )
 
-    def branch(self, actor: str) -> "LifecycleRank":
-        twin = LifecycleRank()
+    def branch(self) -> "LifecycleState":
+        twin = LifecycleState()
         twin.policy = clone_policy(self.policy)
         twin.signals_fed, twin.cache_fed, twin.queue, twin.holding = (
             self.signals_fed,
@@ -116,13 +114,12 @@ class LifecycleRank:
         twin.task_dict, twin.cache_info, twin.finished = dict(self.task_dict), set(self.cache_info), set(self.finished)
         twin.unmatched, twin.sent = dict(self.unmatched), dict(self.sent)
         twin.batches, twin.drops, twin.waits, twin.findings = self.batches, self.drops, self.waits, self.findings
-        twin.trace = self.trace + actor
         return twin
 
 
-class LifecycleExplorer:
-    """Every interleaving of one rank's three actors over one workload, for one release mode (with the fence gate
-    on a workload with notices, unless ``fence`` is False)."""
+class LifecycleRank:
+    """One rank of a lifecycle workload: the :class:`~.explorer.RankModel` of its three actors, for one release mode
+    (with the fence gate on a workload with notices, unless ``fence`` is False)."""
 
     def __init__(self, workload: LifecycleWorkload, mode: str, fence: bool = True):
         self.workload = workload
@@ -139,19 +136,21 @@ class LifecycleExplorer:
             max([aborts[j] + 1 for j in self.earlier[i] if j in aborts] or [0]) if fence else 0
             for i in range(len(self.occupancies))
         ]
-        self.memo: Dict[tuple, Dict[tuple, list]] = {}
 
-    def start(self) -> LifecycleRank:
-        rank = LifecycleRank()
+    def start(self) -> LifecycleState:
+        rank = LifecycleState()
         rank.policy = make_policy(self.mode)
         rank.signals_fed = rank.cache_fed = 0
         rank.queue, rank.holding = (), None
         rank.task_dict, rank.cache_info, rank.finished, rank.unmatched, rank.sent = {}, set(), set(), {}, {}
-        rank.batches, rank.drops, rank.waits, rank.findings, rank.trace = (), (), (), frozenset(), ""
+        rank.batches, rank.drops, rank.waits, rank.findings = (), (), (), frozenset()
         return rank
 
+    def key(self, rank: LifecycleState) -> tuple:
+        return rank.key()
+
     # -- engine gates and enabled actors ------------------------------------------------------------------------
-    def _admitted(self, rank: LifecycleRank, occupancy: int) -> bool:
+    def _admitted(self, rank: LifecycleState, occupancy: int) -> bool:
         """The engine has freed the slot for ``occupancy``: every earlier transferring request on it finished (and,
         with the fence, this rank handled every earlier ABORT on it)."""
         return rank.cache_fed >= self.fence[occupancy] and all(
@@ -160,7 +159,7 @@ class LifecycleExplorer:
             if self.occupancies[j].transfers
         )
 
-    def enabled(self, rank: LifecycleRank) -> List[str]:
+    def enabled(self, rank: LifecycleState) -> List[str]:
         actors = []
         workload = self.workload
         if rank.signals_fed < len(workload.signals):
@@ -175,8 +174,8 @@ class LifecycleExplorer:
         return actors
 
     # -- the actors ---------------------------------------------------------------------------------------------
-    def step(self, rank: LifecycleRank, actor: str) -> LifecycleRank:
-        rank = rank.branch(actor)
+    def step(self, rank: LifecycleState, actor: str) -> LifecycleState:
+        rank = rank.branch()
         try:
             if actor == SIGNAL:
                 self._signal(rank)
@@ -190,10 +189,10 @@ class LifecycleExplorer:
             rank.findings = rank.findings | {(CRASH, f"{type(error).__name__}: {error}")}
         return rank
 
-    def _registered(self, rank: LifecycleRank) -> Dict[int, int]:
+    def _registered(self, rank: LifecycleState) -> Dict[int, int]:
         return {slot: need for slot, (_, need) in rank.task_dict.items()}
 
-    def _signal(self, rank: LifecycleRank) -> None:
+    def _signal(self, rank: LifecycleState) -> None:
         index = rank.signals_fed
         rank.signals_fed += 1
         tasks = self.workload.signals[index]
@@ -201,7 +200,7 @@ class LifecycleExplorer:
             rank.unmatched[slot] = rank.unmatched.get(slot, ()) + ((end, tid),)
         self._publish(rank, rank.policy.add_signal(tasks, self._registered(rank)))
 
-    def _cache_info(self, rank: LifecycleRank) -> None:
+    def _cache_info(self, rank: LifecycleState) -> None:
         kind, index = self.workload.cache[rank.cache_fed]
         if rank.cache_fed == 0:
             rank.policy, handed_over = policy_after_first_read(
@@ -224,7 +223,7 @@ class LifecycleExplorer:
             notice = orphan_notice(occupancy.slot, occupancy.request_id, occupancy.need)
             self._publish(rank, rank.policy.add_notice(notice, self._registered(rank)))
 
-    def _match(self, rank: LifecycleRank, slot: int, end: int, signal: Optional[int] = None) -> Optional[int]:
+    def _match(self, rank: LifecycleState, slot: int, end: int, signal: Optional[int] = None) -> Optional[int]:
         """Which delivered task a released or dropped ``(slot, end)`` is: the task of layer-0 signal ``signal`` on
         ``slot`` when the policy says which signal a batch is (``Released.signal_numbers``); else, as the ordered
         policy decides strictly in signal order, the earliest unmatched one (a latest-per-slot pending buffer
@@ -242,7 +241,7 @@ class LifecycleExplorer:
         rank.unmatched[slot] = entries[:position] + entries[position + 1 :]
         return entries[position][1]
 
-    def _publish(self, rank: LifecycleRank, released: Released) -> None:
+    def _publish(self, rank: LifecycleState, released: Released) -> None:
         """Record what one call released. Batches are matched first, each to its own signal's tasks where the
         policy numbers them, so that a drop of one call is not taken for a later signal's released task with the
         same content."""
@@ -268,7 +267,7 @@ class LifecycleExplorer:
         rank.drops = rank.drops + tuple((drop.slot, drop.prefilled_token_num) for drop in released.drops)
         rank.findings = frozenset(findings)
 
-    def _computed(self, rank: LifecycleRank, request_id: str, end: int) -> bool:
+    def _computed(self, rank: LifecycleState, request_id: str, end: int) -> bool:
         """Whether ``request_id`` had computed its chunk ending at ``end`` (a signal of it delivered so far)."""
         workload = self.workload
         return any(
@@ -277,7 +276,7 @@ class LifecycleExplorer:
             for task, tid in zip(tasks, tids)
         )
 
-    def _take(self, rank: LifecycleRank) -> None:
+    def _take(self, rank: LifecycleState) -> None:
         batch, rank.queue = rank.queue[0], rank.queue[1:]
         findings = set(rank.findings)
         reads = []
@@ -303,7 +302,7 @@ class LifecycleExplorer:
         rank.holding = tuple(reads)
         rank.findings = frozenset(findings)
 
-    def _finish(self, rank: LifecycleRank) -> None:
+    def _finish(self, rank: LifecycleState) -> None:
         waits = []
         for slot, end, read in rank.holding:
             if read is None or end != read[1]:
@@ -316,8 +315,8 @@ class LifecycleExplorer:
         rank.waits = rank.waits + tuple(waits)
         rank.holding = None
 
-    # -- the search ---------------------------------------------------------------------------------------------
-    def end_findings(self, rank: LifecycleRank) -> frozenset:
+    # -- the end ------------------------------------------------------------------------------------------------
+    def end_findings(self, rank: LifecycleState) -> frozenset:
         findings = set(rank.findings)
         workload = self.workload
         if rank.signals_fed < len(workload.signals) or rank.cache_fed < len(workload.cache):
@@ -340,65 +339,33 @@ class LifecycleExplorer:
             findings.add((STUCK, f"signal {rank.policy.waiting_signals()[0]} is held for ever"))
         return frozenset(findings)
 
-    def outcomes(self, rank: LifecycleRank) -> Dict[tuple, list]:
-        """Outcome key -> [interleavings reaching it, shortest-switching witness trace], from ``rank`` on."""
-        key = rank.key()
-        known = self.memo.get(key)
-        if known is not None:
-            return known
-        actors = self.enabled(rank)
-        if not actors:
-            result = {(rank.batches, rank.drops, rank.waits, self.end_findings(rank)): [1, rank.trace]}
+    def outcome(self, rank: LifecycleState) -> OutcomeKey:
+        return (rank.batches, rank.drops, rank.waits, self.end_findings(rank))
+
+    def describe(self, position: int, before: LifecycleState, actor: str, after: LifecycleState) -> str:
+        """One line: the actor, what it handled, and what came out of it."""
+        workload = self.workload
+        if actor == SIGNAL:
+            event = "signal " + ",".join(f"({s},{o}-{e})" for s, o, e in workload.signals[before.signals_fed])
+        elif actor == CACHE_INFO:
+            kind, index = workload.cache[before.cache_fed]
+            if kind in (PREFILL_PART, DECODE_PART):
+                event = f"{kind}-part of {workload.occupancies[index].request_id}"
+            else:
+                event = "notice " + workload.event_text(before.cache_fed)
+        elif actor == TAKE:
+            event = "take " + ",".join(f"({slot},{end})" for slot, end, _, _ in before.queue[0])
         else:
-            result = {}
-            for actor in actors:
-                for outcome, (count, trace) in self.outcomes(self.step(rank, actor)).items():
-                    if outcome in result:
-                        result[outcome][0] += count
-                        result[outcome][1] = min(result[outcome][1], trace, key=lambda t: (switches(t), t))
-                    else:
-                        result[outcome] = [count, trace]
-        self.memo[key] = result
-        return result
+            event = "finish " + ",".join(
+                f"({slot},{end}) as {read[0] if read else '-'}" for slot, end, read in before.holding
+            )
+        out = [f"batch {list(batch)}" for batch in after.batches[len(before.batches) :]]
+        out += [f"drop {drop}" for drop in after.drops[len(before.drops) :]]
+        if actor == TAKE:
+            out.append("reads " + ", ".join(read[0] if read else "nothing" for _, _, read in after.holding))
+        return f"{position:>2} {ACTORS[actor]:<19} {event:<34} -> {'; '.join(out) or '-'}"
 
 
 def explore_lifecycle_rank(workload: LifecycleWorkload, mode: str, fence: bool = True) -> RankExploration:
     """All outcomes of one rank over every interleaving of its three actors."""
-    explorer = LifecycleExplorer(workload, mode, fence)
-    results = explorer.outcomes(explorer.start())
-    outcomes = [
-        Outcome(batches, drops, waits, findings, count, trace)
-        for (batches, drops, waits, findings), (count, trace) in results.items()
-    ]
-    outcomes.sort(key=lambda o: (switches(o.witness), o.witness))
-    return RankExploration(outcomes, sum(o.weight for o in outcomes), len(explorer.memo))
-
-
-def replay_lifecycle(workload: LifecycleWorkload, mode: str, trace: str) -> List[str]:
-    """Re-run one interleaving and describe, step by step, what each actor did."""
-    explorer = LifecycleExplorer(workload, mode)
-    rank = explorer.start()
-    lines = []
-    for position, actor in enumerate(trace):
-        if actor == SIGNAL:
-            event = "signal " + ",".join(f"({s},{o}-{e})" for s, o, e in workload.signals[rank.signals_fed])
-        elif actor == CACHE_INFO:
-            kind, index = workload.cache[rank.cache_fed]
-            if kind in (PREFILL_PART, DECODE_PART):
-                event = f"{kind}-part of {workload.occupancies[index].request_id}"
-            else:
-                event = "notice " + workload.event_text(rank.cache_fed)
-        elif actor == TAKE:
-            event = "take " + ",".join(f"({slot},{end})" for slot, end, _, _ in rank.queue[0])
-        else:
-            event = "finish " + ",".join(
-                f"({slot},{end}) as {read[0] if read else '-'}" for slot, end, read in rank.holding
-            )
-        before = (len(rank.batches), len(rank.drops), len(rank.findings))
-        rank = explorer.step(rank, actor)
-        out = [f"batch {list(batch)}" for batch in rank.batches[before[0] :]]
-        out += [f"drop {drop}" for drop in rank.drops[before[1] :]]
-        if actor == TAKE:
-            out.append("reads " + ", ".join(read[0] if read else "nothing" for _, _, read in rank.holding))
-        lines.append(f"{position:>2} {ACTORS[actor]:<19} {event:<34} -> {'; '.join(out) or '-'}")
-    return lines
+    return explore(LifecycleRank(workload, mode, fence))
