@@ -57,10 +57,10 @@ def upstream_release_times(workload: Workload) -> Tuple[Dict[Tuple[str, int], fl
     for batch in drive_release(UPSTREAM, workload).batches:
         for task in batch.batch:
             owner, _ = owners.take(task)
-            for chunk_end in owner.chunk_ends:  # a collapsed batch also carries the chunks before it
+            for chunk_end in owner.occupancy.ends:  # a collapsed batch also carries the chunks before it
                 if chunk_end <= task[1]:
-                    released.setdefault((owner.request_id, chunk_end), batch.time_ms)
-            waits.append(batch.time_ms - signal_time[(owner.request_id, task[1])])
+                    released.setdefault((owner.occupancy.request_id, chunk_end), batch.time_ms)
+            waits.append(batch.time_ms - signal_time[(owner.occupancy.request_id, task[1])])
     return released, waits
 
 

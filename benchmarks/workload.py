@@ -7,7 +7,8 @@ registered (``_add_cache_task_thread`` completes its transfer task) ``registrati
 A slot goes to the next request only once its request has run its final chunk and has been registered: the engine
 keeps a slot until its transfer is done, and the transfer needs the registration. Registrations of one slot
 therefore arrive in scheduling order, as they do in FastDeploy. The requests are an engine history of the model
-(:mod:`fastdeploy_pd_fix.engine_history`), which derives the signals and the explorer's form of the two streams.
+(:mod:`fastdeploy_pd_fix.engine_history`), each occupancy timed (:class:`TimedRequest`); the model derives the signals
+and the explorer's form of the two streams.
 
 :func:`drive_release` feeds the merged, time-ordered streams to the real release policies of
 :mod:`fastdeploy_pd_fix.policy.release` through the one-rank driver the explorer uses
@@ -25,34 +26,21 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix.engine_history import streams
 from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
-from fastdeploy_pd_fix.policy.release import Batch, Registration, SignalTask, Task, make_release
+from fastdeploy_pd_fix.policy.release import Batch, SignalTask, Task, make_release
 from fastdeploy_pd_fix.verify.workloads import DICT, REGISTRATION_EVENT, SIGNAL_EVENT, drive
 
 
 @dataclass(frozen=True)
-class Request:
-    """One prefill request: its slot, when it was scheduled, its chunks, and how late it registers."""
+class TimedRequest:
+    """One request of the engine history, timed: when it was scheduled and how late it registers."""
 
-    request_id: str
-    slot: int
+    occupancy: Occupancy  # computed from token 0, completing normally
     scheduled_ms: float
-    chunk_ends: Tuple[int, ...]  # prefilled_token_num after each chunk; the last one is need_prefill_tokens
     registration_delay_ms: float
-
-    @property
-    def need_prefill_tokens(self) -> int:
-        return self.chunk_ends[-1]
 
     @property
     def registered_ms(self) -> float:
         return self.scheduled_ms + self.registration_delay_ms
-
-    def occupancy(self) -> Occupancy:
-        """The request in the engine history: computed from token 0, completing normally."""
-        return prefill_request(self.request_id, self.slot, self.chunk_ends)
-
-    def registration(self) -> Registration:
-        return self.occupancy().registration()
 
 
 @dataclass(frozen=True)
@@ -76,14 +64,14 @@ class Event:
     time_ms: float
     kind: str  # SIGNAL_EVENT or REGISTRATION_EVENT
     signal: Optional[Signal] = None
-    request: Optional[Request] = None
+    request: Optional[TimedRequest] = None
 
 
 @dataclass
 class Workload:
     """The two streams: requests (whose registrations form one stream) and layer-0 signals (the other)."""
 
-    requests: List[Request]
+    requests: List[TimedRequest]
     signals: List[Signal]
 
     def events(self) -> List[Event]:
@@ -101,10 +89,12 @@ class Workload:
     def streams(self, events: List[Event]) -> streams.Workload:
         """The two streams as the explorer's workloads hold them, registrations in the order of ``events``."""
         return streams.Workload(
-            requests=tuple(request.occupancy() for request in self.requests),
+            requests=tuple(request.occupancy for request in self.requests),
             signals=tuple(signal.tasks for signal in self.signals),
             origins=tuple(signal.owners for signal in self.signals),
-            registrations=tuple(event.request.registration() for event in events if event.kind == REGISTRATION_EVENT),
+            registrations=tuple(
+                event.request.occupancy.registration() for event in events if event.kind == REGISTRATION_EVENT
+            ),
         )
 
 
@@ -129,7 +119,7 @@ def make_workload(spec: WorkloadSpec) -> Workload:
     engine history and its schedule are timed here; the signals they make come from the model
     (:func:`fastdeploy_pd_fix.engine_history.streams.schedule_signals`)."""
     rng = random.Random(spec.seed)
-    requests: List[Request] = []
+    requests: List[TimedRequest] = []
     schedule: List[List[Tuple[int, int]]] = []  # per signal: (request index, chunk index), in batch order
     times_ms: List[float] = []
     free_from: Dict[int, float] = {}  # used slot -> time from which it may be scheduled again
@@ -138,7 +128,7 @@ def make_workload(spec: WorkloadSpec) -> Workload:
     while step < spec.steps or active:
         start_ms = step * spec.step_ms
         if step < spec.steps:
-            busy = {requests[index].slot for index, _ in active}
+            busy = {requests[index].occupancy.slot for index, _ in active}
             while len(active) < spec.requests_per_step:
                 slot = _lowest_free_slot(free_from, busy, start_ms, spec.num_slots)
                 if slot is None:
@@ -154,11 +144,11 @@ def make_workload(spec: WorkloadSpec) -> Workload:
                 entry[1] += 1
             for index, chunk in active:
                 request = requests[index]
-                if chunk == len(request.chunk_ends):
-                    free_from[request.slot] = max(time_ms, request.registered_ms)
-            active = [entry for entry in active if entry[1] < len(requests[entry[0]].chunk_ends)]
+                if chunk == len(request.occupancy.ends):
+                    free_from[request.occupancy.slot] = max(time_ms, request.registered_ms)
+            active = [entry for entry in active if entry[1] < len(requests[entry[0]].occupancy.ends)]
         step += 1
-    tasks, owners = streams.schedule_signals([request.occupancy() for request in requests], schedule)
+    tasks, owners = streams.schedule_signals([request.occupancy for request in requests], schedule)
     signals = [Signal(number, time_ms, tasks[number], owners[number]) for number, time_ms in enumerate(times_ms)]
     return Workload(requests, signals)
 
@@ -172,31 +162,33 @@ def _lowest_free_slot(free_from: Dict[int, float], busy, start_ms: float, num_sl
     return next_unused if next_unused < num_slots else None
 
 
-def _new_request(rng: random.Random, spec: WorkloadSpec, request_id: str, slot: int, scheduled_ms: float) -> Request:
+def _new_request(
+    rng: random.Random, spec: WorkloadSpec, request_id: str, slot: int, scheduled_ms: float
+) -> TimedRequest:
     num_chunks = rng.choices(range(1, len(spec.chunk_weights) + 1), weights=spec.chunk_weights)[0]
     last_chunk = rng.randint(64, spec.chunk_tokens)
     chunk_ends = tuple(spec.chunk_tokens * index for index in range(1, num_chunks)) + (
         spec.chunk_tokens * (num_chunks - 1) + last_chunk,
     )
     delay_ms = rng.lognormvariate(math.log(spec.delay_median_ms), spec.delay_sigma)
-    return Request(request_id, slot, scheduled_ms, chunk_ends, delay_ms)
+    return TimedRequest(prefill_request(request_id, slot, chunk_ends), scheduled_ms, delay_ms)
 
 
 class SlotOwners:
     """Which request a released task belongs to: per slot, requests in scheduling order, the oldest unfinished."""
 
-    def __init__(self, requests: List[Request]):
-        self._queues: Dict[int, Deque[Request]] = {}
+    def __init__(self, requests: List[TimedRequest]):
+        self._queues: Dict[int, Deque[TimedRequest]] = {}
         for request in sorted(requests, key=lambda r: r.scheduled_ms):
-            self._queues.setdefault(request.slot, deque()).append(request)
+            self._queues.setdefault(request.occupancy.slot, deque()).append(request)
 
-    def take(self, task: Task) -> Tuple[Request, bool]:
+    def take(self, task: Task) -> Tuple[TimedRequest, bool]:
         """The owner of ``task`` and whether the task is its final chunk (then the slot moves on)."""
         slot, prefilled_token_num = task
         owner = self._queues[slot][0]
-        if prefilled_token_num > owner.need_prefill_tokens:
-            raise ValueError(f"task {task} exceeds need_prefill_tokens of {owner.request_id}")
-        final = prefilled_token_num == owner.need_prefill_tokens
+        if prefilled_token_num > owner.occupancy.need:
+            raise ValueError(f"task {task} exceeds need_prefill_tokens of {owner.occupancy.request_id}")
+        final = prefilled_token_num == owner.occupancy.need
         if final:
             self._queues[slot].popleft()
         return owner, final
