@@ -41,8 +41,8 @@ WAVES = [[60, 700, 100], [1100, 60], [300, 900, 30], [1600, 200, 60]]
 WORKLOAD = {
     f"latency-{episode}": {
         "waves": [
-            [
-                {"id": f"lat-{episode}-{wave}-{index}", "prompt": prompt, "routed": True}
+            [  # every slot free: each wave is admitted once the one before ended
+                slice_scenarios.routed_request(f"lat-{episode}-{wave}-{index}", index, prompt)
                 for index, prompt in enumerate(row)
             ]
             for wave, row in enumerate(WAVES)

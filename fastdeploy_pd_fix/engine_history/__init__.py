@@ -1,7 +1,8 @@
 """Engine histories: what a prefill instance computes on its slots, as data, and everything derived from it.
 
 One model of the engine, shared by the explorer (:mod:`fastdeploy_pd_fix.verify`), the stand-in scenarios, the
-stress generator, the benchmarks and the tests:
+engine slice's scenarios (played on a release's real engine, which must reproduce them), the stress generator, the
+benchmarks and the tests:
 
 * :mod:`.occupancy`: a history is a sequence of occupancies, each one request computed on one slot (first chunk
   offset, chunk ends, whether it registers, its fate, its D-part timing and repeats); the features of a history that

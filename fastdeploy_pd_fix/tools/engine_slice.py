@@ -53,7 +53,7 @@ from fastdeploy_pd_fix.target import (
     UPSTREAMED_PATH,
 )
 from fastdeploy_pd_fix.tools import preflight_tree
-from fastdeploy_pd_fix.tools.slice_scenarios import NRANKS, SCENARIOS, WAVES, run_key
+from fastdeploy_pd_fix.tools.slice_scenarios import CHUNK_TOKENS, NRANKS, SCENARIOS, WAVES, run_key
 
 PACKAGE = preflight_tree.PACKAGE
 #: The prefill prepare thread's fetch (#7724 on): the engine admits a request with ``add_request_in_p`` there.
@@ -265,6 +265,7 @@ def run_with_messagers(
         "script": str(work / "tree" / SCRIPT_PATH),
         "log_dir": str(work / name),
         "interleaving": _episode_interleaving(episodes, nranks),
+        "chunk_tokens": CHUNK_TOKENS,
     }
     spec = {"modules": files.roles, "nranks": nranks, "episodes": episodes, "messager": messager}
     started = time.monotonic()
@@ -278,14 +279,34 @@ def run_with_messagers(
     return result
 
 
+def history_problems(run: dict, waves: List[List[dict]], computed: bool = True) -> List[str]:
+    """Where the release's engine did not play the engine history of ``waves`` (empty: it did) in ``run`` (an episode
+    or a mailbox readers' run): every request it admitted is on its history's slot (the history's slot ``n`` is the
+    ``n``-th lowest slot free when the run started) and, with ``computed``, was computed in the history's chunks."""
+    free, problems = run.get("free_slots") or [], []
+    for spec in (spec for wave in waves for spec in wave):
+        request_id = spec["id"]
+        if request_id in run["slots"]:
+            expected = free[spec["slot"]] if spec["slot"] < len(free) else None
+            if run["slots"][request_id] != expected:
+                problems.append(
+                    f"{request_id}: on slot {run['slots'][request_id]}, the history's slot {spec['slot']} is "
+                    f"{'slot ' + str(expected) if expected is not None else 'not free'} (free at the start: {free})"
+                )
+        chunk_ends = run.get("chunk_ends", {}).get(request_id, [])
+        if computed and chunk_ends != spec["ends"]:
+            problems.append(f"{request_id}: computed in chunks ending at {chunk_ends}, the history's {spec['ends']}")
+    return problems
+
+
 def judge_messagers(episode: dict, name: str, scenarios: Dict[str, dict] = SCENARIOS) -> List[str]:
     """What is wrong with one episode of real messagers (empty: nothing): it must have finished (every routed
     request's transfer reported finished through ``get_finished_req`` and its slot freed, but those whose prepare
-    thread failed), every rank took the same batches, and no send broke the ground truth (the task read is the
-    request whose chunk the batch carries, computed)."""
+    thread failed) as the scenario's engine history says (:func:`history_problems`), every rank took the same batches,
+    and no send broke the ground truth (the task read is the request whose chunk the batch carries, computed)."""
     if episode["outcome"] != "finished":
         return [f"{episode['outcome']}: {episode['error']}"]
-    problems = []
+    problems = history_problems(episode, scenarios[name]["waves"])
     ranks = episode["ranks"]
     batches = [reports["batch"] for reports in ranks.values()]
     if any(sequence != batches[0] for sequence in batches):
@@ -312,13 +333,15 @@ def _notices(items: List[dict]) -> List[dict]:
 
 
 def judge(result: dict, waves=WAVES, notices_expected: bool = True) -> List[str]:
-    """What is wrong with one slice run (empty: nothing). Every rank read the same items, the first of them the
-    engine's announcement; every routed request was registered once, on its slot, with its prompt length; every
+    """What is wrong with one slice run (empty: nothing). Every request was admitted on its history's slot
+    (:func:`history_problems`; the readers' run computes nothing); every rank read the same items, the first of them
+    the engine's announcement; every routed request was registered once, on its slot, with its prompt length; every
     orphan was announced once, on its slot, before the registration of a later wave's request on that slot
     (``notices_expected`` False: no notice at all)."""
     if result.get("error"):
         return [result["error"]]
-    problems = [f"rank {rank}: {error}" for rank, error in enumerate(result["rank_errors"]) if error]
+    problems = history_problems(result, waves, computed=False)
+    problems += [f"rank {rank}: {error}" for rank, error in enumerate(result["rank_errors"]) if error]
     streams = result["ranks"]
     if any(stream != streams[0] for stream in streams):
         problems.append("the ranks read different streams")

@@ -1,23 +1,61 @@
 """The engine slice's scenarios (:mod:`fastdeploy_pd_fix.tools.engine_slice`): :data:`WAVES` for its mailbox
 readers, :data:`SCENARIOS` for real messager ranks, and the groups of them that share one slice run
 (:data:`RUN_GROUPS`, :func:`ordered_groups`). Data only, and what decides which scenarios can share a run.
+
+Each scenario's requests are an engine history of the model (:mod:`fastdeploy_pd_fix.engine_history`), handed to the
+release's real engine with the stimulus that makes it play that history (:func:`admission`); the slice checks that the
+engine did: each request on its slot, computed in its chunks.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from fastdeploy_pd_fix.engine_history.occupancy import Occupancy, prefill_request
+
 #: Messager ranks reading the mailbox.
 NRANKS = 2
+#: Tokens of a request the slice's worker computes per step (a longer prompt is prefilled in chunks).
+CHUNK_TOKENS = 512
+
+
+def admission(occupancy: Occupancy, **stimulus) -> dict:
+    """One request of a scenario's engine history, as the slice hands it to the scheduler: ``id``, ``prompt`` (its
+    need) and ``routed`` (it registers); the history's ``slot`` and the ``ends`` of the chunks it is computed in (its
+    emitted ones), which the engine must reproduce (:func:`~fastdeploy_pd_fix.tools.engine_slice.history_problems`:
+    the history's slot ``n`` is the ``n``-th lowest slot free when the scenario starts, as the release takes the
+    lowest free one); and the ``stimulus`` keys of :data:`SCENARIOS`."""
+    return {
+        "id": occupancy.request_id,
+        "prompt": occupancy.need,
+        "routed": occupancy.registers,
+        "slot": occupancy.slot,
+        "ends": list(occupancy.ends[: occupancy.emitted]),
+        **stimulus,
+    }
+
+
+def chunk_ends(prompt: int) -> Tuple[int, ...]:
+    """The ends of the chunks the slice's worker computes a prompt in, :data:`CHUNK_TOKENS` per step."""
+    return tuple(range(CHUNK_TOKENS, prompt, CHUNK_TOKENS)) + (prompt,)
+
+
+def routed_request(request_id: str, slot: int, prompt: int, **stimulus) -> dict:
+    """A request that registers, computed from token 0 in the worker's chunks, as :func:`admission` hands it over."""
+    return admission(prefill_request(request_id, slot, chunk_ends(prompt)), **stimulus)
+
+
+def orphan_request(request_id: str, slot: int, prompt: int, **stimulus) -> dict:
+    """A request computed without registering (no ``disaggregate_info``), as :func:`admission` hands it over."""
+    return admission(prefill_request(request_id, slot, chunk_ends(prompt), registers=False), **stimulus)
+
+
 #: The scenario: each wave is one scheduler batch, taken by whichever prepare thread asks first. Wave 1 admits an
 #: orphan and a routed request together (slots 0 and 1); the orphan finishes (it is not transferred), and wave 2's
 #: routed request takes its slot, the lowest free one whether or not routed-1's transfer has finished by then.
 WAVES = [
-    [
-        {"id": "orphan-1", "prompt": 70, "routed": False, "finish": True},
-        {"id": "routed-1", "prompt": 100, "routed": True},
-    ],
-    [{"id": "routed-2", "prompt": 30, "routed": True}],
+    [orphan_request("orphan-1", 0, 70, finish=True), routed_request("routed-1", 1, 100)],
+    [routed_request("routed-2", 0, 30)],
 ]
 
 
@@ -42,20 +80,21 @@ def variant(scenario: dict, suffix: str, ranks_like: Tuple[int, ...] = (), **cha
 
 #: Scenarios of real messager ranks (:func:`~fastdeploy_pd_fix.tools.engine_slice.run_with_messagers`), played as
 #: episodes of one slice run where they cannot poison each other. Keys (see ``slice_messagers.play_episode``):
-#: ``waves`` as above, a request spec optionally with ``"holds"`` (an orphan keeping its slot until the transfers of
-#: the waves before ended: the next wave with ``after_transfers``, or the episode's end), ``"fails_after_p_part"`` (the
-#: release's prepare thread raises right after the request's P-part: its slot and registration leak), ``"answer_after":
-#: <request id>`` (the decode instance answers once that request was admitted) or ``"decode": "late-repeat"`` (see
-#: ``slice_prefill.LATE_REPEAT``); per wave ``compute_after`` (True: compute what was admitted, default; False: not; a
-#: number: that many steps), ``wait_for`` (``"admitted"``, default, or ``"allocated"``: a slot, the request may still
-#: wait for its decode answer) and ``after_transfers`` (the earlier waves' transfers end first). A new request takes
-#: the lowest free slot, so a wave after a transfer that may have ended needs ``after_transfers`` for its slots to be
-#: known. ``interleaving``: per rank (ranks beyond the list repeat its last) the order in which its threads see events,
-#: forced by handshakes: ``"reg:<request id>"`` storing that request's registration (only the last registration before
-#: a compute may be held: a held rank reads no further put), ``"sig:<n>"`` consuming the episode's n-th layer-0 signal
-#: (the worker's n-th step: its kv signals list the slots in order); ``nranks`` (default :data:`NRANKS`);
-#: ``environment``: variables of the whole run (scenarios that set one differently cannot share a run); ``deadline_s``
-#: (default ``engine_slice.MESSAGER_DEADLINE_S``). Request ids are unique across scenarios: a variant of a scenario
+#: ``waves`` as above, each request an occupancy of the scenario's engine history (:func:`admission`), optionally with
+#: the stimulus ``"holds"`` (an orphan keeping its slot until the transfers of the waves before ended: the next wave
+#: with ``after_transfers``, or the episode's end), ``"fails_after_p_part"`` (the release's prepare thread raises
+#: right after the request's P-part: its slot and registration leak), ``"answer_after": <request id>`` (the decode
+#: instance answers once that request was admitted) or ``"decode": "late-repeat"`` (see ``slice_prefill.LATE_REPEAT``);
+#: per wave ``compute_after`` (True: compute what was admitted, default; False: not; a number: that many steps),
+#: ``wait_for`` (``"admitted"``, default, or ``"allocated"``: a slot, the request may still wait for its decode answer)
+#: and ``after_transfers`` (the earlier waves' transfers end first). A new request takes the lowest free slot, so a
+#: wave after a transfer that may have ended needs ``after_transfers`` for its slots to be known. ``interleaving``: per
+#: rank (ranks beyond the list repeat its last) the order in which its threads see events, forced by handshakes:
+#: ``"reg:<request id>"`` storing that request's registration (only the last registration before a compute may be
+#: held: a held rank reads no further put), ``"sig:<n>"`` consuming the episode's n-th layer-0 signal (the worker's
+#: n-th step: its kv signals list the slots in order); ``nranks`` (default :data:`NRANKS`); ``environment``: variables
+#: of the whole run (scenarios that set one differently cannot share a run); ``deadline_s`` (default
+#: ``engine_slice.MESSAGER_DEADLINE_S``). Request ids are unique across scenarios: a variant of a scenario
 #: (:func:`variant`) renames its requests.
 SCENARIOS = {
     # An orphan and a routed request in one step; the orphan's slot reused by the next routed request after the
@@ -66,8 +105,8 @@ SCENARIOS = {
     # it between them.
     "seed": {
         "waves": [
-            [{"id": "routed-a", "prompt": 60, "routed": True}],
-            [{"id": "routed-b", "prompt": 60, "routed": True}],
+            [routed_request("routed-a", 0, 60)],
+            [routed_request("routed-b", 1, 60)],
         ],
         "compute_after": [False, True],
         "interleaving": [
@@ -78,7 +117,7 @@ SCENARIOS = {
     # Chunked with early signals (s2): routed-c's prompt takes three chunks; rank 1 consumes the layer-0 signals of
     # the first two before it stores the registration, rank 0 stores it first.
     "chunked-early": {
-        "waves": [[{"id": "routed-c", "prompt": 1100, "routed": True}]],
+        "waves": [[routed_request("routed-c", 0, 1100)]],
         "interleaving": [
             ["reg:routed-c", "sig:0", "sig:1", "sig:2"],
             ["sig:0", "sig:1", "reg:routed-c", "sig:2"],
@@ -89,8 +128,8 @@ SCENARIOS = {
     # slot (x, y). Rank 0 stores both registrations before that signal, rank 1 only y.
     "cross-order": {
         "waves": [
-            [{"id": "routed-x", "prompt": 600, "routed": True, "answer_after": "routed-y"}],
-            [{"id": "routed-y", "prompt": 60, "routed": True}],
+            [routed_request("routed-x", 0, 600, answer_after="routed-y")],
+            [routed_request("routed-y", 1, 60)],
         ],
         "wait_for": ["allocated", "admitted"],
         "compute_after": [False, True],
@@ -104,11 +143,11 @@ SCENARIOS = {
     "orphan-mixed": {
         "waves": [
             [
-                {"id": "orphan-p", "prompt": 60, "routed": False},
-                {"id": "routed-g", "prompt": 60, "routed": True},
-                {"id": "routed-h", "prompt": 700, "routed": True},
+                orphan_request("orphan-p", 0, 60),
+                routed_request("routed-g", 1, 60),
+                routed_request("routed-h", 2, 700),
             ],
-            [{"id": "routed-i", "prompt": 30, "routed": True}],
+            [routed_request("routed-i", 0, 30)],
         ],
         "interleaving": [["reg:routed-g", "reg:routed-h", "sig:0", "sig:1", "reg:routed-i", "sig:2"]],
     },
@@ -116,8 +155,8 @@ SCENARIOS = {
     # for a routed request whose prompt is longer than the orphan's.
     "orphan-long": {
         "waves": [
-            [{"id": "orphan-q", "prompt": 1600, "routed": False}, {"id": "routed-k", "prompt": 60, "routed": True}],
-            [{"id": "routed-j", "prompt": 1700, "routed": True}],
+            [orphan_request("orphan-q", 0, 1600), routed_request("routed-k", 1, 60)],
+            [routed_request("routed-j", 0, 1700)],
         ],
         "interleaving": [
             ["reg:routed-k", "sig:0", "sig:1", "sig:2", "sig:3", "reg:routed-j", "sig:4", "sig:5", "sig:6", "sig:7"]
@@ -126,14 +165,14 @@ SCENARIOS = {
     # The release's own order of a request's parts (the D-part first: the prepare thread waits for the decode answer
     # before it puts the P-part); rank 1 consumes the signal before it stores the registration.
     "d-part-first": {
-        "waves": [[{"id": "routed-r", "prompt": 100, "routed": True}]],
+        "waves": [[routed_request("routed-r", 0, 100)]],
         "interleaving": [["reg:routed-r", "sig:0"], ["sig:0", "reg:routed-r"]],
     },
     # The other order: with FD_ENABLE_CACHE_TASK=1 prefill does not wait for decode, and the decode answer comes once
     # the request was admitted, so the D-part completes the registration.
     "p-part-first": {
         "environment": {"FD_ENABLE_CACHE_TASK": "1"},
-        "waves": [[{"id": "routed-s", "prompt": 100, "routed": True, "answer_after": "routed-s"}]],
+        "waves": [[routed_request("routed-s", 0, 100, answer_after="routed-s")]],
         "interleaving": [["reg:routed-s", "sig:0"], ["sig:0", "reg:routed-s"]],
     },
     # A late repeated D-part: decode answers routed-t's first ask only after the prefill timed out (1 s), asked again
@@ -142,8 +181,8 @@ SCENARIOS = {
     "late-repeat": {
         "environment": {"FD_PREFILL_WAIT_DECODE_RESOURCE_SECONDS": "1"},
         "waves": [
-            [{"id": "routed-t", "prompt": 100, "routed": True, "decode": "late-repeat"}],
-            [{"id": "routed-u", "prompt": 100, "routed": True}],
+            [routed_request("routed-t", 0, 100, decode="late-repeat")],
+            [routed_request("routed-u", 0, 100)],
         ],
         "after_transfers": [False, True],
     },
@@ -151,20 +190,21 @@ SCENARIOS = {
     # ended and it was freed, a routed request with a shorter prompt takes its slot.
     "orphan-alone": {
         "waves": [
-            [{"id": "orphan-o", "prompt": 100, "routed": False, "holds": True}],
-            [{"id": "routed-e", "prompt": 60, "routed": True}, {"id": "routed-f", "prompt": 60, "routed": True}],
-            [{"id": "routed-z", "prompt": 30, "routed": True}],
+            [orphan_request("orphan-o", 0, 100, holds=True)],
+            [routed_request("routed-e", 1, 60), routed_request("routed-f", 2, 60)],
+            [routed_request("routed-z", 0, 30)],
         ],
         "after_transfers": [False, False, True],
         "interleaving": [["sig:0", "reg:routed-e", "reg:routed-f", "sig:1", "reg:routed-z", "sig:2"]],
     },
-    # The prepare thread raises right after routed-v's P-part: its slot and registration leak; the requests after it
-    # take other slots (both registered before their common signal). Leaves its slot taken: after it in a run, slots
+    # The prepare thread raises right after routed-v's P-part: its slot and registration leak, it is never computed
+    # (in the history: it emits no chunk); the requests after it take other slots (both registered before their
+    # common signal). Leaves its slot taken: after it in a run, slots
     # are numbered from 1.
     "fails-after-p-part": {
         "waves": [
-            [{"id": "routed-v", "prompt": 100, "routed": True, "fails_after_p_part": True}],
-            [{"id": "routed-w", "prompt": 100, "routed": True}, {"id": "routed-w2", "prompt": 60, "routed": True}],
+            [admission(Occupancy("routed-v", 0, 0, chunk_ends(100), aborted_after=0), fails_after_p_part=True)],
+            [routed_request("routed-w", 1, 100), routed_request("routed-w2", 2, 60)],
         ],
         "interleaving": [["reg:routed-w", "reg:routed-w2", "sig:0"]],
     },

@@ -27,6 +27,7 @@ from fastdeploy._preflight.slice_prefill import (
     Stuck,
     admit,
     decisions,
+    free_slots,
     start_engine,
     start_prepare_threads,
     stop_engine,
@@ -72,7 +73,7 @@ def run(modules: dict, nranks: int, waves: list, socket_dir: str) -> dict:
     for reader in readers:
         reader.start()
     start_prepare_threads(engine)
-    slots = {}
+    slots, free_at_start = {}, free_slots(engine)
     try:
         for wave in waves:
             slots.update({request.request_id: request.idx for request in admit(engine, wave)})
@@ -94,6 +95,7 @@ def run(modules: dict, nranks: int, waves: list, socket_dir: str) -> dict:
         "error": error,
         "decisions": decisions(),
         "slots": slots,
+        "free_slots": free_at_start,
         "ranks": [_jsonable(reader.items) for reader in readers],
         "rank_errors": [reader.error for reader in readers],
     }

@@ -27,6 +27,7 @@ from fastdeploy._preflight.slice_prefill import (
     Stuck,
     admit,
     decisions,
+    free_slots,
     request_ids,
     start_engine,
     start_prepare_threads,
@@ -35,10 +36,9 @@ from fastdeploy._preflight.slice_prefill import (
 )
 from fastdeploy._preflight.slice_rank import CHANNEL_AUTHKEY, ENV_SLICE
 
-#: Layers of the model (one kv signal per layer per step), tokens a request computes per step at most (a longer
-#: prompt is prefilled in chunks), and how long the ranks may take to start (they import paddle).
+#: Layers of the model (one kv signal per layer per step), and how long the ranks may take to start (they import
+#: paddle).
 NUM_LAYERS = 2
-CHUNK_TOKENS = 512
 STARTUP_TIMEOUT_S = 90.0
 #: What a rank reports on its channel (:mod:`.slice_rank`).
 REPORT_KINDS = ("ready", "read", "queued", "batch", "send", "finished")
@@ -179,14 +179,16 @@ class MessagerRanks:
 
 
 class Worker:
-    """The model runner: each :meth:`step` computes one chunk (up to :data:`CHUNK_TOKENS`) of every admitted request
+    """The model runner: each :meth:`step` computes one chunk (up to ``chunk_tokens``) of every admitted request
     still in prefill and emits one kv signal per layer listing them all by slot, as the release's kv-signal writer
     lists every batch index with ``seq_lens_encoder > 0`` (orphans included)."""
 
-    def __init__(self, resource_manager, ranks: MessagerRanks):
+    def __init__(self, resource_manager, ranks: MessagerRanks, chunk_tokens: int):
         self.resource_manager = resource_manager
         self.ranks = ranks
+        self.chunk_tokens = chunk_tokens
         self.computed = {}  # request id -> tokens computed
+        self.chunk_ends = {}  # request id -> the end of each chunk computed, in order
 
     def in_prefill(self) -> list:
         return sorted(
@@ -204,13 +206,14 @@ class Worker:
         chunks = []
         for request in requests:
             offset = self.computed.get(request.request_id, 0)
-            chunks.append((request.idx, offset, min(CHUNK_TOKENS, request.need_prefill_tokens - offset)))
+            chunks.append((request.idx, offset, min(self.chunk_tokens, request.need_prefill_tokens - offset)))
         owners = [request.request_id for request in requests]
         blocks = {request.request_id: list(request.block_tables) for request in requests if request.disaggregate_info}
         for layer in range(NUM_LAYERS):
             self.ranks.emit(layer, chunks, owners, blocks)
         for request, (_, offset, length) in zip(requests, chunks):
             self.computed[request.request_id] = offset + length
+            self.chunk_ends.setdefault(request.request_id, []).append(offset + length)
         return [request for request in requests if self.computed[request.request_id] == request.need_prefill_tokens]
 
 
@@ -255,7 +258,7 @@ def play_episode(engine, ranks: MessagerRanks, worker: Worker, token_processor: 
     holding = {spec["id"] for spec in specs if not spec["routed"] and spec.get("holds")}
     started, quiet_s = time.monotonic(), float(scenario["deadline_s"])
     mark, reported_mark = ranks.begin_episode(number), len(token_processor.reported)
-    slots, outcome, error = {}, "error", None
+    slots, free_at_start, outcome, error = {}, free_slots(engine), "error", None
     awaiting = set()  # allocated a slot, not waited for their admission yet
 
     def progress():
@@ -308,6 +311,8 @@ def play_episode(engine, ranks: MessagerRanks, worker: Worker, token_processor: 
         "outcome": outcome,
         "error": error,
         "slots": slots,
+        "free_slots": free_at_start,
+        "chunk_ends": {spec["id"]: worker.chunk_ends[spec["id"]] for spec in specs if spec["id"] in worker.chunk_ends},
         "elapsed_s": round(time.monotonic() - started, 2),
         "reported": token_processor.since(reported_mark),
         "ranks": ranks.since(mark),
@@ -316,16 +321,16 @@ def play_episode(engine, ranks: MessagerRanks, worker: Worker, token_processor: 
 
 def run_with_messagers(modules: dict, nranks: int, episodes: list, socket_dir: str, messager: dict) -> dict:
     """Play ``episodes`` (scenarios) one after another through one release engine with real messager ranks
-    (``messager``: ``{"script", "log_dir", "interleaving"}``, the interleaving per rank over the whole run, signal
-    events named ``sig:<episode>:<n>``). In a scenario each wave of ``waves`` is handed to the scheduler (once the
-    transfers of the waves before ended where ``after_transfers`` says so) and waited for (``wait_for``, per wave:
-    ``"admitted"``, default, or ``"allocated"``), then the worker steps (``compute_after``, per wave: True until every
-    admitted request is computed, default; False none; a number, that many steps); an orphan (no
-    ``disaggregate_info``) finishes once computed (``"holds"``: once the transfers of the waves before it ended), a
-    routed request when the token processor has its transfer reported. The episode ends "finished" when every routed
-    request was reported, freed and reported finished by every rank, "hang" when a wait for it saw nothing happen
-    (no report of a rank, the token processor or the decode instance) for ``deadline_s``, "error" when a rank died
-    or a step failed; the episodes after one that did not finish are not played."""
+    (``messager``: ``{"script", "log_dir", "interleaving", "chunk_tokens"}``, the interleaving per rank over the whole
+    run, signal events named ``sig:<episode>:<n>``; the worker's tokens per step). In a scenario each wave of ``waves``
+    is handed to the scheduler (once the transfers of the waves before ended where ``after_transfers`` says so) and
+    waited for (``wait_for``, per wave: ``"admitted"``, default, or ``"allocated"``), then the worker steps
+    (``compute_after``, per wave: True until every admitted request is computed, default; False none; a number, that
+    many steps); an orphan (no ``disaggregate_info``) finishes once computed (``"holds"``: once the transfers of the
+    waves before it ended), a routed request when the token processor has its transfer reported. The episode ends
+    "finished" when every routed request was reported, freed and reported finished by every rank, "hang" when a wait
+    for it saw nothing happen (no report of a rank, the token processor or the decode instance) for ``deadline_s``,
+    "error" when a rank died or a step failed; the episodes after one that did not finish are not played."""
     envs = importlib.import_module("fastdeploy").envs
     if not envs.FD_ENGINE_TASK_QUEUE_WITH_SHM:
         raise ValueError("the slice serves real messager ranks where they look: set FD_ENGINE_TASK_QUEUE_WITH_SHM=1")
@@ -347,7 +352,8 @@ def run_with_messagers(modules: dict, nranks: int, episodes: list, socket_dir: s
         routed,
         messager["interleaving"],
     )
-    worker, token_processor = Worker(engine.resource_manager, ranks), TokenProcessor(engine)
+    worker = Worker(engine.resource_manager, ranks, messager["chunk_tokens"])
+    token_processor = TokenProcessor(engine)
     played, error = [], None
     try:
         ranks.wait_until_ready()

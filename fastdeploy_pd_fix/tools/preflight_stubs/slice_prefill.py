@@ -410,6 +410,12 @@ def admit(
     return requests
 
 
+def free_slots(engine) -> list:
+    """The slots the release's resource manager has free (``stop_flags`` True; its ``get_available_position`` takes
+    the lowest), in order; empty where the release keeps no ``stop_flags``."""
+    return [slot for slot, free in enumerate(getattr(engine.resource_manager, "stop_flags", ())) if free is True]
+
+
 def request_ids(requests) -> set:
     return {request.request_id for request in list(requests)}
 
