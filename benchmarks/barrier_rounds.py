@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.managers import BarrierProxy, BaseManager
 from typing import Dict, List, Sequence
 
-from benchmarks.workload import SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
+from benchmarks.workload import SlotOwners, TimedHistory, WorkloadSpec, drive_release, make_workload
 from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM, Batch
 
 ORIGINAL = "original"
@@ -49,7 +49,7 @@ class BarrierConfig:
     timeout_s: float = 120.0
 
 
-def batch_sequences(workload: Workload) -> Dict[str, List[Batch]]:
+def batch_sequences(workload: TimedHistory) -> Dict[str, List[Batch]]:
     """Each mode's batch sequence for ``workload``; the release modes come from the real release objects."""
     sequences = {ORIGINAL: [signal.batch for signal in workload.signals]}
     for mode in (UPSTREAM, ORDERED):
@@ -60,7 +60,7 @@ def batch_sequences(workload: Workload) -> Dict[str, List[Batch]]:
     return sequences
 
 
-def wait_sequence(batches: Sequence[Batch], workload: Workload) -> str:
+def wait_sequence(batches: Sequence[Batch], workload: TimedHistory) -> str:
     """The send thread's barrier waits for ``batches``: BEGIN per batch, then FINISH per request it completes."""
     owners = SlotOwners(workload.requests)
     waits = []
@@ -73,7 +73,7 @@ def wait_sequence(batches: Sequence[Batch], workload: Workload) -> str:
     return "".join(waits)
 
 
-def count_rounds(workload: Workload) -> Dict:
+def count_rounds(workload: TimedHistory) -> Dict:
     """Batches, finishes and rounds of every mode, and each mode's rounds relative to ``original``."""
     waits = {mode: wait_sequence(batches, workload) for mode, batches in batch_sequences(workload).items()}
     modes = {

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Sequence, Tuple
 
-from benchmarks.workload import SlotOwners, Workload, WorkloadSpec, drive_release, make_workload
+from benchmarks.workload import SlotOwners, TimedHistory, WorkloadSpec, drive_release, make_workload
 from fastdeploy_pd_fix.policy.release import ORDERED, UPSTREAM
 from fastdeploy_pd_fix.verify.workloads import REGISTRATION_EVENT
 
@@ -44,7 +44,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def upstream_release_times(workload: Workload) -> Tuple[Dict[Tuple[str, int], float], List[float]]:
+def upstream_release_times(workload: TimedHistory) -> Tuple[Dict[Tuple[str, int], float], List[float]]:
     """Release time of every (request, chunk end) in upstream mode, and the wait of every upstream batch."""
     signal_time = {
         (owner, prefilled_token_num): signal.time_ms
@@ -64,7 +64,7 @@ def upstream_release_times(workload: Workload) -> Tuple[Dict[Tuple[str, int], fl
     return released, waits
 
 
-def simulate(workload: Workload) -> Dict:
+def simulate(workload: TimedHistory) -> Dict:
     """Per-batch waits of both modes, per-task extra wait of ``ordered`` and the blocking delay behind it."""
     ordered = drive_release(ORDERED, workload)
     if [batch.batch for batch in ordered.batches] != [signal.batch for signal in workload.signals]:

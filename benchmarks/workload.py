@@ -44,9 +44,10 @@ class TimedRequest:
 
 
 @dataclass(frozen=True)
-class Signal:
-    """One layer-0 kv signal: its arrival time, its tasks ``(slot, chunk_offset, prefilled_token_num)`` in engine
-    order, and the request of each task."""
+class TimedSignal:
+    """One layer-0 kv signal of the history's schedule (:func:`~fastdeploy_pd_fix.engine_history.streams.schedule_signals`)
+    at its arrival time: its tasks ``(slot, chunk_offset, prefilled_token_num)`` in engine order, and the request of
+    each task."""
 
     index: int
     time_ms: float
@@ -63,16 +64,17 @@ class Signal:
 class Event:
     time_ms: float
     kind: str  # SIGNAL_EVENT or REGISTRATION_EVENT
-    signal: Optional[Signal] = None
+    signal: Optional[TimedSignal] = None
     request: Optional[TimedRequest] = None
 
 
 @dataclass
-class Workload:
-    """The two streams: requests (whose registrations form one stream) and layer-0 signals (the other)."""
+class TimedHistory:
+    """An engine history of the model, timed: its requests (whose registrations form one stream) and the layer-0
+    signals of its schedule (the other)."""
 
     requests: List[TimedRequest]
-    signals: List[Signal]
+    signals: List[TimedSignal]
 
     def events(self) -> List[Event]:
         """Both streams merged by time; at equal times a registration comes first, then stream order."""
@@ -114,7 +116,7 @@ class WorkloadSpec:
     num_slots: int = 512
 
 
-def make_workload(spec: WorkloadSpec) -> Workload:
+def make_workload(spec: WorkloadSpec) -> TimedHistory:
     """A seeded workload: up to ``requests_per_step`` tasks per signal, chunked requests, late registrations. The
     engine history and its schedule are timed here; the signals they make come from the model
     (:func:`fastdeploy_pd_fix.engine_history.streams.schedule_signals`)."""
@@ -149,8 +151,8 @@ def make_workload(spec: WorkloadSpec) -> Workload:
             active = [entry for entry in active if entry[1] < len(requests[entry[0]].occupancy.ends)]
         step += 1
     tasks, owners = streams.schedule_signals([request.occupancy for request in requests], schedule)
-    signals = [Signal(number, time_ms, tasks[number], owners[number]) for number, time_ms in enumerate(times_ms)]
-    return Workload(requests, signals)
+    signals = [TimedSignal(number, time_ms, tasks[number], owners[number]) for number, time_ms in enumerate(times_ms)]
+    return TimedHistory(requests, signals)
 
 
 def _lowest_free_slot(free_from: Dict[int, float], busy, start_ms: float, num_slots: int) -> Optional[int]:
@@ -210,7 +212,7 @@ class ReleaseTrace:
     drops: list
 
 
-def drive_release(mode: str, workload: Workload) -> ReleaseTrace:
+def drive_release(mode: str, workload: TimedHistory) -> ReleaseTrace:
     """Feed the time-ordered streams to a fresh release policy, as one rank's two threads would."""
     events = workload.events()
     driven = drive(make_release(mode), workload.streams(events), [event.kind for event in events], slot_model=DICT)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import barrier_rounds, head_of_line, parse, run
-from benchmarks.workload import Signal, TimedRequest, Workload, WorkloadSpec, make_workload
+from benchmarks.workload import TimedHistory, TimedRequest, TimedSignal, WorkloadSpec, make_workload
 from fastdeploy_pd_fix.engine_history.occupancy import prefill_request
 
 SUMMARY_KEYS = {"parse_speedup_64", "ordered_round_ratio", "upstream_round_ratio", "hol_p99_extra_ms"}
@@ -18,8 +18,8 @@ def hand_workload(a_delay_ms):
     """
     a = TimedRequest(prefill_request("A", 0, (4, 8)), 0.0, a_delay_ms)
     b = TimedRequest(prefill_request("B", 1, (4,)), 0.0, 1.0)
-    signals = [Signal(0, 2.0, ((0, 0, 4), (1, 0, 4)), ("A", "B")), Signal(1, 12.0, ((0, 4, 8),), ("A",))]
-    return Workload([a, b], signals)
+    signals = [TimedSignal(0, 2.0, ((0, 0, 4), (1, 0, 4)), ("A", "B")), TimedSignal(1, 12.0, ((0, 4, 8),), ("A",))]
+    return TimedHistory([a, b], signals)
 
 
 @pytest.mark.parametrize(
