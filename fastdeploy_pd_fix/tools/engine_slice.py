@@ -280,22 +280,29 @@ def run_with_messagers(
 
 
 def history_problems(run: dict, waves: List[List[dict]], computed: bool = True) -> List[str]:
-    """Where the release's engine did not play the engine history of ``waves`` (empty: it did) in ``run`` (an episode
-    or a mailbox readers' run): every request it admitted is on its history's slot (the history's slot ``n`` is the
-    ``n``-th lowest slot free when the run started) and, with ``computed``, was computed in the history's chunks."""
-    free, problems = run.get("free_slots") or [], []
+    """Where the release's engine did not play the engine history of ``waves`` in ``run`` (an episode or a mailbox
+    readers' run; empty: it did, and the run shows what the scenario says it shows): every request it admitted is on
+    its history's slot, the history's slot ``n`` being the ``n``-th lowest slot free when the run started (not
+    checked on a release whose resource manager keeps no ``stop_flags``), and, with ``computed``, was computed in the
+    history's chunks."""
+    free, problems = run.get("free_slots"), []
     for spec in (spec for wave in waves for spec in wave):
-        request_id = spec["id"]
-        if request_id in run["slots"]:
+        request_id, admitted = spec["id"], run["slots"].get(spec["id"])
+        if free is not None and admitted is not None:
             expected = free[spec["slot"]] if spec["slot"] < len(free) else None
-            if run["slots"][request_id] != expected:
+            if admitted != expected:
+                where = (
+                    f"slot {expected}, the lowest free then" if expected is not None else f"free slot #{spec['slot']}"
+                )
                 problems.append(
-                    f"{request_id}: on slot {run['slots'][request_id]}, the history's slot {spec['slot']} is "
-                    f"{'slot ' + str(expected) if expected is not None else 'not free'} (free at the start: {free})"
+                    f"{request_id}: the engine admitted it on slot {admitted}, the scenario's history on {where} "
+                    f"(free at the start: {free}): the scenario did not play as written"
                 )
         chunk_ends = run.get("chunk_ends", {}).get(request_id, [])
         if computed and chunk_ends != spec["ends"]:
-            problems.append(f"{request_id}: computed in chunks ending at {chunk_ends}, the history's {spec['ends']}")
+            problems.append(
+                f"{request_id}: computed in chunks ending at {chunk_ends}, the scenario's history at {spec['ends']}"
+            )
     return problems
 
 

@@ -439,13 +439,13 @@ def test_without_engine_notices_the_real_messagers_hand_over_to_upstreams_rule(m
         (lambda episode: episode.update(outcome="hang", error="slice stuck: x"), "hang: slice stuck: x"),
         (
             lambda episode: episode["slots"].update({"routed-2": 1}),
-            "routed-2: on slot 1, the history's slot 0 is slot 0",
+            "routed-2: the engine admitted it on slot 1, the scenario's history on slot 0, the lowest free then",
         ),
         (
             lambda episode: episode["chunk_ends"]["routed-1"].append(200),
-            "routed-1: computed in chunks ending at [100, 200]",
+            "routed-1: computed in chunks ending at [100, 200], the scenario's history at [100]",
         ),
-        (lambda episode: episode["free_slots"].clear(), "orphan-1: on slot 0, the history's slot 0 is not free"),
+        (lambda episode: episode["free_slots"].clear(), "orphan-1: the engine admitted it on slot 0, the scenario's"),
     ],
 )
 def test_judge_messagers_reports_what_a_broken_run_would_show(messager_runs, break_it, complaint):

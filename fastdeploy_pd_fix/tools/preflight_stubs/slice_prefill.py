@@ -410,10 +410,11 @@ def admit(
     return requests
 
 
-def free_slots(engine) -> list:
+def free_slots(engine):
     """The slots the release's resource manager has free (``stop_flags`` True; its ``get_available_position`` takes
-    the lowest), in order; empty where the release keeps no ``stop_flags``."""
-    return [slot for slot, free in enumerate(getattr(engine.resource_manager, "stop_flags", ())) if free is True]
+    the lowest), in order; None where the release keeps no ``stop_flags``."""
+    flags = getattr(engine.resource_manager, "stop_flags", None)
+    return None if flags is None else [slot for slot, free in enumerate(flags) if free is True]
 
 
 def request_ids(requests) -> set:
