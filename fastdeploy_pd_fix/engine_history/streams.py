@@ -95,7 +95,7 @@ class LifecycleWorkload:
 
     def describe(self) -> str:
         occupancies = "; ".join(occupancy.describe() for occupancy in self.occupancies)
-        signals = " ".join("[" + ",".join(f"({s},{o}-{e})" for s, o, e in tasks) + "]" for tasks in self.signals)
+        signals = signals_text(self.signals)
         cache = " ".join(self.event_text(position) for position in range(len(self.cache))) or "-"
         return f"{occupancies} | S: {signals or '-'} | C: {cache}"
 
@@ -258,7 +258,7 @@ class Workload:
 
     def describe(self) -> str:
         requests = " ".join(map(request_text, self.requests))
-        signals = " ".join("[" + ",".join(map(task_text, signal)) + "]" for signal in self.signals)
+        signals = signals_text(self.signals)
         registrations = " ".join(registration.request_id for registration in self.registrations) or "-"
         return f"{requests} | signals {signals} | registrations {registrations}"
 
@@ -282,6 +282,11 @@ def task_text(task: SignalTask) -> str:
     """A signal task as ``(slot,offset-end)``."""
     slot, chunk_offset, prefilled_token_num = task
     return f"({slot},{chunk_offset}-{prefilled_token_num})"
+
+
+def signals_text(signals: Sequence[Sequence[SignalTask]]) -> str:
+    """Kv signals as ``[(slot,offset-end),...] [...]``."""
+    return " ".join("[" + ",".join(map(task_text, tasks)) + "]" for tasks in signals)
 
 
 def request_text(request: Occupancy) -> str:

@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from fastdeploy_pd_fix.engine_history.occupancy import ABORT_NOTICE, DECODE_PART, ORPHAN_NOTICE, PREFILL_PART
-from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload
+from fastdeploy_pd_fix.engine_history.streams import LifecycleWorkload, task_text
 from fastdeploy_pd_fix.policy.notice import abort_notice, orphan_notice
 from fastdeploy_pd_fix.policy.release import OrderedRelease, Registration, Released, policy_after_first_read
 from fastdeploy_pd_fix.verify.barriers import BEGIN, FINISH, Wait
@@ -83,24 +83,6 @@ class LifecycleState:
         "sent",
         "findings",
     )
-
-    def key(self) -> tuple:
-        return (
-            policy_snapshot(self.policy),
-            self.signals_fed,
-            self.cache_fed,
-            self.queue,
-            self.holding,
-            tuple(sorted(self.task_dict.items())),
-            tuple(sorted(self.cache_info)),
-            tuple(sorted(self.finished)),
-            tuple(sorted(self.unmatched.items())),
-            self.batches,
-            self.drops,
-            self.waits,
-            tuple(sorted(self.sent.items())),
-            self.findings,
-        )
 
     def branch(self) -> "LifecycleState":
         twin = LifecycleState()
@@ -147,7 +129,22 @@ class LifecycleRank:
         return rank
 
     def key(self, rank: LifecycleState) -> tuple:
-        return rank.key()
+        return (
+            policy_snapshot(rank.policy),
+            rank.signals_fed,
+            rank.cache_fed,
+            rank.queue,
+            rank.holding,
+            tuple(sorted(rank.task_dict.items())),
+            tuple(sorted(rank.cache_info)),
+            tuple(sorted(rank.finished)),
+            tuple(sorted(rank.unmatched.items())),
+            rank.batches,
+            rank.drops,
+            rank.waits,
+            tuple(sorted(rank.sent.items())),
+            rank.findings,
+        )
 
     # -- engine gates and enabled actors ------------------------------------------------------------------------
     def _admitted(self, rank: LifecycleState, occupancy: int) -> bool:
@@ -346,7 +343,7 @@ class LifecycleRank:
         """One line: the actor, what it handled, and what came out of it."""
         workload = self.workload
         if actor == SIGNAL:
-            event = "signal " + ",".join(f"({s},{o}-{e})" for s, o, e in workload.signals[before.signals_fed])
+            event = "signal " + ",".join(map(task_text, workload.signals[before.signals_fed]))
         elif actor == CACHE_INFO:
             kind, index = workload.cache[before.cache_fed]
             if kind in (PREFILL_PART, DECODE_PART):

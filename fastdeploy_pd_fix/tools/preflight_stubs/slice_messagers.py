@@ -187,15 +187,18 @@ class Worker:
         self.resource_manager = resource_manager
         self.ranks = ranks
         self.chunk_tokens = chunk_tokens
-        self.computed = {}  # request id -> tokens computed
         self.chunk_ends = {}  # request id -> the end of each chunk computed, in order
+
+    def computed(self, request) -> int:
+        """How many of ``request``'s tokens were computed: the end of its last chunk."""
+        return self.chunk_ends.get(request.request_id, [0])[-1]
 
     def in_prefill(self) -> list:
         return sorted(
             (
                 request
                 for request in list(self.resource_manager.running)
-                if self.computed.get(request.request_id, 0) < request.need_prefill_tokens
+                if self.computed(request) < request.need_prefill_tokens
             ),
             key=lambda request: request.idx,
         )
@@ -205,16 +208,15 @@ class Worker:
         requests = self.in_prefill()
         chunks = []
         for request in requests:
-            offset = self.computed.get(request.request_id, 0)
+            offset = self.computed(request)
             chunks.append((request.idx, offset, min(self.chunk_tokens, request.need_prefill_tokens - offset)))
         owners = [request.request_id for request in requests]
         blocks = {request.request_id: list(request.block_tables) for request in requests if request.disaggregate_info}
         for layer in range(NUM_LAYERS):
             self.ranks.emit(layer, chunks, owners, blocks)
         for request, (_, offset, length) in zip(requests, chunks):
-            self.computed[request.request_id] = offset + length
             self.chunk_ends.setdefault(request.request_id, []).append(offset + length)
-        return [request for request in requests if self.computed[request.request_id] == request.need_prefill_tokens]
+        return [request for request in requests if self.computed(request) == request.need_prefill_tokens]
 
 
 class TokenProcessor(threading.Thread):
