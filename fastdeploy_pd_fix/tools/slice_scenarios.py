@@ -98,8 +98,9 @@ def variant(scenario: dict, suffix: str, ranks_like: Tuple[int, ...] = (), **cha
 #: (:func:`variant`) renames its requests.
 SCENARIOS = {
     # An orphan and a routed request in one step; the orphan's slot reused by the next routed request after the
-    # orphan's layer-0 signal reached every rank.
-    "waves": {"waves": WAVES, "interleaving": [["sig:0", "reg:routed-2", "sig:1"]]},
+    # orphan's layer-0 signal reached every rank. routed-1 is registered before that signal is consumed: left free,
+    # upstream's rule releases its task at that signal or only after routed-2's, as the threads happen to run.
+    "waves": {"waves": WAVES, "interleaving": [["reg:routed-1", "sig:0", "reg:routed-2", "sig:1"]]},
     # The seed race (#7872's deadlock): routed-a and routed-b registered in two mailbox reads and computed in one step
     # (one layer-0 signal for both); rank 0 stores both registrations before it consumes the signal, rank 1 consumes
     # it between them.
